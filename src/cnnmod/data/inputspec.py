@@ -1,0 +1,65 @@
+"""What a model expects as input, and how raw uint8 images are turned into it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CnnmodError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Channels, size and per-channel normalisation of a model's input."""
+
+    channels: int
+    size: tuple[int, int]  # (height, width)
+    mean: tuple[float, ...]  # per channel, on the [0, 1] scale
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InputSpec":
+        try:
+            return cls(int(d["channels"]), tuple(int(s) for s in d["size"]),
+                       tuple(float(m) for m in d["mean"]), tuple(float(s) for s in d["std"]))
+        except (KeyError, TypeError, ValueError):
+            raise CnnmodError(f"expected an input specification (channels, size, mean, std), found {d!r}.") from None
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Convert a uint8 batch (B, C, H, W) into the normalised float batch the model expects.
+
+        Conversions are documented and fixed: grey is repeated to RGB, RGB becomes grey by the
+        ITU-R 601 luma weights, a different size is resized bilinearly (with antialiasing).
+        """
+        if images.dim() != 4:
+            raise CnnmodError(f"expected a batch of images (B, C, H, W), found shape {tuple(images.shape)}.")
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        c = x.shape[1]
+        if c != self.channels:
+            if c == 1:
+                x = x.expand(-1, self.channels, -1, -1)
+            elif c == 3 and self.channels == 1:
+                w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+                x = (x * w).sum(1, keepdim=True)
+            else:
+                raise CnnmodError(f"expected images with {self.channels} channel(s) (or 1 or 3, which are "
+                                  f"converted), found {c} channels.")
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+def measure_spec(images: torch.Tensor) -> InputSpec:
+    """Return the input specification of a uint8 data set (its size, channels, mean and std)."""
+    x = images.float() / 255.0  # (N, C, H, W)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return InputSpec(int(x.shape[1]), (int(x.shape[2]), int(x.shape[3])),
+                     tuple(round(float(m), 6) for m in mean), tuple(round(float(s), 6) for s in std))

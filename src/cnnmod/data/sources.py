@@ -1,0 +1,104 @@
+"""``load_data(spec)``: named data sets, image folders, tar archives and CIFAR pickle folders.
+
+Every source becomes a ``Dataset``: uint8 images (N, C, H, W) in memory, int64 labels and
+class names. Images are decoded once; preparation for a model (``InputSpec.prepare``) happens
+per batch.
+
+Split rules (fixed, so that results repeat):
+- ``mnist5k``: per class in file order, the first 400 images are ``train``, the last 100 ``test``.
+- ``digits``: per class in file order, the first 80% are ``train``, the rest ``test`` (the
+  same 4:1 rule; the classes hold ~180 images each).
+- a CIFAR-10/100 pickle folder: its own ``train`` (data_batch_*/train) and ``test`` files.
+- an image folder or archive is used whole (``all``) unless a split is asked for; then
+  ``val`` is the last 10% (rounded up) of each class's images by sorted file name and ``train`` the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CnnmodError
+
+SPLITS = ("train", "test", "val", "all")
+
+
+@dataclass
+class Dataset:
+    """Images in memory, labels and class names."""
+
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64, index into classes
+    classes: list[str]
+    name: str = ""
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+    def subset(self, index: torch.Tensor) -> "Dataset":
+        return Dataset(self.images[index], self.labels[index], list(self.classes), self.name)
+
+    def fingerprint(self) -> str:
+        """Return a short sha256 of the class names, labels and pixels."""
+        h = hashlib.sha256("\n".join(self.classes).encode())
+        h.update(self.labels.numpy().tobytes())
+        h.update(self.images.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def load_data(spec: str, split: str | None = None, *, default_split: str = "train",
+              channels: int | None = None, size: tuple[int, int] | None = None) -> Dataset:
+    """Load the data set named by ``spec``; see the module docstring for the split rules.
+
+    ``channels`` and ``size`` convert images while decoding files (folders and archives of
+    images of mixed sizes need ``size``).
+
+    >>> ds = load_data("mnist5k", "test")   # 1,000 images, 100 per class
+    """
+    from .builtin import BUILTIN
+    from .folders import load_archive_or_folder
+
+    if split is not None and split not in SPLITS:
+        raise CnnmodError(f"expected a split among {', '.join(SPLITS)}, found {split!r}.")
+    if spec in BUILTIN:
+        ds = BUILTIN[spec](split or default_split)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise CnnmodError(f"expected a data set name ({', '.join(BUILTIN)}), an image folder, "
+                              f"a .tar/.tar.gz archive or a CIFAR pickle folder; found {spec!r}, "
+                              "which is none of these and does not exist.")
+        ds = load_archive_or_folder(path, split, default_split, channels=channels, size=size)
+    if len(ds) == 0:
+        raise CnnmodError(f"{spec}: the {split or default_split} split holds no images.")
+    return ds
+
+
+def split_per_class(labels: torch.Tensor, held_out: "callable[[int], int]") -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (kept, held-out) indices: per class, the last ``held_out(n_class)`` in order."""
+    keep, hold = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()  # already in file order
+        k = held_out(len(idx))
+        keep.append(idx[: len(idx) - k])
+        hold.append(idx[len(idx) - k:])
+    return torch.cat(keep).sort().values, torch.cat(hold).sort().values
+
+
+def choose_split(ds: Dataset, split: str, held_out: "callable[[int], int]", names=("train", "test")) -> Dataset:
+    """Return the named part of ``ds`` under the per-class hold-out rule."""
+    if split == "all":
+        return ds
+    if split not in names:
+        raise CnnmodError(f"{ds.name}: expected split {' or '.join(names)} (or all), found {split!r}.")
+    kept, held = split_per_class(ds.labels, held_out)
+    return ds.subset(kept if split == names[0] else held)
+
+
+def stack_images(arrays: list[np.ndarray]) -> torch.Tensor:
+    """Stack (H, W, C) uint8 arrays into a (N, C, H, W) tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)))

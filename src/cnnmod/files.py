@@ -1,0 +1,116 @@
+"""Data-only files: safetensors tensors plus one JSON metadata entry, written atomically.
+
+Every cnnmod file (checkpoint, module, composed classifier) is a safetensors file whose
+metadata holds a single key, ``cnnmod``, with a JSON object. Loading never unpickles: the
+safetensors format is a JSON header followed by raw little-endian tensor bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import CnnmodError
+
+METADATA_KEY = "cnnmod"
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """Return a sha256 over names, dtypes, shapes and bytes of ``tensors`` in sorted order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Interrupted (Ctrl-C included) or failed: leave nothing half-written behind.
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Save ``tensors`` and JSON ``meta`` (plus a checksum of the tensors) to ``path``."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = dict(meta, checksum=tensors_checksum(tensors))
+    # sort_keys: the same content always gives the same bytes.
+    blob = st_save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    atomic_write_bytes(path, blob)
+
+
+def read_file(path: str | os.PathLike, *, expect: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a cnnmod file; refuse anything that is not one, with a sentence saying why."""
+    path = Path(path)
+    if not path.exists():
+        raise CnnmodError(f"{path}: no such file.")
+    if path.is_dir():
+        raise CnnmodError(f"{path}: expected a cnnmod .safetensors file, found a directory.")
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise CnnmodError(f"{path}: cannot be read ({e.strerror}).") from None
+    if blob[:2] == b"\x80\x02" or blob[:1] == b"\x80" or blob[:2] == b"PK":
+        raise CnnmodError(
+            f"{path}: expected a safetensors file, found a pickle/zip (torch.save) file; "
+            "cnnmod never unpickles files (use `cnnmod import` for a state dict)."
+        )
+    meta = _read_metadata(path, blob)
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CnnmodError(f"{path}: expected a valid safetensors file, found a damaged one ({e}).") from None
+    if meta.get("checksum") != tensors_checksum(tensors):
+        raise CnnmodError(f"{path}: the tensors do not match the checksum in the metadata (damaged file).")
+    if expect is not None and meta.get("format") != expect:
+        raise CnnmodError(f"{path}: expected a {expect} file, found a {meta.get('format')!r} file.")
+    return tensors, meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """Return the metadata of a cnnmod file without checking its tensors."""
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise CnnmodError(f"{path}: cannot be read ({e.strerror}).") from None
+    return _read_metadata(path, blob)
+
+
+def _read_metadata(path: Path, blob: bytes) -> dict:
+    # The safetensors header: 8 bytes little-endian length, then that many bytes of JSON.
+    if len(blob) < 8:
+        raise CnnmodError(f"{path}: expected a safetensors file, found {len(blob)} bytes.")
+    n = int.from_bytes(blob[:8], "little")
+    if n <= 0 or 8 + n > len(blob):
+        raise CnnmodError(f"{path}: expected a safetensors header, found a header length of {n} bytes "
+                          f"in a {len(blob)}-byte file (not a safetensors file, or truncated).")
+    try:
+        header = json.loads(blob[8:8 + n])
+        meta = json.loads(header["__metadata__"][METADATA_KEY])
+    except (ValueError, KeyError, TypeError):
+        raise CnnmodError(f"{path}: expected a safetensors file with cnnmod metadata, found none "
+                          "(not a cnnmod file, or damaged).") from None
+    if not isinstance(meta, dict) or "format" not in meta or "format_version" not in meta:
+        raise CnnmodError(f"{path}: the cnnmod metadata lacks its format and version (damaged file).")
+    return meta

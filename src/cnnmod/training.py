@@ -1,0 +1,142 @@
+"""Train a registered model on a ``Dataset`` (SGD, cosine schedule, crop/flip augmentation).
+
+Deterministic: the seed fixes the initial weights, the batch order and the augmentation.
+After each epoch the full state (weights, momentum, random generator) is saved next to the
+output file so that ``resume=True`` continues exactly where an interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import save_checkpoint
+from .data.inputspec import InputSpec, measure_spec
+from .data.sources import Dataset
+from .errors import CnnmodError
+from .evaluate import evaluate_model
+from .files import read_file, write_file
+from .models import create_model
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    augment: str = "auto"  # "crop-flip", "crop", "none"; auto: crop-flip for colour, none for grey
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator, mode: str, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and/or horizontal flip of a uint8 batch (B, C, H, W)."""
+    if mode == "none":
+        return x
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
+    x = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    if mode == "crop-flip":
+        flip = torch.rand(b, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def train(architecture: str, data: Dataset, out: str | os.PathLike, config: TrainConfig = TrainConfig(), *,
+          val: Dataset | None = None, arch_args: dict | None = None, resume: bool = False,
+          progress: bool = True) -> dict:
+    """Train ``architecture`` on ``data`` and write the checkpoint ``out``; return its metadata."""
+    out = Path(out)
+    spec = measure_spec(data.images)
+    arch_args = dict(arch_args or {}, num_classes=len(data.classes), in_channels=spec.channels)
+    if architecture == "smallcnn":
+        arch_args.setdefault("image_size", spec.size[0])
+    mode = config.augment if config.augment != "auto" else ("crop-flip" if spec.channels == 3 else "none")
+    if mode not in ("crop-flip", "crop", "none"):
+        raise CnnmodError(f"expected augment crop-flip, crop, none or auto, found {config.augment!r}.")
+
+    torch.manual_seed(config.seed)
+    model = create_model(architecture, **arch_args)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay, nesterov=True)
+    gen = torch.Generator().manual_seed(config.seed)
+    state_path = out.with_name(out.name + ".resume.safetensors")
+    start = _load_state(state_path, model, opt, gen, config) if resume else 0
+
+    for epoch in range(start, config.epochs):
+        lr = 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = _train_epoch(model, opt, data, spec, gen, mode, config.batch_size,
+                            desc=f"epoch {epoch + 1}/{config.epochs}" if progress else None)
+        msg = f"epoch {epoch + 1}/{config.epochs} lr {lr:.4f} loss {loss:.4f}"
+        if val is not None:
+            msg += f" val top1 {evaluate_model(model, val, spec, data.classes)['top1']:.4f}"
+        if progress:
+            tqdm.write(msg)
+        _save_state(state_path, model, opt, gen, config, epoch + 1)
+
+    final = evaluate_model(model, val if val is not None else data, spec, data.classes)
+    meta = dict(seed=config.seed, train_config=asdict(config), data_fingerprint=data.fingerprint(),
+                data_name=Path(data.name).name, n_train=len(data),
+                accuracy={"split": "val" if val is not None else "train", "top1": final["top1"],
+                          "top5": final["top5"], "n": final["n"]})
+    save_checkpoint(model, out, architecture=architecture, arch_args=arch_args,
+                    classes=data.classes, input_spec=spec, **meta)
+    state_path.unlink(missing_ok=True)
+    return meta
+
+
+def _train_epoch(model: nn.Module, opt, data: Dataset, spec: InputSpec, gen, mode: str,
+                 batch_size: int, desc: str | None) -> float:
+    model.train()
+    order = torch.randperm(len(data), generator=gen)
+    batches = [b for b in order.split(batch_size) if len(b) > 1]  # BatchNorm needs 2+ images
+    total = 0.0
+    for idx in tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch"):
+        x = spec.prepare(augment_batch(data.images[idx], gen, mode))
+        loss = F.cross_entropy(model(x), data.labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+    model.eval()
+    return total / max(1, sum(len(b) for b in batches))
+
+
+def _save_state(path: Path, model, opt, gen, config: TrainConfig, epoch: int) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for i, p in enumerate(model.parameters()):
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            tensors[f"momentum.{i}"] = buf
+    tensors["generator"] = gen.get_state()
+    write_file(path, tensors, {"format": "cnnmod.train_state", "format_version": 1,
+                               "epoch": epoch, "train_config": asdict(config)})
+
+
+def _load_state(path: Path, model, opt, gen, config: TrainConfig) -> int:
+    if not path.exists():
+        return 0
+    tensors, meta = read_file(path, expect="cnnmod.train_state")
+    if meta["train_config"] != asdict(config):
+        raise CnnmodError(f"{path}: expected the same training options to resume, found "
+                          f"{meta['train_config']} (now {asdict(config)}).")
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    for i, p in enumerate(model.parameters()):
+        if f"momentum.{i}" in tensors:
+            opt.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].clone()
+    gen.set_state(tensors["generator"])
+    return int(meta["epoch"])
