@@ -33,13 +33,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last saved epoch")
 
     p = sub.add_parser("evaluate", help="top-1, top-5 and per-class accuracy")
-    p.add_argument("file")
+    p.add_argument("file", nargs="+", help="a checkpoint, a composed file, a module directory or module files")
     _data_args(p)
+    p.add_argument("--classes", default=None, help="comma-separated data classes to evaluate on (default: all)")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("decompose", help="write one module file per class")
+    p.add_argument("checkpoint")
+    _data_args(p)
+    p.add_argument("--out", required=True, help="directory for <class>.safetensors files")
+    p.add_argument("--strategy", default="paper")
+    p.add_argument("--positives", type=int, default=1000, help="images per class observed (paper: 1000)")
+    p.add_argument("--negatives-per-class", type=int, default=None,
+                   help="negatives of each other class (default: positives // (classes - 1), 1:1)")
+    p.add_argument("--delta", type=float, default=0.5, help="MC-BLN threshold (paper: 0.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("inspect", help="show what a checkpoint, module or composed file holds")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("compose", help="compose module files into one classifier file")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("replace", help="swap the module of one class in a module directory")
+    p.add_argument("directory")
+    p.add_argument("--with", dest="new", required=True, help="the new module file")
+    p.add_argument("--out", required=True, help="the new module directory")
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded MNIST digits")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=4)
     return parser
 
 
@@ -55,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     except CnnmodError as e:
         print(f"cnnmod: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head`: not an error of ours
+        return 0
     except KeyboardInterrupt:
         print("cnnmod: interrupted; nothing half-written was left behind.", file=sys.stderr)
         return 130
@@ -80,15 +109,89 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .compose import load_classifier
     from .data import load_data
-    from .evaluate import evaluate_model
-    from .checkpoint import load_model
+    from .evaluate import evaluate_model, evaluate_scores
 
-    model = load_model(args.file)
-    data = load_data(args.data, args.split, default_split="test", channels=model.input_spec.channels,
-                     size=model.input_spec.size)
-    result = evaluate_model(model, data)
+    kind, clf = load_classifier(args.file)
+    specs = {clf.input_spec} if kind == "model" else {m.input_spec for m in clf.modules_}
+    only = specs.pop() if len(specs) == 1 else None  # decode straight to the one input size
+    data = load_data(args.data, args.split, default_split="test",
+                     channels=only.channels if only else None, size=only.size if only else None)
+    if args.classes:
+        data = _only_classes(data, args.classes.split(","))
+    if kind == "model":
+        result = evaluate_model(clf, data)
+    else:
+        result = evaluate_scores(clf.score_images, data, clf.classes)
     _print_result(result, args.json)
+    return 0
+
+
+def _only_classes(data, names: list[str]):
+    import torch
+
+    from .errors import CnnmodError
+
+    missing = [n for n in names if n not in data.classes]
+    if missing:
+        raise CnnmodError(f"expected --classes among the data's ({', '.join(data.classes)}), found {missing[0]!r}.")
+    keep = torch.isin(data.labels, torch.tensor([data.classes.index(n) for n in names]))
+    sub = data.subset(torch.nonzero(keep).flatten())
+    remap = torch.full((len(data.classes),), -1, dtype=torch.int64)
+    remap[[data.classes.index(n) for n in names]] = torch.arange(len(names))
+    sub.labels, sub.classes = remap[sub.labels], list(names)
+    return sub
+
+
+def cmd_decompose(args) -> int:
+    from .modules.pipeline import decompose_to_directory
+
+    summary = decompose_to_directory(args.checkpoint, args.data, args.out, split=args.split,
+                                     strategy=args.strategy, positives=args.positives,
+                                     negatives_per_class=args.negatives_per_class, seed=args.seed,
+                                     batch_size=args.batch_size, delta=args.delta, progress=not args.json)
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+    else:
+        print(f"wrote {len(summary['modules'])} modules to {args.out} in {summary['seconds']:.1f} s "
+              f"({summary['images']} images observed)")
+        for name, m in summary["modules"].items():
+            print(f"  {name:<12} keeps {m['share_kept']:.4f} of the observed elements")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import describe
+
+    text, meta = describe(args.file)
+    print(json.dumps(meta, sort_keys=True) if args.json else text)
+    return 0
+
+
+def cmd_compose(args) -> int:
+    from .compose import compose, load_modules, save_composed
+    from .modules import load_module
+    from pathlib import Path
+
+    modules = []
+    for f in args.files:
+        modules.extend(load_modules(f) if Path(f).is_dir() else [load_module(f)])
+    clf = compose(modules)
+    save_composed(clf, args.out)
+    print(f"wrote {args.out}: {len(clf.classes)} classes ({', '.join(clf.classes)})")
+    return 0
+
+
+def cmd_replace(args) -> int:
+    from .compose import load_modules, replace
+    from .modules import load_module
+    from .modules.pipeline import write_modules
+
+    new = load_module(args.new)
+    modules = replace(load_modules(args.directory), new)
+    write_modules(modules, args.out)
+    print(f"wrote {args.out}: module {new.class_name!r} replaced by {args.new}")
     return 0
 
 
@@ -108,4 +211,5 @@ def cmd_demo(args) -> int:
     return run_demo(epochs=args.epochs, as_json=args.json)
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "decompose": cmd_decompose, "inspect": cmd_inspect,
+            "compose": cmd_compose, "replace": cmd_replace, "demo": cmd_demo}

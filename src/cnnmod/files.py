@@ -70,11 +70,6 @@ def read_file(path: str | os.PathLike, *, expect: str | None = None) -> tuple[di
         blob = path.read_bytes()
     except OSError as e:
         raise CnnmodError(f"{path}: cannot be read ({e.strerror}).") from None
-    if blob[:2] == b"\x80\x02" or blob[:1] == b"\x80" or blob[:2] == b"PK":
-        raise CnnmodError(
-            f"{path}: expected a safetensors file, found a pickle/zip (torch.save) file; "
-            "cnnmod never unpickles files (use `cnnmod import` for a state dict)."
-        )
     meta = _read_metadata(path, blob)
     try:
         tensors = st_load(blob)
@@ -98,6 +93,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 
 def _read_metadata(path: Path, blob: bytes) -> dict:
+    if blob[:1] == b"\x80" or blob[:2] == b"PK":
+        raise CnnmodError(f"{path}: expected a safetensors file, found a pickle or zip (torch.save) file; "
+                          "cnnmod never unpickles files.")
     # The safetensors header: 8 bytes little-endian length, then that many bytes of JSON.
     if len(blob) < 8:
         raise CnnmodError(f"{path}: expected a safetensors file, found {len(blob)} bytes.")

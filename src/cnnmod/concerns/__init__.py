@@ -1,0 +1,7 @@
+"""Step 3: which elements each concern (class) needs, the 2-logit head, and MC-BLN backtracking."""
+
+from .backtrack import backtrack_removed
+from .channeling import channel_head, mc_bln_features
+from .identify import active_masks
+
+__all__ = ["active_masks", "backtrack_removed", "channel_head", "mc_bln_features"]

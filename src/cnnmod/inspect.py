@@ -1,0 +1,33 @@
+"""``cnnmod inspect``: say what a checkpoint, module or composed file holds."""
+
+from __future__ import annotations
+
+from .files import read_file
+
+
+def describe(path: str) -> tuple[str, dict]:
+    """Return (readable text, metadata without the layer graph) of a cnnmod file."""
+    tensors, meta = read_file(path)
+    shown = {k: v for k, v in meta.items() if k != "graph"}
+    if meta["format"] == "cnnmod.composed":
+        shown["modules"] = [{k: v for k, v in m.items() if k != "graph"} for m in meta["modules"]]
+    n_params = sum(t.numel() for t in tensors.values())
+    kind = meta["format"].split(".")[-1]
+    lines = [f"{path}: cnnmod {kind} (format version {meta['format_version']}), "
+             f"{len(tensors)} tensors, {n_params:,} values"]
+    if kind == "checkpoint":
+        acc = meta.get("accuracy", {})
+        lines += [f"  architecture {meta['architecture']} {meta['arch_args']}",
+                  f"  classes ({len(meta['classes'])}): {', '.join(meta['classes'][:20])}",
+                  f"  input {meta['input']}",
+                  f"  accuracy on {acc.get('split')}: top-1 {acc.get('top1', float('nan')):.4f}"]
+    elif kind == "module":
+        lines += [f"  class {meta['class_name']!r} (index {meta['class_index']} of {len(meta['parent_classes'])} "
+                  f"in parent {meta['parent_fingerprint']}, {meta.get('parent_architecture')})",
+                  f"  strategy {meta['strategy']} {meta['options']}",
+                  f"  observed {meta['observed_images']} images; keeps {meta['share_kept']:.4f} of "
+                  f"{meta['elements_total']:,} observed elements",
+                  f"  input {meta['input']}"]
+    else:
+        lines += [f"  classes ({len(meta['modules'])}): " + ", ".join(m["class_name"] for m in meta["modules"])]
+    return "\n".join(lines), shown

@@ -1,0 +1,106 @@
+"""``decompose(model, dataset)``: trace, one statistics pass, then one module per class."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from .. import __version__
+from ..data.inputspec import InputSpec
+from ..data.sources import Dataset
+from ..errors import CnnmodError
+from ..files import tensors_checksum
+from ..statistics import collect_statistics, select_sample
+from ..statistics.collect import head_layer
+from ..trace import GraphNetwork, trace_graph
+from .module import Module
+from .strategies import STRATEGIES, Parent
+
+
+def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: int = 1000,
+              negatives_per_class: int | None = None, seed: int = 0, batch_size: int = 256,
+              classes: list[str] | None = None, input_spec: InputSpec | None = None,
+              progress: bool = False, **options) -> list[Module]:
+    """Decompose ``model`` into one module per class; ``modules[c]`` is class c's.
+
+    ``dataset`` is a ``cnnmod.Dataset`` (raw images, prepared by the model's input
+    specification; classes matched by name) or any sequence of ``(input_tensor, label)`` pairs
+    already prepared for the model. ``options`` go to the strategy (``paper``: ``delta``).
+
+    >>> modules = decompose(load_model("m.safetensors"), load_data("mnist5k", "train"))
+    >>> modules[3].class_name, modules[3].network(x).shape
+    ('3', torch.Size([B, 2]))
+    """
+    if strategy not in STRATEGIES:
+        raise CnnmodError(f"expected a strategy among {', '.join(STRATEGIES)}, found {strategy!r}.")
+    start = time.perf_counter()
+    meta = getattr(model, "cnnmod_meta", {})
+    spec = input_spec or getattr(model, "input_spec", None)
+    graph = trace_graph(model)
+    head = head_layer(graph)
+    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    num_classes = weights[f"{head}.weight"].shape[0]
+    classes = list(classes or meta.get("classes") or [str(i) for i in range(num_classes)])
+    if len(classes) != num_classes:
+        raise CnnmodError(f"expected {num_classes} class names (the model's outputs), found {len(classes)}.")
+
+    labels, fetch = _adapt(dataset, classes, spec)
+    sample = select_sample(labels, num_classes, positives=positives,
+                           negatives_per_class=negatives_per_class, seed=seed)
+    parts = {"neg": _batches(fetch, labels, sample.negatives, batch_size),
+             "rest": _batches(fetch, labels, sample.rest, batch_size)}
+    stats = collect_statistics(model, graph, parts, num_classes, progress=progress,
+                               total=len(sample.negatives) + len(sample.rest))
+    stats_seconds = time.perf_counter() - start
+
+    example = fetch(sample.rest[:1] if len(sample.rest) else sample.negatives[:1])
+    parent = Parent(graph, weights, stats, GraphNetwork(graph, weights).shapes(tuple(example.shape[1:])), head)
+    spec = spec or InputSpec(example.shape[1], tuple(example.shape[2:]), (0.0,) * example.shape[1],
+                             (1.0,) * example.shape[1])  # pairs already prepared: identity preparation
+    common = {
+        "strategy": strategy, "options": dict(options, positives=positives, seed=seed,
+                                              negatives_per_class=sample.negatives_per_class),
+        "parent_fingerprint": tensors_checksum(weights)[:16], "parent_architecture": meta.get("architecture"),
+        "parent_classes": classes, "library_version": __version__,
+    }
+    modules = []
+    for c, name in enumerate(classes):
+        w, keep, summary = STRATEGIES[strategy](parent, c, **options)
+        m_meta = dict(common, class_index=c, class_name=name, observed_images=stats.observed(c),
+                      positives_observed=int(stats.seen_neg[c] + stats.seen_rest[c]), **summary)
+        modules.append(Module(c, name, GraphNetwork(graph, w, keep), spec, m_meta))
+    total = time.perf_counter() - start
+    for m in modules:  # timings stay out of files (they would break byte-identical output)
+        m.timing = {"statistics_seconds": stats_seconds, "total_seconds": total,
+                    "images": len(sample.negatives) + len(sample.rest)}
+    return modules
+
+
+def _adapt(dataset, classes: list[str], spec: InputSpec | None):
+    """Return (labels (N,), fetch(indices) -> prepared batch) for any supported dataset."""
+    if isinstance(dataset, Dataset):
+        if spec is None:
+            raise CnnmodError("expected the model's input specification to prepare raw images "
+                              "(load the model with cnnmod.load_model, or pass input_spec=...).")
+        from ..evaluate import match_classes
+
+        labels = match_classes(dataset.classes, classes)[dataset.labels]
+        return labels, lambda idx: spec.prepare(dataset.images[idx])
+    if hasattr(dataset, "tensors") and len(dataset.tensors) == 2:  # torch TensorDataset
+        x, y = dataset.tensors
+        return y.long(), lambda idx: x[idx]
+    try:
+        pairs_labels = getattr(dataset, "targets", None)
+        labels = torch.as_tensor(pairs_labels if pairs_labels is not None else [int(y) for _, y in dataset])
+    except (TypeError, ValueError):
+        raise CnnmodError("expected a dataset of (input_tensor, label) pairs or a cnnmod.Dataset.") from None
+    return labels.long(), lambda idx: torch.stack([dataset[int(i)][0] for i in idx])
+
+
+def _batches(fetch, labels: torch.Tensor, index: torch.Tensor, batch_size: int) -> Iterator:
+    for chunk in index.split(batch_size):
+        if len(chunk):  # splitting an empty index yields one empty chunk
+            yield fetch(chunk), labels[chunk]

@@ -1,0 +1,57 @@
+"""Module files: one self-contained, data-only safetensors file per class."""
+
+from __future__ import annotations
+
+import os
+
+from ..data.inputspec import InputSpec
+from ..errors import CnnmodError
+from ..files import read_file, write_file
+from ..trace import Graph, GraphNetwork
+from .module import Module
+
+FORMAT = "cnnmod.module"
+FORMAT_VERSION = 1
+
+
+def module_record(module: Module) -> tuple[dict, dict]:
+    """Return (tensors, metadata) that describe ``module`` completely."""
+    net = module.network
+    tensors = {f"w.{k}": v for k, v in net.weights().items()}
+    tensors.update({f"mask.{k}": v for k, v in net.masks().items()})
+    meta = dict(module.meta, format=FORMAT, format_version=FORMAT_VERSION, class_index=module.class_index,
+                class_name=module.class_name, input=module.input_spec.to_dict(), graph=net.graph.to_dict())
+    return tensors, meta
+
+
+def module_from_record(tensors: dict, meta: dict, source: str = "module") -> Module:
+    """Rebuild a module from ``module_record``'s output (as read from a file)."""
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CnnmodError(f"{source}: expected module format version {FORMAT_VERSION}, "
+                          f"found {meta.get('format_version')!r} (written by another cnnmod version?).")
+    try:
+        graph = Graph.from_dict(meta["graph"])
+        weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w.")}
+        masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
+        network = GraphNetwork(graph, weights, masks)
+        module = Module(int(meta["class_index"]), str(meta["class_name"]), network,
+                        InputSpec.from_dict(meta["input"]), meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CnnmodError(f"{source}: the module metadata is incomplete ({e}).") from None
+    return module
+
+
+def save_module(module: Module, path: str | os.PathLike) -> None:
+    """Write ``module`` to ``path`` (atomically; the same module always gives the same bytes)."""
+    tensors, meta = module_record(module)
+    write_file(path, tensors, meta)
+
+
+def load_module(path: str | os.PathLike) -> Module:
+    """Load a module file; nothing is executed, damaged files are refused.
+
+    >>> m = load_module("modules/cat.safetensors")
+    >>> m.network(x)  # (B, 2) logits: not-cat, cat
+    """
+    tensors, meta = read_file(path, expect=FORMAT)
+    return module_from_record(tensors, meta, str(path))

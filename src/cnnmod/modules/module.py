@@ -1,0 +1,31 @@
+"""The module: a binary classifier (this class / not this class) carved out of a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.inputspec import InputSpec
+from ..trace.network import GraphNetwork
+
+
+@dataclass
+class Module:
+    """One class's module.
+
+    ``network`` maps a prepared batch (B, C, H, W) to two logits (B, 2): column 0 is
+    "not this class", column 1 is "this class". ``input_spec`` says how to prepare raw images.
+    """
+
+    class_index: int
+    class_name: str
+    network: GraphNetwork
+    input_spec: InputSpec
+    meta: dict = field(default_factory=dict)
+
+    @torch.no_grad()
+    def margin(self, x: torch.Tensor) -> torch.Tensor:
+        """Return z_concern - z_not_concern (B,): > 0 means the module votes for its class."""
+        z = self.network(x)  # (B, 2)
+        return z[:, 1] - z[:, 0]

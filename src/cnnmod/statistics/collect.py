@@ -1,0 +1,156 @@
+"""Count, per class, how often each observed element is > 0: all classes in one pass.
+
+Observed elements (the paper's "nodes"): every element (channel x height x width, or unit of a
+hidden dense layer) that a ReLU receives. The paper observes convolution outputs assuming a
+ReLU follows; with BatchNorm the value that decides is the one after BN and before the ReLU
+(ALGORITHM.md 2.1), and in a residual block the ReLU receives the sum of the branch and the
+shortcut, so that sum is what is observed there. An element <= 0 on every observed input is
+zeroed by the ReLU anyway, so masking it changes nothing on those inputs (tested), whereas
+zeroing a negative value that is *not* followed by a ReLU (a pre-add BN output, a depthwise
+conv feeding a pointwise one) would change the network. ReLU input > 0 iff ReLU output > 0,
+so the ReLU's output is observed and masked.
+
+The pass runs the traced graph (``GraphNetwork``, checked equal to the model on the first
+batch) rather than hooks on the user's model: functional ReLUs and adds have no module to hook.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..errors import CnnmodError
+from ..trace.graph import Graph
+from ..trace.network import GraphNetwork
+
+
+def _check_equal(expected: torch.Tensor, got: torch.Tensor) -> None:
+    """The traced graph must compute what the model computes (a cheap oracle on one batch)."""
+    diff = float((expected - got).abs().max())
+    if not diff <= 1e-3 * (1.0 + float(expected.abs().max())):
+        raise CnnmodError(f"expected the traced graph to reproduce the model's outputs, found a difference "
+                          f"of {diff:.3g}: the model computes something cnnmod does not trace.")
+
+
+def head_layer(graph: Graph) -> str:
+    """Return the final Linear layer (the classifier head), which must produce the output."""
+    node = graph.by_name[graph.output]
+    if node.op != "linear":
+        raise CnnmodError(f"expected the model to end in a Linear layer, found {node.op} {node.name!r}.")
+    return node.name
+
+
+def observed_layers(graph: Graph) -> list[str]:
+    """Return the layers whose output elements are observed and masked (the ReLUs), in order."""
+    head_layer(graph)  # a model without a Linear head cannot be decomposed: say so first
+    return [node.name for node in graph.nodes if node.op == "relu"]
+
+
+@dataclass
+class ActivationStats:
+    """Per-class counts of positive values, split into the negatives prefix and the rest."""
+
+    layers: list[str]
+    counts_neg: dict[str, torch.Tensor]  # layer -> (K, *shape) int32, over Neg_j of each class j
+    counts_rest: dict[str, torch.Tensor]  # layer -> (K, *shape) int32, over P_j minus Neg_j
+    seen_neg: torch.Tensor  # (K,) images of Neg_j
+    seen_rest: torch.Tensor  # (K,)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.seen_neg.numel())
+
+    def observed(self, c: int) -> int:
+        """Images module ``c`` observed: its positives plus the negatives of every other class."""
+        return int(self.seen_rest[c] + self.seen_neg.sum())  # P_c = rest_c + Neg_c
+
+    def positive_counts(self, c: int) -> dict[str, torch.Tensor]:
+        """Return, per layer, how often each element was > 0 among the images module ``c`` observed."""
+        # over P_c (rest_c + Neg_c) plus Neg_j for j != c: rest_c + all Neg_j
+        return {name: self.counts_rest[name][c] + self.neg_total(name) for name in self.layers}
+
+    def neg_total(self, name: str) -> torch.Tensor:
+        if not hasattr(self, "_neg_total"):
+            self._neg_total = {}
+        if name not in self._neg_total:
+            self._neg_total[name] = self.counts_neg[name].sum(0)
+        return self._neg_total[name]
+
+    def concern_counts(self, c: int) -> dict[str, torch.Tensor]:
+        """Return, per layer, how often each element was > 0 on class ``c``'s own images."""
+        return {name: self.counts_rest[name][c] + self.counts_neg[name][c] for name in self.layers}
+
+
+@contextmanager
+def observing(network: GraphNetwork, layers: list[str], callback: Callable[[str, torch.Tensor], None]):
+    """Call ``callback(layer, output)`` whenever ``network`` computes one of ``layers``.
+
+    The observer is always removed, even when the forward pass raises.
+    """
+    wanted = set(layers)
+    network.observer = lambda name, out: callback(name, out) if name in wanted else None
+    try:
+        yield
+    finally:
+        network.observer = None
+
+
+@torch.inference_mode()
+def collect_statistics(model: nn.Module, graph: Graph, parts: dict[str, Iterable], num_classes: int,
+                       *, progress: bool = False, total: int | None = None) -> ActivationStats:
+    """Run ``model`` once over ``parts`` ("neg" and "rest": iterables of (x, y) batches) and count.
+
+    One pass for all classes: each batch adds its positives per label (per run of one label,
+    or with ``index_add_``), never one pass per class and never a loop over examples.
+    """
+    layers = observed_layers(graph)
+    was_training = model.training
+    model.eval()
+    network = GraphNetwork(graph, model.state_dict())
+    checked = False
+    counts = {"neg": {}, "rest": {}}
+    seen = {"neg": torch.zeros(num_classes, dtype=torch.int64), "rest": torch.zeros(num_classes, dtype=torch.int64)}
+    state = {"part": "neg", "y": None, "runs": None}
+
+    def count(name: str, out: torch.Tensor) -> None:
+        table = counts[state["part"]]
+        if name not in table:
+            table[name] = torch.zeros((num_classes, *out.shape[1:]), dtype=torch.int32)
+        pos = (out > 0).view(torch.uint8).flatten(1)  # (B, E) 0/1, no copy
+        flat = table[name].view(num_classes, -1)  # (K, E)
+        labels, lengths = state["runs"]
+        if len(labels) <= 8:
+            # The sample is ordered by class, so a batch holds a few runs of one label: one
+            # reduction per run is ~2x faster than index_add_ (measured on 2 CPU cores).
+            for c, run in zip(labels.tolist(), pos.split(lengths.tolist())):
+                flat[c] += run.sum(0, dtype=torch.int32)
+        else:
+            flat.index_add_(0, state["y"], pos.to(torch.int32))
+
+    bar = tqdm(total=total, disable=not progress, unit="img", desc="statistics")
+    try:
+        with observing(network, layers, count):
+            for part in ("neg", "rest"):
+                state["part"] = part
+                for x, y in parts[part]:
+                    state["y"], state["runs"] = y, torch.unique_consecutive(y, return_counts=True)
+                    out = network(x)
+                    if not checked:
+                        _check_equal(model(x), out)
+                        checked = True
+                    seen[part] += torch.bincount(y, minlength=num_classes)
+                    bar.update(len(y))
+    finally:
+        bar.close()
+        model.train(was_training)
+    for part in ("neg", "rest"):  # a part may be empty (0 negatives per class)
+        for name in layers:
+            if name not in counts[part]:
+                other = counts["rest" if part == "neg" else "neg"][name]
+                counts[part][name] = torch.zeros_like(other)
+    return ActivationStats(layers, counts["neg"], counts["rest"], seen["neg"], seen["rest"])

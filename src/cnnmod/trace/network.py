@@ -1,0 +1,103 @@
+"""Run a ``Graph`` on a dictionary of weights: the network, rebuilt without the model's code.
+
+``GraphNetwork`` is what module files hold. It can zero elements of chosen layers (``masks``),
+replace the final layer by a module's head, and it exports to ONNX since it is plain torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .graph import PARAMS, Graph
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # buffer names may not contain dots
+
+
+class GraphNetwork(nn.Module):
+    """Execute ``graph`` with ``weights`` (keyed like a state dict), masking ``masks``' layers."""
+
+    def __init__(self, graph: Graph, weights: dict[str, torch.Tensor],
+                 masks: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.graph = graph
+        self.weight_names = sorted(k for k in weights if k.rsplit(".", 1)[-1] in
+                                   {p for ps in PARAMS.values() for p in ps})
+        for k in self.weight_names:
+            self.register_buffer(_key(k), weights[k].detach())  # shared, never modified in place
+        self.mask_names = sorted(masks or {})
+        self.observer = None  # callable(name, value) while statistics are collected
+        for k in self.mask_names:
+            self.register_buffer("mask__" + _key(k), masks[k].bool())  # (C, H, W) or (F,) keep mask
+
+    def weight(self, name: str) -> torch.Tensor | None:
+        return getattr(self, _key(name), None)
+
+    def mask(self, name: str) -> torch.Tensor | None:
+        return getattr(self, "mask__" + _key(name), None)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: self.weight(k) for k in self.weight_names}
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {k: self.mask(k) for k in self.mask_names}
+
+    @torch.no_grad()
+    def shapes(self, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Return each layer's output shape (without the batch) for inputs of ``input_shape``."""
+        values = self.run_all(torch.zeros(1, *input_shape))
+        return {k: tuple(v.shape[1:]) for k, v in values.items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run_all(x)[self.graph.output]
+
+    def run_all(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run the graph; return every layer's output by name."""
+        values = {}
+        for node in self.graph.nodes:
+            if node.op == "input":
+                out = x
+            else:
+                out = self._run(node, [values[i] for i in node.inputs])
+            if node.name in self.mask_names:
+                out = out * self.mask(node.name)  # zero this module's inactive elements
+            if self.observer is not None:
+                self.observer(node.name, out)
+            values[node.name] = out
+        return values
+
+    def _run(self, node, xs: list[torch.Tensor]) -> torch.Tensor:
+        a, w = node.attrs, lambda p: self.weight(f"{node.name}.{p}")
+        op = node.op
+        if op == "conv":
+            return F.conv2d(xs[0], w("weight"), w("bias"), a["stride"],
+                            a["padding"] if isinstance(a["padding"], str) else list(a["padding"]),
+                            a["dilation"], a["groups"])
+        if op == "bn":
+            return F.batch_norm(xs[0], w("running_mean"), w("running_var"), w("weight"), w("bias"),
+                                False, 0.0, a["eps"])
+        if op == "linear":
+            return F.linear(xs[0], w("weight"), w("bias"))
+        if op == "relu":
+            return F.relu(xs[0])
+        if op == "add":
+            return xs[0] + xs[1]
+        if op == "cat":
+            return torch.cat(xs, dim=1)
+        if op == "identity":
+            return xs[0]
+        if op == "flatten":
+            return torch.flatten(xs[0], a["start_dim"], a["end_dim"])
+        if op == "maxpool":
+            return F.max_pool2d(xs[0], a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
+        if op == "avgpool":
+            return F.avg_pool2d(xs[0], a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
+                                a["count_include_pad"])
+        if op == "adaptive_avgpool":
+            return F.adaptive_avg_pool2d(xs[0], a["output_size"])
+        if op == "mean":
+            return xs[0].mean(dim=(2, 3), keepdim=a["keepdim"])
+        raise ValueError(f"unknown operation {op!r}")  # a Graph is validated when traced or loaded

@@ -1,0 +1,58 @@
+"""Tiny hand-built networks for exact tests."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PixelNet(nn.Module):
+    """conv 1x1 (1 -> 2 channels, weights +1 and -1) -> ReLU -> flatten (8) -> linear (8 -> 3)."""
+
+    def __init__(self, head: torch.Tensor | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1, bias=False)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(8, 3)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+            self.fc.weight.copy_(head if head is not None else torch.arange(24.0).view(3, 8) / 24)
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.relu(self.conv(x)), 1))
+
+
+def pixel_data():
+    """3 classes, 2 images each (1x2x2): class c lights only pixel c (row-major) with 1 or 2."""
+    images, labels = [], []
+    for c in range(3):
+        for v in (1.0, 2.0):
+            x = torch.zeros(1, 2, 2)
+            x.view(-1)[c] = v
+            images.append(x)
+            labels.append(c)
+    return torch.utils.data.TensorDataset(torch.stack(images), torch.tensor(labels))
+
+
+class Unfamiliar(nn.Module):
+    """An architecture cnnmod has never seen: depthwise convs, a concat, a residual add,
+    max pooling, functional ReLUs, and x.view(x.size(0), -1)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)  # depthwise
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.side = nn.Conv2d(8, 4, 3, padding=1)
+        self.grouped = nn.Conv2d(12, 12, 3, padding=1, groups=3)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(12 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        y = F.relu(self.pw(self.dw(x)) + x)  # residual add
+        z = torch.cat([y, F.relu(self.side(x))], dim=1)  # concat: 8 + 4 channels
+        z = self.pool(F.relu(self.grouped(z)))  # (B, 12, 4, 4)
+        return self.fc2(F.relu(self.fc1(z.view(z.size(0), -1))))

@@ -1,0 +1,120 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from cnnmod import CnnmodError
+from cnnmod.modules.decompose import _adapt, _batches
+from cnnmod.statistics import collect_statistics, observed_layers, observing, select_sample
+from cnnmod.trace import GraphNetwork, trace_graph
+
+from nets import PixelNet, Unfamiliar, pixel_data
+
+
+def test_observed_layers_are_what_relus_receive():
+    graph = trace_graph(Unfamiliar())
+    # post-BN stem, the residual sum (not the pre-add pw output), side conv, grouped conv, hidden fc1;
+    # dw feeds pw without a ReLU: not observed
+    assert observed_layers(graph) == ["relu", "relu_1", "relu_2", "relu_3", "relu_4"]
+    assert [graph.by_name[n].inputs[0] for n in observed_layers(graph)] == ["bn", "add", "side", "grouped", "fc1"]
+
+
+def test_sample_follows_the_paper_budgets():
+    labels = torch.arange(10).repeat_interleave(1200)  # 10 classes of 1,200 images
+    s = select_sample(labels, 10)
+    assert s.positives == 1000 and s.negatives_per_class == 111  # floor(1000 / 9)
+    assert len(s.negatives) == 1110 and len(s.rest) == 10 * (1000 - 111)
+    assert torch.equal(select_sample(labels, 10).rest, s.rest)  # fixed seeded rule
+    assert not torch.equal(select_sample(labels, 10, seed=1).rest, s.rest)
+    small = select_sample(torch.arange(3).repeat_interleave(40), 3)  # fewer than the budget
+    assert small.positives == 40 and small.negatives_per_class == 20
+    with pytest.raises(CnnmodError, match="found none of class index"):
+        select_sample(torch.tensor([0, 0, 2]), 3)
+
+
+def _per_class_loop_oracle(model, dataset, sample, num_classes, layers):
+    """For each class separately: the images its module observes, counted on the graph's values."""
+    x_all, y_all = dataset.tensors
+    expected = []
+    network = GraphNetwork(trace_graph(model), model.state_dict())
+    for c in range(num_classes):
+        idx = torch.cat([sample.negatives, sample.rest])
+        y = y_all[idx]
+        is_neg = torch.zeros(len(idx), dtype=torch.bool)
+        is_neg[: len(sample.negatives)] = True
+        mine = idx[(y == c) | is_neg]  # P_c plus the negatives of every class
+        with torch.no_grad():
+            outs = network.run_all(x_all[mine])
+        expected.append({n: (outs[n] > 0).sum(0) for n in layers})
+    return expected
+
+
+@pytest.mark.parametrize("num_classes, batch_size", [(3, 7), (12, 64)])  # runs of labels / index_add_ path
+def test_one_pass_counts_equal_a_per_class_loop(num_classes, batch_size):
+    torch.manual_seed(0)
+    model = Unfamiliar(num_classes).eval()
+    n = 6 * num_classes
+    dataset = torch.utils.data.TensorDataset(torch.randn(n, 1, 8, 8), torch.arange(num_classes).repeat(6))
+    graph = trace_graph(model)
+    sample = select_sample(dataset.tensors[1], num_classes, positives=5, negatives_per_class=2)
+    labels, fetch = _adapt(dataset, None, None)
+    parts = {"neg": _batches(fetch, labels, sample.negatives, batch_size),
+             "rest": _batches(fetch, labels, sample.rest, batch_size)}
+    stats = collect_statistics(model, graph, parts, num_classes)
+    expected = _per_class_loop_oracle(model, dataset, sample, num_classes, stats.layers)
+    for c in range(num_classes):
+        got = stats.positive_counts(c)
+        assert stats.observed(c) == 5 + 2 * (num_classes - 1)
+        for name in stats.layers:
+            assert torch.equal(got[name].long(), expected[c][name].long()), (c, name)
+
+
+def test_exact_counts_on_the_pixel_net():
+    model = PixelNet().eval()
+    data = pixel_data()
+    sample = select_sample(data.tensors[1], 3, positives=2, negatives_per_class=0)
+    labels, fetch = _adapt(data, None, None)
+    stats = collect_statistics(model, trace_graph(model), {"neg": _batches(fetch, labels, sample.negatives, 4),
+                                                           "rest": _batches(fetch, labels, sample.rest, 4)}, 3)
+    # class c's two images light pixel c of channel 0 (weight +1); channel 1 (weight -1) never fires
+    for c in range(3):
+        expected = torch.zeros(2, 2, 2, dtype=torch.int32)
+        expected[0].view(-1)[c] = 2
+        assert torch.equal(stats.positive_counts(c)["relu"], expected)
+
+
+def test_observer_is_removed_even_when_the_forward_raises():
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))
+    network = GraphNetwork(trace_graph(model), model.state_dict())
+
+    def boom(*_):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        with observing(network, ["1"], boom):
+            network(torch.ones(1, 1, 2, 2))
+    assert network.observer is None
+
+
+def test_a_graph_that_differs_from_the_model_is_refused():
+    model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))
+    graph = trace_graph(model)
+    data = torch.utils.data.TensorDataset(torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 0, 1]))
+    labels, fetch = _adapt(data, None, None)
+    sample = select_sample(labels, 2)
+    with pytest.raises(CnnmodError, match="reproduce the model's outputs"):
+        collect_statistics(_Shifted(model), graph, {"neg": _batches(fetch, labels, sample.negatives, 4),
+                                                    "rest": _batches(fetch, labels, sample.rest, 4)}, 2)
+
+
+class _Shifted(nn.Module):
+    """Same weights (state dict) as ``inner`` but adds 1 to every output: untraced behaviour."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) + 1.0
+
+    def state_dict(self, *a, **k):
+        return self.inner.state_dict(*a, **k)
