@@ -7,9 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-resnet20}
-EPOCHS=${EPOCHS:-40}
+EPOCHS=${EPOCHS:-20}
 shift || true
-.venv/bin/cnnmod train --model "$MODEL" --data ../shared/datasets/cifar10-train-jpeg.tar.gz \
+PYTHONUNBUFFERED=1 .venv/bin/cnnmod train --model "$MODEL" --data ../shared/datasets/cifar10-train-jpeg.tar.gz \
     --split train --val-split val --epochs "$EPOCHS" --seed 0 \
     --out "benchmarks/checkpoints/cifar10_${MODEL}.safetensors" "$@" \
     2> "runs/train_${MODEL}.progress" | tee -a "benchmarks/checkpoints/cifar10_${MODEL}.log"

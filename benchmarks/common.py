@@ -1,0 +1,49 @@
+"""Shared helpers of the benchmarks: timing in the same run, and writing BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+CIFAR_TAR = ROOT.parent / "shared" / "datasets" / "cifar10-train-jpeg.tar.gz"
+CHECKPOINTS = ROOT / "benchmarks" / "checkpoints"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def seconds(fn, repeat: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeat`` runs."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_section(name: str, markdown: str, results: dict) -> None:
+    """Replace the ``name`` section of BENCHMARKS.md and write results/<name>.json."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{markdown.strip()}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, " \
+           f"{torch.get_num_threads()} threads"

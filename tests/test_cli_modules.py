@@ -1,0 +1,88 @@
+import json
+
+import pytest
+
+from cnnmod import load_data
+from cnnmod.cli import main
+from cnnmod.modules import load_module, save_module
+
+
+@pytest.fixture(scope="module")
+def decomposed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dec")
+    ckpt = root / "digits.safetensors"
+    assert main(["train", "--model", "smallcnn", "--data", "digits", "--out", str(ckpt),
+                 "--epochs", "2", "--lr", "0.05", "--batch-size", "64"]) == 0
+    assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(root / "mods"), "--json"]) == 0
+    return root, ckpt, root / "mods"
+
+
+def _json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_decompose_writes_one_file_per_class_and_a_summary(decomposed, tmp_path, capsys):
+    root, ckpt, mods = decomposed
+    assert sorted(p.name for p in mods.iterdir()) == [f"{d}.safetensors" for d in range(10)]
+    assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "again"), "--json"]) == 0
+    summary = _json(capsys)
+    assert summary["strategy"] == "paper"
+    assert summary["images"] == len(load_data("digits", "train"))  # fewer than 1000 per class: all
+    assert set(summary["modules"]) == {str(d) for d in range(10)}
+    assert all(0.5 < m["share_kept"] <= 1.0 for m in summary["modules"].values())
+    for d in range(10):  # byte-identical wherever written
+        assert (tmp_path / "again" / f"{d}.safetensors").read_bytes() == (mods / f"{d}.safetensors").read_bytes()
+
+
+def test_modules_evaluate_like_the_model(decomposed, capsys):
+    _, ckpt, mods = decomposed
+    capsys.readouterr()
+    assert main(["evaluate", str(ckpt), "--data", "digits", "--json"]) == 0
+    model = _json(capsys)
+    assert main(["evaluate", str(mods), "--data", "digits", "--json"]) == 0
+    composed = _json(capsys)
+    assert set(composed) == {"top1", "top5", "n", "per_class"} and composed["n"] == model["n"]
+    assert abs(composed["top1"] - model["top1"]) <= 0.02
+
+
+def test_compose_reuse_and_replace(decomposed, tmp_path, capsys):
+    _, _, mods = decomposed
+    pair = tmp_path / "pair.safetensors"
+    assert main(["compose", str(mods / "3.safetensors"), str(mods / "8.safetensors"), "--out", str(pair)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(pair), "--data", "digits", "--classes", "3,8", "--json"]) == 0
+    result = _json(capsys)
+    assert set(result["per_class"]) == {"3", "8"} and result["top1"] > 0.8
+    assert main(["replace", str(mods), "--with", str(mods / "5.safetensors"), "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "5.safetensors").read_bytes() == (mods / "5.safetensors").read_bytes()
+    assert main(["inspect", str(mods / "5.safetensors")]) == 0
+    assert "class '5' (index 5 of 10" in capsys.readouterr().out
+    assert main(["inspect", str(pair), "--json"]) == 0
+    assert [m["class_name"] for m in _json(capsys)["modules"]] == ["3", "8"]
+
+
+def _one_line_error(capsys, text):
+    err = capsys.readouterr().err
+    assert text in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_input(decomposed, tmp_path, capsys):
+    _, ckpt, mods = decomposed
+    stranger = load_module(mods / "5.safetensors")
+    stranger.class_name = "zebra"
+    save_module(stranger, tmp_path / "zebra.safetensors")
+    assert main(["replace", str(mods), "--with", str(tmp_path / "zebra.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, "found one for class 'zebra'")
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", str(tmp_path / "empty"), "--data", "digits"]) == 2
+    _one_line_error(capsys, "expected module files (*.safetensors), found none")
+    assert main(["compose", str(mods / "3.safetensors"), str(mods / "3.safetensors"), "--out", str(tmp_path / "c")]) == 2
+    _one_line_error(capsys, "found class '3' more than once")
+    assert main(["compose", str(mods / "3.safetensors"), str(mods / "8.safetensors"), "--out", str(tmp_path / "p")]) == 0
+    assert main(["evaluate", str(tmp_path / "p"), "--data", "digits"]) == 2
+    _one_line_error(capsys, "found unknown class(es) '0'")
+    assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "x"), "--strategy", "magic"]) == 2
+    _one_line_error(capsys, "expected a strategy among paper")
+    assert main(["evaluate", str(ckpt), str(mods / "3.safetensors"), "--data", "digits"]) == 2
+    _one_line_error(capsys, "expected a module file among several files")
