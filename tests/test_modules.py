@@ -134,7 +134,7 @@ def test_pinned_module_file_header(tmp_path):
         == PINNED_SHA256
 
 
-PINNED_SHA256 = "7294866dbf155d45694cb1a540dc1acea0ce2d58fbd4dfd3de73a77ff252d4f4"
+PINNED_SHA256 = "22101f825c05d6bb7e00e7ecb8bad460fd80dc3b1ff3a1b8d2dae6c46b6cbe96"
 
 
 def test_unknown_format_version_is_refused(tmp_path):

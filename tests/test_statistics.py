@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from cnnmod import CnnmodError
-from cnnmod.modules.decompose import _adapt, _batches
+from cnnmod.modules.decompose import _adapt, sample_batches
 from cnnmod.statistics import collect_statistics, observed_layers, observing, select_sample
 from cnnmod.trace import GraphNetwork, trace_graph
 
@@ -57,9 +57,7 @@ def test_one_pass_counts_equal_a_per_class_loop(num_classes, batch_size):
     graph = trace_graph(model)
     sample = select_sample(dataset.tensors[1], num_classes, positives=5, negatives_per_class=2)
     labels, fetch = _adapt(dataset, None, None)
-    parts = {"neg": _batches(fetch, labels, sample.negatives, batch_size),
-             "rest": _batches(fetch, labels, sample.rest, batch_size)}
-    stats = collect_statistics(model, graph, parts, num_classes)
+    stats = collect_statistics(model, graph, sample_batches(fetch, labels, sample, batch_size), num_classes)
     expected = _per_class_loop_oracle(model, dataset, sample, num_classes, stats.layers)
     for c in range(num_classes):
         got = stats.positive_counts(c)
@@ -73,8 +71,7 @@ def test_exact_counts_on_the_pixel_net():
     data = pixel_data()
     sample = select_sample(data.tensors[1], 3, positives=2, negatives_per_class=0)
     labels, fetch = _adapt(data, None, None)
-    stats = collect_statistics(model, trace_graph(model), {"neg": _batches(fetch, labels, sample.negatives, 4),
-                                                           "rest": _batches(fetch, labels, sample.rest, 4)}, 3)
+    stats = collect_statistics(model, trace_graph(model), sample_batches(fetch, labels, sample, 4), 3)
     # class c's two images light pixel c of channel 0 (weight +1); channel 1 (weight -1) never fires
     for c in range(3):
         expected = torch.zeros(2, 2, 2, dtype=torch.int32)
@@ -102,8 +99,7 @@ def test_a_graph_that_differs_from_the_model_is_refused():
     labels, fetch = _adapt(data, None, None)
     sample = select_sample(labels, 2)
     with pytest.raises(CnnmodError, match="reproduce the model's outputs"):
-        collect_statistics(_Shifted(model), graph, {"neg": _batches(fetch, labels, sample.negatives, 4),
-                                                    "rest": _batches(fetch, labels, sample.rest, 4)}, 2)
+        collect_statistics(_Shifted(model), graph, sample_batches(fetch, labels, sample, 4), 2)
 
 
 class _Shifted(nn.Module):

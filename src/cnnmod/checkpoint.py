@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 import torch.nn as nn
 
 from . import __version__
@@ -45,9 +44,6 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     except (KeyError, RuntimeError) as e:
         raise CnnmodError(f"{path}: the weights do not fit architecture "
                           f"{meta.get('architecture')!r} ({str(e).splitlines()[0]}).") from None
-    for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CnnmodError(f"{path}: tensor {name} holds NaN or Inf values.")
     model.eval()
     model.cnnmod_meta = meta
     model.input_spec = InputSpec.from_dict(meta["input"])

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", type=float, default=0.5, help="MC-BLN threshold (paper: 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run's statistics")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("inspect", help="show what a checkpoint, module or composed file holds")
@@ -63,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument("--with", dest="new", required=True, help="the new module file")
     p.add_argument("--out", required=True, help="the new module directory")
+
+    p = sub.add_parser("import", help="turn a .pt/.pth state dict into a checkpoint (weights_only loading)")
+    p.add_argument("state_dict")
+    p.add_argument("--model", required=True, help="the registered architecture the weights belong to")
+    _data_args(p)
+    p.add_argument("--no-bn", action="store_true")
+    p.add_argument("--out", required=True)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded MNIST digits")
     p.add_argument("--json", action="store_true")
@@ -150,7 +158,8 @@ def cmd_decompose(args) -> int:
     summary = decompose_to_directory(args.checkpoint, args.data, args.out, split=args.split,
                                      strategy=args.strategy, positives=args.positives,
                                      negatives_per_class=args.negatives_per_class, seed=args.seed,
-                                     batch_size=args.batch_size, delta=args.delta, progress=not args.json)
+                                     batch_size=args.batch_size, delta=args.delta, progress=not args.json,
+                                     resume=args.resume)
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:
@@ -205,6 +214,17 @@ def _print_result(result: dict, as_json: bool) -> None:
         print(f"  {name:<{width}}  {acc:.4f}")
 
 
+def cmd_import(args) -> int:
+    from .data import load_data
+    from .importing import import_state_dict
+
+    data = load_data(args.data, args.split, default_split="train")
+    meta = import_state_dict(args.state_dict, args.model, data, args.out,
+                             arch_args={"bn": False} if args.no_bn else None)
+    print(f"wrote {args.out}: top-1 {meta['accuracy']['top1']:.4f} on the given data (n={meta['accuracy']['n']})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -212,4 +232,4 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "decompose": cmd_decompose, "inspect": cmd_inspect,
-            "compose": cmd_compose, "replace": cmd_replace, "demo": cmd_demo}
+            "compose": cmd_compose, "replace": cmd_replace, "import": cmd_import, "demo": cmd_demo}

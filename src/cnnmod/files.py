@@ -33,6 +33,14 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def file_checksum(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """Return the sha256 stored in a file: over its tensors and its metadata (less the checksum)."""
+    rest = {k: v for k, v in meta.items() if k != "checksum"}
+    digest = hashlib.sha256(tensors_checksum(tensors).encode())
+    digest.update(json.dumps(rest, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temporary file next to ``path``, then rename it into place."""
     path = Path(path)
@@ -51,9 +59,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Save ``tensors`` and JSON ``meta`` (plus a checksum of the tensors) to ``path``."""
+    """Save ``tensors`` and JSON ``meta`` (plus a checksum of both) to ``path``."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = dict(meta, checksum=tensors_checksum(tensors))
+    meta = dict(meta, checksum=file_checksum(tensors, meta))
     # sort_keys: the same content always gives the same bytes.
     blob = st_save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
     atomic_write_bytes(path, blob)
@@ -75,8 +83,11 @@ def read_file(path: str | os.PathLike, *, expect: str | None = None) -> tuple[di
         tensors = st_load(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CnnmodError(f"{path}: expected a valid safetensors file, found a damaged one ({e}).") from None
-    if meta.get("checksum") != tensors_checksum(tensors):
-        raise CnnmodError(f"{path}: the tensors do not match the checksum in the metadata (damaged file).")
+    if meta.get("checksum") != file_checksum(tensors, meta):
+        raise CnnmodError(f"{path}: the content does not match the checksum in its metadata (damaged file).")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CnnmodError(f"{path}: tensor {name} holds NaN or Inf values.")
     if expect is not None and meta.get("format") != expect:
         raise CnnmodError(f"{path}: expected a {expect} file, found a {meta.get('format')!r} file.")
     return tensors, meta

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
-from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -14,6 +14,7 @@ from ..data.sources import Dataset
 from ..errors import CnnmodError
 from ..files import tensors_checksum
 from ..statistics import collect_statistics, select_sample
+from ..statistics.progress import ProgressSaver
 from ..statistics.collect import head_layer
 from ..trace import GraphNetwork, trace_graph
 from .module import Module
@@ -23,12 +24,15 @@ from .strategies import STRATEGIES, Parent
 def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: int = 1000,
               negatives_per_class: int | None = None, seed: int = 0, batch_size: int = 256,
               classes: list[str] | None = None, input_spec: InputSpec | None = None,
-              progress: bool = False, **options) -> list[Module]:
+              progress: bool = False, progress_file: str | None = None, resume: bool = False,
+              **options) -> list[Module]:
     """Decompose ``model`` into one module per class; ``modules[c]`` is class c's.
 
     ``dataset`` is a ``cnnmod.Dataset`` (raw images, prepared by the model's input
     specification; classes matched by name) or any sequence of ``(input_tensor, label)`` pairs
     already prepared for the model. ``options`` go to the strategy (``paper``: ``delta``).
+    With ``progress_file`` the statistics are saved there as they are collected, and with
+    ``resume=True`` a saved state of the same run is continued.
 
     >>> modules = decompose(load_model("m.safetensors"), load_data("mnist5k", "train"))
     >>> modules[3].class_name, modules[3].network(x).shape
@@ -50,10 +54,14 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     labels, fetch = _adapt(dataset, classes, spec)
     sample = select_sample(labels, num_classes, positives=positives,
                            negatives_per_class=negatives_per_class, seed=seed)
-    parts = {"neg": _batches(fetch, labels, sample.negatives, batch_size),
-             "rest": _batches(fetch, labels, sample.rest, batch_size)}
-    stats = collect_statistics(model, graph, parts, num_classes, progress=progress,
-                               total=len(sample.negatives) + len(sample.rest))
+    batches = sample_batches(fetch, labels, sample, batch_size)
+    fingerprint = tensors_checksum(weights)[:16]
+    saver = None
+    if progress_file is not None:
+        key = hashlib.sha256(f"{fingerprint}|{batch_size}|{num_classes}".encode()
+                             + sample.negatives.numpy().tobytes() + sample.rest.numpy().tobytes()).hexdigest()
+        saver = ProgressSaver(progress_file, key, resume=resume)
+    stats = collect_statistics(model, graph, batches, num_classes, progress=progress, saver=saver)
     stats_seconds = time.perf_counter() - start
 
     example = fetch(sample.rest[:1] if len(sample.rest) else sample.negatives[:1])
@@ -63,7 +71,7 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     common = {
         "strategy": strategy, "options": dict(options, positives=positives, seed=seed,
                                               negatives_per_class=sample.negatives_per_class),
-        "parent_fingerprint": tensors_checksum(weights)[:16], "parent_architecture": meta.get("architecture"),
+        "parent_fingerprint": fingerprint, "parent_architecture": meta.get("architecture"),
         "parent_classes": classes, "library_version": __version__,
     }
     modules = []
@@ -72,6 +80,8 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
         m_meta = dict(common, class_index=c, class_name=name, observed_images=stats.observed(c),
                       positives_observed=int(stats.seen_neg[c] + stats.seen_rest[c]), **summary)
         modules.append(Module(c, name, GraphNetwork(graph, w, keep), spec, m_meta))
+    if saver is not None:
+        saver.finish()
     total = time.perf_counter() - start
     for m in modules:  # timings stay out of files (they would break byte-identical output)
         m.timing = {"statistics_seconds": stats_seconds, "total_seconds": total,
@@ -100,7 +110,11 @@ def _adapt(dataset, classes: list[str], spec: InputSpec | None):
     return labels.long(), lambda idx: torch.stack([dataset[int(i)][0] for i in idx])
 
 
-def _batches(fetch, labels: torch.Tensor, index: torch.Tensor, batch_size: int) -> Iterator:
-    for chunk in index.split(batch_size):
-        if len(chunk):  # splitting an empty index yields one empty chunk
-            yield fetch(chunk), labels[chunk]
+def sample_batches(fetch, labels: torch.Tensor, sample, batch_size: int) -> list:
+    """("neg" | "rest", loader) for every batch of the sample, negatives first.
+
+    Batches load only when called, so resuming skips counted batches for free.
+    """
+    return [(part, lambda chunk=chunk: (fetch(chunk), labels[chunk]))
+            for part, index in (("neg", sample.negatives), ("rest", sample.rest))
+            for chunk in index.split(batch_size) if len(chunk)]  # an empty index splits into one empty chunk

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from ..data.inputspec import InputSpec
 from ..errors import CnnmodError
 from ..files import read_file, write_file
@@ -38,7 +40,24 @@ def module_from_record(tensors: dict, meta: dict, source: str = "module") -> Mod
                         InputSpec.from_dict(meta["input"]), meta)
     except (KeyError, TypeError, ValueError) as e:
         raise CnnmodError(f"{source}: the module metadata is incomplete ({e}).") from None
+    _check_runs(module, source)
     return module
+
+
+def _check_runs(module: Module, source: str) -> None:
+    """Run the module once on a blank input: layers that do not fit together are refused now."""
+    spec = module.input_spec
+    if not (1 <= spec.channels <= 4 and 1 <= spec.size[0] * spec.size[1] <= 4096 * 4096):
+        raise CnnmodError(f"{source}: expected an image input of 1-4 channels and at most 4096x4096 pixels, "
+                          f"found {spec.channels} channels of {spec.size}.")
+    try:
+        with torch.no_grad():
+            out = module.network(torch.zeros(1, spec.channels, *spec.size))
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as e:
+        raise CnnmodError(f"{source}: the module's layers do not fit together "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
+    if tuple(out.shape) != (1, 2):
+        raise CnnmodError(f"{source}: expected a module with two outputs, found output shape {tuple(out.shape)[1:]}.")
 
 
 def save_module(module: Module, path: str | os.PathLike) -> None:

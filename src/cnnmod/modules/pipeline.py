@@ -56,13 +56,18 @@ def write_modules(modules: list[Module], out: str | os.PathLike, *, progress: bo
 
 
 def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str | None = None,
-                           progress: bool = False, **options) -> dict:
-    """Decompose a checkpoint on a data spec and write its modules; return a summary."""
+                           progress: bool = False, resume: bool = False, **options) -> dict:
+    """Decompose a checkpoint on a data spec and write its modules; return a summary.
+
+    The statistics are saved to ``<out>.stats-progress.safetensors`` while they are collected;
+    ``resume=True`` continues an interrupted run from there.
+    """
     start = time.perf_counter()
     model = load_model(checkpoint)
     spec = model.input_spec
     dataset = load_data(data, split, default_split="train", channels=spec.channels, size=spec.size)
-    modules = decompose(model, dataset, progress=progress, **options)
+    progress_file = Path(out).with_name(Path(out).name + ".stats-progress.safetensors")
+    modules = decompose(model, dataset, progress=progress, progress_file=str(progress_file), resume=resume, **options)
     write_modules(modules, out, progress=progress)
     return {
         "seconds": time.perf_counter() - start,

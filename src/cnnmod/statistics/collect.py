@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ..errors import CnnmodError
 from ..trace.graph import Graph
 from ..trace.network import GraphNetwork
+from .progress import ProgressSaver
 
 
 def _check_equal(expected: torch.Tensor, got: torch.Tensor) -> None:
@@ -100,21 +101,25 @@ def observing(network: GraphNetwork, layers: list[str], callback: Callable[[str,
         network.observer = None
 
 
+Batch = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # loads one (x (B, ...), y (B,)) batch
+
+
 @torch.inference_mode()
-def collect_statistics(model: nn.Module, graph: Graph, parts: dict[str, Iterable], num_classes: int,
-                       *, progress: bool = False, total: int | None = None) -> ActivationStats:
-    """Run ``model`` once over ``parts`` ("neg" and "rest": iterables of (x, y) batches) and count.
+def collect_statistics(model: nn.Module, graph: Graph, batches: list[tuple[str, Batch]], num_classes: int,
+                       *, progress: bool = False, saver: "ProgressSaver | None" = None) -> ActivationStats:
+    """Run ``model`` once over ``batches`` (("neg" or "rest", loader) pairs, in order) and count.
 
     One pass for all classes: each batch adds its positives per label (per run of one label,
-    or with ``index_add_``), never one pass per class and never a loop over examples.
+    or with ``index_add_``), never one pass per class and never a loop over examples. With a
+    ``saver``, the counts are saved every so often and a saved state is resumed from.
     """
     layers = observed_layers(graph)
     was_training = model.training
     model.eval()
     network = GraphNetwork(graph, model.state_dict())
-    checked = False
     counts = {"neg": {}, "rest": {}}
     seen = {"neg": torch.zeros(num_classes, dtype=torch.int64), "rest": torch.zeros(num_classes, dtype=torch.int64)}
+    done = saver.load(counts, seen) if saver is not None else 0
     state = {"part": "neg", "y": None, "runs": None}
 
     def count(name: str, out: torch.Tensor) -> None:
@@ -132,19 +137,22 @@ def collect_statistics(model: nn.Module, graph: Graph, parts: dict[str, Iterable
         else:
             flat.index_add_(0, state["y"], pos.to(torch.int32))
 
-    bar = tqdm(total=total, disable=not progress, unit="img", desc="statistics")
+    bar = tqdm(total=len(batches), initial=done, disable=not progress, unit="batch", desc="statistics")
     try:
         with observing(network, layers, count):
-            for part in ("neg", "rest"):
-                state["part"] = part
-                for x, y in parts[part]:
-                    state["y"], state["runs"] = y, torch.unique_consecutive(y, return_counts=True)
-                    out = network(x)
-                    if not checked:
-                        _check_equal(model(x), out)
-                        checked = True
-                    seen[part] += torch.bincount(y, minlength=num_classes)
-                    bar.update(len(y))
+            for i, (part, load) in enumerate(batches[done:], start=done):
+                x, y = load()
+                if not torch.isfinite(x).all():
+                    raise CnnmodError(f"expected finite inputs, found NaN or Inf in batch {i} of the data.")
+                state["part"], state["y"] = part, y
+                state["runs"] = torch.unique_consecutive(y, return_counts=True)
+                out = network(x)
+                if i == done:
+                    _check_equal(model(x), out)
+                seen[part] += torch.bincount(y, minlength=num_classes)
+                bar.update(1)
+                if saver is not None:
+                    saver.maybe_save(counts, seen, i + 1)
     finally:
         bar.close()
         model.train(was_training)

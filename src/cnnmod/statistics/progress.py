@@ -1,0 +1,53 @@
+"""Save the statistics pass every so often, so that an interrupted run resumes (``--resume``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import CnnmodError
+from ..files import read_file, write_file
+
+FORMAT = "cnnmod.statistics_progress"
+
+
+class ProgressSaver:
+    """Counts saved to ``path`` at most every ``interval`` seconds; ``key`` names the run.
+
+    The key covers everything that decides the counts (parent weights, sample, batch size), so
+    a saved state is only resumed by the same run.
+    """
+
+    def __init__(self, path: str | Path, key: str, *, resume: bool, interval: float = 30.0):
+        self.path, self.key, self.resume, self.interval = Path(path), key, resume, interval
+        self.last = time.monotonic()
+
+    def load(self, counts: dict, seen: dict) -> int:
+        """Fill ``counts`` and ``seen`` from a saved state; return the batches already counted."""
+        if not (self.resume and self.path.exists()):
+            return 0
+        tensors, meta = read_file(self.path, expect=FORMAT)
+        if meta.get("key") != self.key:
+            raise CnnmodError(f"{self.path}: saved statistics of another run (other model, data or options); "
+                              "delete it or rerun without --resume.")
+        for name, t in tensors.items():
+            part, _, layer = name.partition("/")
+            if layer == "seen":
+                seen[part].copy_(t)
+            else:
+                counts[part][layer] = t.clone()
+        return int(meta["batches_done"])
+
+    def maybe_save(self, counts: dict, seen: dict, batches_done: int, *, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last < self.interval:
+            return
+        tensors = {f"{part}/{layer}": t for part in counts for layer, t in counts[part].items()}
+        tensors.update({f"{part}/seen": seen[part] for part in seen})
+        write_file(self.path, tensors, {"format": FORMAT, "format_version": 1, "key": self.key,
+                                        "batches_done": batches_done})
+        self.last = time.monotonic()
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
