@@ -69,7 +69,10 @@ def mutations(blob: bytes, count: int, seed: int = 0):
             h = json.loads(json.dumps(header))
             meta = json.loads(h["__metadata__"]["cnnmod"])
             name, edit = HEADER_EDITS[(i // 3) % len(HEADER_EDITS)]
-            edit(h, meta, rng.choice(names))
+            try:
+                edit(h, meta, rng.choice(names))
+            except KeyError:  # a checkpoint has no graph: edit its architecture arguments instead
+                meta["arch_args"] = {"num_classes": -1}
             h["__metadata__"]["cnnmod"] = json.dumps(meta, sort_keys=True)
             crafted = rng.random() < 0.5
             yield f"header:{name}{':crafted' if crafted else ''}", _join(_recheck(h, data) if crafted else h, data)

@@ -117,3 +117,15 @@ def test_input_spec_prepare_converts_channels_size_and_normalises():
         spec.prepare(torch.zeros(1, 4, 4, 4, dtype=torch.uint8))
     to_grey = InputSpec(1, (2, 2), (0.0,), (1.0,)).prepare(torch.full((1, 3, 2, 2), 255, dtype=torch.uint8))
     assert torch.allclose(to_grey, torch.ones(1, 1, 2, 2))
+
+
+def test_rgba_and_palette_images_become_rgb_and_four_channel_batches_are_refused(tmp_path):
+    root = tmp_path / "d"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(np.full((4, 4, 4), 200, dtype=np.uint8), "RGBA").save(root / "a" / "x.png")
+    Image.fromarray(np.full((4, 4, 3), 9, dtype=np.uint8)).convert("P").save(root / "a" / "y.png")
+    (root / "b").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(root / "b" / "z.png")
+    assert load_data(str(root)).images.shape == (3, 3, 4, 4)
+    with pytest.raises(CnnmodError, match="expected images with 3 channel"):
+        InputSpec(3, (4, 4), (0.5,) * 3, (0.5,) * 3).prepare(torch.zeros(1, 4, 4, 4, dtype=torch.uint8))
