@@ -114,7 +114,8 @@ def test_save_load_round_trip_is_exact_and_deterministic(tmp_path):
 
 def test_pinned_module_file_header(tmp_path):
     """The file format, pinned: safetensors header with the tensor table and cnnmod metadata."""
-    modules = decompose(PixelNet(), pixel_data(), positives=2, negatives_per_class=0, delta=NO_BLN)
+    # no calibration: its float64 fit could differ in the last bit on another CPU
+    modules = decompose(PixelNet(), pixel_data(), positives=2, negatives_per_class=0, delta=NO_BLN, calibration=0)
     save_module(modules[2], tmp_path / "m.safetensors")
     blob = (tmp_path / "m.safetensors").read_bytes()
     n = int.from_bytes(blob[:8], "little")

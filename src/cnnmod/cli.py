@@ -57,8 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("compose", help="compose module files into one classifier file")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", help="module files or module directories")
     p.add_argument("--out", required=True)
+    p.add_argument("--rule", choices=["auto", "vote", "calibrated"], default="auto",
+                   help="vote: the paper's rule; calibrated: calibrated scores (auto: calibrated when possible)")
+    p.add_argument("--unknown-below", type=float, default=None,
+                   help="answer 'unknown' when no module's calibrated probability reaches this")
+    p.add_argument("--adapt-data", default=None,
+                   help="continuous learning: re-run TI of each module with this data's other classes")
+    p.add_argument("--adapt-split", default=None)
 
     p = sub.add_parser("replace", help="swap the module of one class in a module directory")
     p.add_argument("directory")
@@ -131,7 +138,7 @@ def cmd_evaluate(args) -> int:
     if kind == "model":
         result = evaluate_model(clf, data)
     else:
-        result = evaluate_scores(clf.score_images, data, clf.classes)
+        result = evaluate_scores(clf.score_images, data, clf.classes, reject_below=clf.reject_below())
     _print_result(result, args.json)
     return 0
 
@@ -179,16 +186,27 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_compose(args) -> int:
+    from pathlib import Path
+
+    import torch
+
     from .compose import compose, load_modules, save_composed
     from .modules import load_module
-    from pathlib import Path
 
     modules = []
     for f in args.files:
         modules.extend(load_modules(f) if Path(f).is_dir() else [load_module(f)])
-    clf = compose(modules)
+    if args.adapt_data:
+        from .data import load_data
+        from .modules.adapt import adapt_
+
+        data = load_data(args.adapt_data, args.adapt_split, default_split="train")
+        for m in modules:
+            foreign = torch.tensor([c != m.class_name for c in data.classes])[data.labels]
+            adapt_(m, data.images[foreign])
+    clf = compose(modules, rule=args.rule, unknown_below=args.unknown_below)
     save_composed(clf, args.out)
-    print(f"wrote {args.out}: {len(clf.classes)} classes ({', '.join(clf.classes)})")
+    print(f"wrote {args.out}: {len(clf.classes)} classes ({', '.join(clf.classes)}), rule {clf.rule}")
     return 0
 
 

@@ -26,25 +26,36 @@ def match_classes(data_classes: list[str], model_classes: list[str]) -> torch.Te
 
 
 @torch.no_grad()
-def evaluate_scores(scorer: Scorer, data: Dataset, classes: list[str], *, batch_size: int = 500) -> dict:
-    """Return {"top1", "top5", "n", "per_class"} of ``scorer`` on ``data``; classes match by name."""
+def evaluate_scores(scorer: Scorer, data: Dataset, classes: list[str], *, batch_size: int = 500,
+                    reject_below: float | None = None) -> dict:
+    """Return {"top1", "top5", "n", "per_class"} of ``scorer`` on ``data``; classes match by name.
+
+    With ``reject_below``, an image whose best score is lower is answered "unknown" (a miss);
+    the share of such answers is reported as "unknown".
+    """
     target = match_classes(data.classes, classes)[data.labels]  # (N,) model class index
     k = min(5, len(classes))
     hit1 = torch.zeros(len(data), dtype=torch.bool)
     hit5 = torch.zeros(len(data), dtype=torch.bool)
+    unknown = torch.zeros(len(data), dtype=torch.bool)
     for start in range(0, len(data), batch_size):
         sl = slice(start, start + batch_size)
         scores = scorer(data.images[sl])  # (B, K)
-        topk = scores.topk(k, dim=1).indices  # (B, k)
-        hit1[sl] = topk[:, 0] == target[sl]
-        hit5[sl] = (topk == target[sl, None]).any(1)
+        top = scores.topk(k, dim=1)  # (B, k)
+        if reject_below is not None:
+            unknown[sl] = top.values[:, 0] < reject_below
+        hit1[sl] = (top.indices[:, 0] == target[sl]) & ~unknown[sl]
+        hit5[sl] = (top.indices == target[sl, None]).any(1) & ~unknown[sl]
     per_class = {}
     for i, name in enumerate(data.classes):
         sel = data.labels == i
         if sel.any():
             per_class[name] = float(hit1[sel].float().mean())
-    return {"top1": float(hit1.float().mean()), "top5": float(hit5.float().mean()),
-            "n": len(data), "per_class": per_class}
+    result = {"top1": float(hit1.float().mean()), "top5": float(hit5.float().mean()),
+              "n": len(data), "per_class": per_class}
+    if reject_below is not None:
+        result["unknown"] = float(unknown.float().mean())
+    return result
 
 
 def model_scorer(model: nn.Module, spec: InputSpec) -> Scorer:

@@ -6,8 +6,13 @@ voters, or among all when none voted). With a 2-logit head the concern probabili
 sigmoid(z_c - z_nc), increasing in the margin z_c - z_nc, and a module votes iff its margin
 is > 0. So the argmax of the margins *is* the voting decision in all three cases (one voter: the
 only positive margin; several: the largest positive one; none: the largest of all), and
-ranking by margin never ties where float32 probabilities saturate at 1.0. The composed
-classifier therefore returns margins as its scores: argmax = vote, top-5 = the 5 largest.
+ranking by margin never ties where float32 probabilities saturate at 1.0. The ``vote`` rule
+therefore returns margins as its scores: argmax = vote, top-5 = the 5 largest.
+
+Margins of modules from different parents are on different scales. The ``calibrated`` rule
+(the default when every module carries a calibration, see modules/calibration.py) scores by
+calibrated log-odds a * margin + b instead, and ``unknown_below`` (a probability) answers
+"unknown" when no module's calibrated probability reaches it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from ..modules.module import Module
 class ComposedClassifier(nn.Module):
     """Scores (B, K): column k is module k's margin z_concern - z_not_concern."""
 
-    def __init__(self, modules: list[Module]):
+    def __init__(self, modules: list[Module], *, rule: str = "auto", unknown_below: float | None = None):
         super().__init__()
         if not modules:
             raise CnnmodError("expected at least one module to compose, found none.")
@@ -34,13 +39,28 @@ class ComposedClassifier(nn.Module):
         self.modules_ = list(modules)
         self.networks = nn.ModuleList([m.network for m in modules])
         self.classes = names
+        calibrated = all("calibration" in m.meta for m in modules)
+        if rule == "auto":
+            rule = "calibrated" if calibrated else "vote"
+        if rule not in ("vote", "calibrated"):
+            raise CnnmodError(f"expected the rule vote or calibrated, found {rule!r}.")
+        if rule == "calibrated" and not calibrated:
+            raise CnnmodError("expected calibrated modules for the calibrated rule, found modules without a "
+                              "calibration (decompose with calibration, or use the vote rule).")
+        if unknown_below is not None and not (rule == "calibrated" and 0.0 < unknown_below < 1.0):
+            raise CnnmodError(f"expected an unknown threshold in (0, 1) with the calibrated rule, "
+                              f"found {unknown_below} with the {rule} rule.")
+        self.rule, self.unknown_below = rule, unknown_below
+        if rule == "calibrated":
+            self.register_buffer("scale", torch.tensor([m.meta["calibration"]["a"] for m in modules]))
+            self.register_buffer("shift", torch.tensor([m.meta["calibration"]["b"] for m in modules]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Score a batch already prepared for the modules (they must share one input specification)."""
         specs = {m.input_spec for m in self.modules_}
         if len(specs) > 1:
             raise CnnmodError("these modules expect different inputs; score raw images with score_images().")
-        return torch.stack([_margin(net(x)) for net in self.networks], dim=1)
+        return self._scores(torch.stack([_margin(net(x)) for net in self.networks], dim=1))
 
     @torch.no_grad()
     def score_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -51,20 +71,29 @@ class ComposedClassifier(nn.Module):
             if m.input_spec not in prepared:
                 prepared[m.input_spec] = m.input_spec.prepare(images)
             columns.append(_margin(net(prepared[m.input_spec])))
-        return torch.stack(columns, dim=1)
+        return self._scores(torch.stack(columns, dim=1))
+
+    def _scores(self, margins: torch.Tensor) -> torch.Tensor:
+        return margins * self.scale + self.shift if self.rule == "calibrated" else margins
+
+    def reject_below(self) -> float | None:
+        """The score under which the answer is "unknown" (log-odds of ``unknown_below``), if any."""
+        if self.unknown_below is None:
+            return None
+        return float(torch.logit(torch.tensor(self.unknown_below, dtype=torch.float64)))
 
 
 def _margin(z: torch.Tensor) -> torch.Tensor:
     return z[:, 1] - z[:, 0]  # (B, 2) -> (B,)
 
 
-def compose(modules: list[Module]) -> ComposedClassifier:
-    """Compose modules into a classifier whose argmax is the paper's voting decision.
+def compose(modules: list[Module], *, rule: str = "auto", unknown_below: float | None = None) -> ComposedClassifier:
+    """Compose modules into a classifier (rule ``vote``: the paper's; ``calibrated``: comparable scores).
 
     >>> clf = compose([load_module("m/cat.safetensors"), load_module("m/dog.safetensors")])
     >>> clf.score_images(images).argmax(1)  # 0: cat, 1: dog
     """
-    return ComposedClassifier(modules).eval()
+    return ComposedClassifier(modules, rule=rule, unknown_below=unknown_below).eval()
 
 
 def replace(modules: list[Module], new: Module) -> list[Module]:

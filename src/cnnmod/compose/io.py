@@ -22,7 +22,8 @@ def save_composed(classifier: ComposedClassifier, path: str | os.PathLike) -> No
         t, meta = module_record(module)
         tensors.update({f"{k}.{name}": v for name, v in t.items()})
         metas.append(meta)
-    write_file(path, tensors, {"format": FORMAT, "format_version": FORMAT_VERSION, "modules": metas})
+    write_file(path, tensors, {"format": FORMAT, "format_version": FORMAT_VERSION, "modules": metas,
+                               "rule": classifier.rule, "unknown_below": classifier.unknown_below})
 
 
 def load_composed(path: str | os.PathLike) -> ComposedClassifier:
@@ -34,7 +35,7 @@ def load_composed(path: str | os.PathLike) -> ComposedClassifier:
         prefix = f"{k}."
         mine = {name[len(prefix):]: v for name, v in tensors.items() if name.startswith(prefix)}
         modules.append(module_from_record(mine, m_meta, f"{path} (module {k})"))
-    return compose(modules)
+    return compose(modules, rule=meta.get("rule", "vote"), unknown_below=meta.get("unknown_below"))
 
 
 def load_modules(path: str | os.PathLike) -> list:

@@ -17,6 +17,7 @@ from ..statistics import collect_statistics, select_sample
 from ..statistics.progress import ProgressSaver
 from ..statistics.collect import head_layer
 from ..trace import GraphNetwork, trace_graph
+from .calibration import calibrate_
 from .module import Module
 from .strategies import STRATEGIES, Parent
 
@@ -25,14 +26,16 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
               negatives_per_class: int | None = None, seed: int = 0, batch_size: int = 256,
               classes: list[str] | None = None, input_spec: InputSpec | None = None,
               progress: bool = False, progress_file: str | None = None, resume: bool = False,
-              **options) -> list[Module]:
+              calibration: int = 50, **options) -> list[Module]:
     """Decompose ``model`` into one module per class; ``modules[c]`` is class c's.
 
     ``dataset`` is a ``cnnmod.Dataset`` (raw images, prepared by the model's input
     specification; classes matched by name) or any sequence of ``(input_tensor, label)`` pairs
     already prepared for the model. ``options`` go to the strategy (``paper``: ``delta``).
     With ``progress_file`` the statistics are saved there as they are collected, and with
-    ``resume=True`` a saved state of the same run is continued.
+    ``resume=True`` a saved state of the same run is continued. ``calibration`` images per
+    class, held out from the statistics sample where the data has them, fit each module's
+    score calibration (0: none).
 
     >>> modules = decompose(load_model("m.safetensors"), load_data("mnist5k", "train"))
     >>> modules[3].class_name, modules[3].network(x).shape
@@ -82,11 +85,31 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
         modules.append(Module(c, name, GraphNetwork(graph, w, keep), spec, m_meta))
     if saver is not None:
         saver.finish()
-    total = time.perf_counter() - start
+    built = time.perf_counter()
+    if calibration > 0:
+        index, source = _calibration_index(labels, sample, calibration, seed)
+        calibrate_(modules, [(fetch(i), labels[i]) for i in index.split(batch_size)], source=source)
+    calibration_seconds = time.perf_counter() - built
+    total = built - start
     for m in modules:  # timings stay out of files (they would break byte-identical output)
         m.timing = {"statistics_seconds": stats_seconds, "total_seconds": total,
-                    "images": len(sample.negatives) + len(sample.rest)}
+                    "calibration_seconds": calibration_seconds, "images": len(sample.negatives) + len(sample.rest)}
     return modules
+
+
+def _calibration_index(labels: torch.Tensor, sample, per_class: int, seed: int) -> tuple[torch.Tensor, str]:
+    """Up to ``per_class`` images per class that the statistics pass did not see, else seen ones."""
+    used = torch.zeros(len(labels), dtype=torch.bool)
+    used[sample.negatives] = True
+    used[sample.rest] = True
+    gen = torch.Generator().manual_seed(seed + 1)
+    held_out = all(int(((labels == c) & ~used).sum()) >= per_class for c in torch.unique(labels).tolist())
+    chosen = []
+    for c in torch.unique(labels).tolist():
+        pool = torch.nonzero((labels == c) & (~used if held_out else torch.ones_like(used))).flatten()
+        chosen.append(pool[torch.randperm(len(pool), generator=gen)[:per_class]])
+    source = "held out from the statistics sample" if held_out else "statistics sample (no held-out images left)"
+    return torch.cat(chosen), source
 
 
 def _adapt(dataset, classes: list[str], spec: InputSpec | None):

@@ -1,0 +1,68 @@
+"""Training-free score calibration, so that modules of different models compose.
+
+A module's margin m = z_c - z_nc is on its parent's own scale. At decomposition time we fit
+two scalars per module on held-out images of the parent (Platt scaling, class-balanced):
+P(class c | x) ~ sigmoid(a * m(x) + b). No network weight is trained; the fit is a
+2-parameter Newton iteration. Calibrated log-odds a * m + b are comparable across parents,
+and a threshold on them gives an "unknown" answer for inputs no module claims.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .module import Module
+
+
+def fit_platt(margins: torch.Tensor, positive: torch.Tensor, iterations: int = 100) -> tuple[float, float]:
+    """Fit (a, b) minimising the class-balanced logistic loss of sigmoid(a * m + b).
+
+    Newton's method with step halving (float64) on standardised margins; Platt's targets,
+    slightly inside (0, 1), keep the fit finite when the module separates the data perfectly.
+    """
+    scale = float(margins.double().std().clamp_min(1e-6))
+    shift = float(margins.double().mean())
+    m = (margins.double() - shift) / scale
+    n_pos = positive.sum().clamp_min(1).double()
+    n_neg = (~positive).sum().clamp_min(1).double()
+    w = torch.where(positive, 0.5 / n_pos, 0.5 / n_neg)  # each side weighs one half
+    t = torch.where(positive, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    x = torch.stack([m, torch.ones_like(m)], dim=1)  # (N, 2)
+
+    def loss(theta):
+        z = x @ theta
+        return float((w * (torch.nn.functional.softplus(z) - t * z)).sum())
+
+    theta = torch.zeros(2, dtype=torch.float64)
+    current = loss(theta)
+    for _ in range(iterations):
+        p = torch.sigmoid(x @ theta)
+        grad = x.T @ (w * (p - t))
+        hess = (x * (w * p * (1 - p))[:, None]).T @ x + 1e-9 * torch.eye(2, dtype=torch.float64)
+        step = torch.linalg.solve(hess, grad)
+        for _ in range(30):  # halve until the loss does not grow
+            candidate = theta - step
+            if loss(candidate) <= current:
+                break
+            step = step / 2
+        theta, previous, current = candidate, current, loss(candidate)
+        if previous - current < 1e-12:
+            break
+    a, b = float(theta[0]) / scale, float(theta[1]) - float(theta[0]) * shift / scale
+    return a, b
+
+
+@torch.no_grad()
+def calibrate_(modules: list[Module], batches: list[tuple[torch.Tensor, torch.Tensor]], *, source: str) -> None:
+    """Fit each module's calibration on prepared (x, parent label) batches; store it in ``meta``."""
+    labels = torch.cat([y for _, y in batches])
+    for m in modules:
+        margins = torch.cat([m.margin(x) for x, _ in batches])
+        a, b = fit_platt(margins, labels == m.class_index)
+        m.meta["calibration"] = {"a": a, "b": b, "images": int(len(labels)), "source": source}
+
+
+def calibrated_logit(module: Module, margin: torch.Tensor) -> torch.Tensor:
+    """a * margin + b; a module without a calibration keeps its raw margin (a = 1, b = 0)."""
+    cal = module.meta.get("calibration") or {"a": 1.0, "b": 0.0}
+    return cal["a"] * margin + cal["b"]
