@@ -86,3 +86,54 @@ def test_bad_input(decomposed, tmp_path, capsys):
     _one_line_error(capsys, "expected a strategy among paper")
     assert main(["evaluate", str(ckpt), str(mods / "3.safetensors"), "--data", "digits"]) == 2
     _one_line_error(capsys, "expected a module file among several files")
+
+
+def _colour_folder(root, classes, n=24, seed=0):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            arr = rng.integers(0, 60, (8, 8, 3), dtype=np.uint8)
+            arr[..., k % 3] += 150  # red, green or blue dominates
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+
+
+def test_modules_of_different_inputs_compose_and_adapt(decomposed, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    _, _, digit_mods = decomposed
+    _colour_folder(tmp_path / "colours", ["red", "green", "blue"])
+    ckpt = tmp_path / "colours.safetensors"
+    assert main(["train", "--model", "smallcnn", "--data", str(tmp_path / "colours"), "--out", str(ckpt),
+                 "--epochs", "3", "--lr", "0.05", "--batch-size", "16"]) == 0
+    assert main(["decompose", str(ckpt), "--data", str(tmp_path / "colours"), "--out", str(tmp_path / "cm")]) == 0
+
+    # mixed raw images: grey 8x8 digits "3" and colour 8x8 "red" images, in one folder
+    mixed = tmp_path / "mixed"
+    _colour_folder(mixed, ["red"], n=10, seed=1)
+    (mixed / "3").mkdir()
+    for i, img in enumerate(load_data("digits", "test").images[load_data("digits", "test").labels == 3][:10]):
+        Image.fromarray(np.asarray(img[0])).save(mixed / "3" / f"{i}.png")
+    out = tmp_path / "mixed.safetensors"
+    assert main(["compose", str(digit_mods / "3.safetensors"), str(tmp_path / "cm" / "red.safetensors"),
+                 "--adapt-data", str(mixed), "--unknown-below", "0.01", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--data", str(mixed), "--json"]) == 0
+    result = _json(capsys)
+    assert result["n"] == 20 and set(result["per_class"]) == {"3", "red"} and "unknown" in result
+    assert result["top1"] >= 0.9
+
+
+def test_a_module_cannot_take_images_it_cannot_convert(decomposed):
+    import torch
+
+    from cnnmod import CnnmodError, compose
+
+    _, _, mods = decomposed
+    clf = compose([load_module(mods / "3.safetensors"), load_module(mods / "8.safetensors")])
+    with pytest.raises(CnnmodError, match="expected images with 1 channel"):
+        clf.score_images(torch.zeros(2, 4, 8, 8, dtype=torch.uint8))

@@ -60,7 +60,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Save ``tensors`` and JSON ``meta`` (plus a checksum of both) to ``path``."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    # clone: modules of one parent share its weight tensors, which safetensors refuses to store twice
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
     meta = dict(meta, checksum=file_checksum(tensors, meta))
     # sort_keys: the same content always gives the same bytes.
     blob = st_save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
