@@ -10,9 +10,11 @@ ranking by margin never ties where float32 probabilities saturate at 1.0. The ``
 therefore returns margins as its scores: argmax = vote, top-5 = the 5 largest.
 
 Margins of modules from different parents are on different scales. The ``calibrated`` rule
-(the default when every module carries a calibration, see modules/calibration.py) scores by
-calibrated log-odds a * margin + b instead, and ``unknown_below`` (a probability) answers
-"unknown" when no module's calibrated probability reaches it.
+(see modules/calibration.py) scores by calibrated log-odds a * margin + b instead, and
+``unknown_below`` (a probability) answers "unknown" when no module's calibrated probability
+reaches it. ``auto`` takes the paper's vote when all modules come from one parent (their
+margins are already comparable, and the vote reproduces the parent's decision) and the
+calibrated rule otherwise, or whenever an unknown threshold is asked for.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ class ComposedClassifier(nn.Module):
         self.networks = nn.ModuleList([m.network for m in modules])
         self.classes = names
         calibrated = all("calibration" in m.meta for m in modules)
+        one_parent = len({m.meta.get("parent_fingerprint") for m in modules}) == 1
         if rule == "auto":
-            rule = "calibrated" if calibrated else "vote"
+            rule = "calibrated" if calibrated and (unknown_below is not None or not one_parent) else "vote"
         if rule not in ("vote", "calibrated"):
             raise CnnmodError(f"expected the rule vote or calibrated, found {rule!r}.")
         if rule == "calibrated" and not calibrated:
