@@ -336,11 +336,20 @@ def render(mnist, cifar, energy: Energy, files) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.parse_args(argv)
+    parser.add_argument("--only-cifar", action="store_true",
+                        help="rerun only the CIFAR-10 scenarios; mnist5k results come from results/reuse.json")
+    args = parser.parse_args(argv)
     torch.set_num_threads(2)
     energy = Energy()
     with tempfile.TemporaryDirectory() as d:
-        mnist = mnist_scenarios(Path(d), energy)
+        if args.only_cifar:
+            previous = json.loads((RESULTS / "reuse.json").read_text())
+            energy.rows = {k: v for k, v in previous["energy"].items() if "CIFAR" not in k}
+            train_set = load_data("mnist5k", "train")
+            train("smallcnn", train_set, Path(d) / "parent.safetensors", RECIPE, progress=False)
+            mnist = dict(previous["mnist"], modules=decompose(load_model(Path(d) / "parent.safetensors"), train_set))
+        else:
+            mnist = mnist_scenarios(Path(d), energy)
         cifar = cifar_scenarios(mnist["modules"], energy)
     files = plots(mnist, cifar)
     text = render(mnist, cifar, energy, files)

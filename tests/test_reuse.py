@@ -43,13 +43,14 @@ def test_calibrated_rule_scores_are_affine_in_the_margins_and_unknown_rejects():
     modules = decompose(PixelNet(), pixel_data(), positives=2, negatives_per_class=1, calibration=2)
     assert all("calibration" in m.meta for m in modules)
     x = pixel_data().tensors[0]
-    vote, calibrated = compose(modules, rule="vote"), compose(modules)
-    assert calibrated.rule == "calibrated"
+    vote, calibrated = compose(modules, rule="vote"), compose(modules, rule="calibrated")
+    assert compose(modules).rule == "vote"  # one parent: its margins are comparable, the vote is exact
     margins = vote(x)
     a = torch.tensor([m.meta["calibration"]["a"] for m in modules])
     b = torch.tensor([m.meta["calibration"]["b"] for m in modules])
     assert torch.allclose(calibrated(x), margins * a + b)
     picky = compose(modules, unknown_below=0.999999)
+    assert picky.rule == "calibrated"
     assert picky.reject_below() == pytest.approx(float(torch.logit(torch.tensor(0.999999, dtype=torch.float64))))
     with pytest.raises(CnnmodError, match="unknown threshold in \\(0, 1\\) with the calibrated rule"):
         compose(modules, rule="vote", unknown_below=0.5)
