@@ -31,11 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", default="auto", choices=["auto", "crop-flip", "crop", "none"])
     p.add_argument("--no-bn", action="store_true", help="the BatchNorm-free variant (ResNets)")
     p.add_argument("--resume", action="store_true", help="continue from the last saved epoch")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
 
     p = sub.add_parser("evaluate", help="top-1, top-5 and per-class accuracy")
     p.add_argument("file", nargs="+", help="a checkpoint, a composed file, a module directory or module files")
     _data_args(p)
     p.add_argument("--classes", default=None, help="comma-separated data classes to evaluate on (default: all)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("decompose", help="write one module file per class")
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run's statistics")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (torchrun: one process per device)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("inspect", help="show what a checkpoint, module or composed file holds")
@@ -117,7 +120,7 @@ def cmd_train(args) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          augment=args.augment)
     meta = train(args.model, data, args.out, config, val=val, resume=args.resume,
-                 arch_args={"bn": False} if args.no_bn else None)
+                 arch_args={"bn": False} if args.no_bn else None, device=args.device)
     acc = meta["accuracy"]
     print(f"wrote {args.out}: {acc['split']} top-1 {acc['top1']:.4f}, top-5 {acc['top5']:.4f} (n={acc['n']})")
     return 0
@@ -128,6 +131,9 @@ def cmd_evaluate(args) -> int:
     from .data import load_data
     from .evaluate import evaluate_model, evaluate_scores
 
+    from .distributed import resolve_device
+
+    device = resolve_device(args.device)
     kind, clf = load_classifier(args.file)
     specs = {clf.input_spec} if kind == "model" else {m.input_spec for m in clf.modules_}
     only = specs.pop() if len(specs) == 1 else None  # decode straight to the one input size
@@ -135,10 +141,12 @@ def cmd_evaluate(args) -> int:
                      channels=only.channels if only else None, size=only.size if only else None)
     if args.classes:
         data = _only_classes(data, args.classes.split(","))
+    clf.to(device)
     if kind == "model":
-        result = evaluate_model(clf, data)
+        result = evaluate_model(clf, data, device=device)
     else:
-        result = evaluate_scores(clf.score_images, data, clf.classes, reject_below=clf.reject_below())
+        result = evaluate_scores(lambda x: clf.score_images(x.to(device)).cpu(), data, clf.classes,
+                                 reject_below=clf.reject_below())
     _print_result(result, args.json)
     return 0
 
@@ -166,7 +174,9 @@ def cmd_decompose(args) -> int:
                                      strategy=args.strategy, positives=args.positives,
                                      negatives_per_class=args.negatives_per_class, seed=args.seed,
                                      batch_size=args.batch_size, delta=args.delta, progress=not args.json,
-                                     resume=args.resume)
+                                     resume=args.resume, device=args.device)
+    if summary["rank"] != 0:
+        return 0  # rank 0 reports for the group
     if args.json:
         print(json.dumps(summary, sort_keys=True))
     else:

@@ -58,19 +58,19 @@ def evaluate_scores(scorer: Scorer, data: Dataset, classes: list[str], *, batch_
     return result
 
 
-def model_scorer(model: nn.Module, spec: InputSpec) -> Scorer:
+def model_scorer(model: nn.Module, spec: InputSpec, device: torch.device | str = "cpu") -> Scorer:
     """Wrap a model so that it scores raw uint8 batches (preparing them by ``spec``)."""
-    return lambda images: model(spec.prepare(images))
+    return lambda images: model(spec.prepare(images).to(device)).cpu()
 
 
 def evaluate_model(model: nn.Module, data: Dataset, spec: InputSpec | None = None,
-                   classes: list[str] | None = None) -> dict:
+                   classes: list[str] | None = None, *, device: torch.device | str = "cpu") -> dict:
     """Evaluate a model; spec and classes default to the model's metadata (or the data's)."""
     spec = spec or getattr(model, "input_spec", None) or measure_spec(data.images)
     classes = classes or getattr(model, "cnnmod_meta", {}).get("classes") or data.classes
     was_training = model.training
     model.eval()
     try:
-        return evaluate_scores(model_scorer(model, spec), data, classes)
+        return evaluate_scores(model_scorer(model, spec, device), data, classes)
     finally:
         model.train(was_training)

@@ -56,7 +56,7 @@ def augment_batch(x: torch.Tensor, gen: torch.Generator, mode: str, pad: int = 4
 
 def train(architecture: str, data: Dataset, out: str | os.PathLike, config: TrainConfig = TrainConfig(), *,
           val: Dataset | None = None, arch_args: dict | None = None, resume: bool = False,
-          progress: bool = True) -> dict:
+          progress: bool = True, device: str = "cpu") -> dict:
     """Train ``architecture`` on ``data`` and write the checkpoint ``out``; return its metadata."""
     out = Path(out)
     spec = measure_spec(data.images)
@@ -67,8 +67,11 @@ def train(architecture: str, data: Dataset, out: str | os.PathLike, config: Trai
     if mode not in ("crop-flip", "crop", "none"):
         raise CnnmodError(f"expected augment crop-flip, crop, none or auto, found {config.augment!r}.")
 
+    from .distributed import resolve_device
+
+    device = resolve_device(device)
     torch.manual_seed(config.seed)
-    model = create_model(architecture, **arch_args)
+    model = create_model(architecture, **arch_args).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay, nesterov=True)
     gen = torch.Generator().manual_seed(config.seed)
@@ -80,15 +83,16 @@ def train(architecture: str, data: Dataset, out: str | os.PathLike, config: Trai
         for group in opt.param_groups:
             group["lr"] = lr
         loss = _train_epoch(model, opt, data, spec, gen, mode, config.batch_size,
-                            desc=f"epoch {epoch + 1}/{config.epochs}" if progress else None)
+                            desc=f"epoch {epoch + 1}/{config.epochs}" if progress else None, device=device)
         msg = f"epoch {epoch + 1}/{config.epochs} lr {lr:.4f} loss {loss:.4f}"
         if val is not None:
-            msg += f" val top1 {evaluate_model(model, val, spec, data.classes)['top1']:.4f}"
+            msg += f" val top1 {evaluate_model(model, val, spec, data.classes, device=device)['top1']:.4f}"
         if progress:
             tqdm.write(msg)
         _save_state(state_path, model, opt, gen, config, epoch + 1)
 
-    final = evaluate_model(model, val if val is not None else data, spec, data.classes)
+    final = evaluate_model(model, val if val is not None else data, spec, data.classes, device=device)
+    model.cpu()
     meta = dict(seed=config.seed, train_config=asdict(config), data_fingerprint=data.fingerprint(),
                 data_name=Path(data.name).name, n_train=len(data),
                 accuracy={"split": "val" if val is not None else "train", "top1": final["top1"],
@@ -100,14 +104,14 @@ def train(architecture: str, data: Dataset, out: str | os.PathLike, config: Trai
 
 
 def _train_epoch(model: nn.Module, opt, data: Dataset, spec: InputSpec, gen, mode: str,
-                 batch_size: int, desc: str | None) -> float:
+                 batch_size: int, desc: str | None, device: torch.device) -> float:
     model.train()
     order = torch.randperm(len(data), generator=gen)
     batches = [b for b in order.split(batch_size) if len(b) > 1]  # BatchNorm needs 2+ images
     total = 0.0
     for idx in tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch"):
-        x = spec.prepare(augment_batch(data.images[idx], gen, mode))
-        loss = F.cross_entropy(model(x), data.labels[idx])
+        x = spec.prepare(augment_batch(data.images[idx], gen, mode)).to(device)
+        loss = F.cross_entropy(model(x), data.labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -137,6 +141,6 @@ def _load_state(path: Path, model, opt, gen, config: TrainConfig) -> int:
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     for i, p in enumerate(model.parameters()):
         if f"momentum.{i}" in tensors:
-            opt.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].clone()
+            opt.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].clone().to(p.device)
     gen.set_state(tensors["generator"])
     return int(meta["epoch"])

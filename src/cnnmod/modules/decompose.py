@@ -11,6 +11,7 @@ import torch.nn as nn
 from .. import __version__
 from ..data.inputspec import InputSpec
 from ..data.sources import Dataset
+from ..distributed import check_resume_alone, rank_and_world, resolve_device
 from ..errors import CnnmodError
 from ..files import tensors_checksum
 from ..statistics import collect_statistics, select_sample
@@ -26,7 +27,7 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
               negatives_per_class: int | None = None, seed: int = 0, batch_size: int = 256,
               classes: list[str] | None = None, input_spec: InputSpec | None = None,
               progress: bool = False, progress_file: str | None = None, resume: bool = False,
-              calibration: int = 50, **options) -> list[Module]:
+              calibration: int = 50, device: str = "cpu", **options) -> list[Module]:
     """Decompose ``model`` into one module per class; ``modules[c]`` is class c's.
 
     ``dataset`` is a ``cnnmod.Dataset`` (raw images, prepared by the model's input
@@ -48,7 +49,7 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     spec = input_spec or getattr(model, "input_spec", None)
     graph = trace_graph(model)
     head = head_layer(graph)
-    weights = {k: v.detach() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     num_classes = weights[f"{head}.weight"].shape[0]
     classes = list(classes or meta.get("classes") or [str(i) for i in range(num_classes)])
     if len(classes) != num_classes:
@@ -60,11 +61,14 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     batches = sample_batches(fetch, labels, sample, batch_size)
     fingerprint = tensors_checksum(weights)[:16]
     saver = None
-    if progress_file is not None:
+    check_resume_alone(resume)
+    if progress_file is not None and rank_and_world()[1] == 1:  # ranks would race for one file
         key = hashlib.sha256(f"{fingerprint}|{batch_size}|{num_classes}".encode()
                              + sample.negatives.numpy().tobytes() + sample.rest.numpy().tobytes()).hexdigest()
         saver = ProgressSaver(progress_file, key, resume=resume)
-    stats = collect_statistics(model, graph, batches, num_classes, progress=progress, saver=saver)
+    per_class = int(torch.bincount(labels[torch.cat([sample.negatives, sample.rest])], minlength=num_classes).max())
+    stats = collect_statistics(model, graph, batches, num_classes, progress=progress and rank_and_world()[0] == 0,
+                               saver=saver, max_per_class=per_class, device=resolve_device(device))
     stats_seconds = time.perf_counter() - start
 
     example = fetch(sample.rest[:1] if len(sample.rest) else sample.negatives[:1])

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ..checkpoint import load_model
 from ..data import load_data
+from ..distributed import finish, init_from_env, rank_and_world, resolve_device  # noqa: F401
 from .decompose import decompose
 from .io import save_module
 from .module import Module
@@ -66,10 +67,20 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
     model = load_model(checkpoint)
     spec = model.input_spec
     dataset = load_data(data, split, default_split="train", channels=spec.channels, size=spec.size)
+    device = resolve_device(options.pop("device", "auto"))
+    distributed = init_from_env(device)
+    rank = rank_and_world()[0]
     progress_file = Path(out).with_name(Path(out).name + ".stats-progress.safetensors")
-    modules = decompose(model, dataset, progress=progress, progress_file=str(progress_file), resume=resume, **options)
-    write_modules(modules, out, progress=progress)
+    try:
+        modules = decompose(model, dataset, progress=progress, progress_file=str(progress_file), resume=resume,
+                            device=str(device), **options)
+        if rank == 0:  # one writer; every rank built the same modules
+            write_modules(modules, out, progress=progress)
+    finally:
+        if distributed:
+            finish()
     return {
+        "rank": rank,
         "seconds": time.perf_counter() - start,
         "statistics_seconds": modules[0].timing["statistics_seconds"],
         "images": modules[0].timing["images"],

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ..errors import CnnmodError
 from ..trace.graph import Graph
 from ..trace.network import GraphNetwork
+from ..distributed import all_reduce_sum_, rank_and_world
 from .progress import ProgressSaver
 
 
@@ -57,8 +58,8 @@ class ActivationStats:
     """Per-class counts of positive values, split into the negatives prefix and the rest."""
 
     layers: list[str]
-    counts_neg: dict[str, torch.Tensor]  # layer -> (K, *shape) int32, over Neg_j of each class j
-    counts_rest: dict[str, torch.Tensor]  # layer -> (K, *shape) int32, over P_j minus Neg_j
+    counts_neg: dict[str, torch.Tensor]  # layer -> (K, *shape) int16/int32, over Neg_j of each class j
+    counts_rest: dict[str, torch.Tensor]  # layer -> (K, *shape) int16/int32, over P_j minus Neg_j
     seen_neg: torch.Tensor  # (K,) images of Neg_j
     seen_rest: torch.Tensor  # (K,)
 
@@ -73,18 +74,18 @@ class ActivationStats:
     def positive_counts(self, c: int) -> dict[str, torch.Tensor]:
         """Return, per layer, how often each element was > 0 among the images module ``c`` observed."""
         # over P_c (rest_c + Neg_c) plus Neg_j for j != c: rest_c + all Neg_j
-        return {name: self.counts_rest[name][c] + self.neg_total(name) for name in self.layers}
+        return {name: self.counts_rest[name][c].to(torch.int32) + self.neg_total(name) for name in self.layers}
 
     def neg_total(self, name: str) -> torch.Tensor:
         if not hasattr(self, "_neg_total"):
             self._neg_total = {}
         if name not in self._neg_total:
-            self._neg_total[name] = self.counts_neg[name].sum(0)
+            self._neg_total[name] = self.counts_neg[name].sum(0, dtype=torch.int32)
         return self._neg_total[name]
 
     def concern_counts(self, c: int) -> dict[str, torch.Tensor]:
         """Return, per layer, how often each element was > 0 on class ``c``'s own images."""
-        return {name: self.counts_rest[name][c] + self.counts_neg[name][c] for name in self.layers}
+        return {name: self.counts_rest[name][c].to(torch.int32) + self.counts_neg[name][c] for name in self.layers}
 
 
 @contextmanager
@@ -106,17 +107,25 @@ Batch = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # loads one (x (B, ...)
 
 @torch.inference_mode()
 def collect_statistics(model: nn.Module, graph: Graph, batches: list[tuple[str, Batch]], num_classes: int,
-                       *, progress: bool = False, saver: "ProgressSaver | None" = None) -> ActivationStats:
+                       *, progress: bool = False, saver: "ProgressSaver | None" = None,
+                       max_per_class: int = 32767, device: torch.device | str = "cpu") -> ActivationStats:
     """Run ``model`` once over ``batches`` (("neg" or "rest", loader) pairs, in order) and count.
 
     One pass for all classes: each batch adds its positives per label (per run of one label,
     or with ``index_add_``), never one pass per class and never a loop over examples. With a
     ``saver``, the counts are saved every so often and a saved state is resumed from.
+
+    Memory: one (K, *shape) table per observed layer and part, in int16 when no class has more
+    than ``max_per_class`` <= 32767 images in the sample (the paper's budget is 1000), else int32:
+    1,000 classes on a CIFAR ResNet-20 (188,416 observed elements) take 0.75 GB.
+    In a torchrun group each rank counts every world-th batch and the counts are summed.
     """
+    dtype = torch.int16 if max_per_class <= torch.iinfo(torch.int16).max else torch.int32
+    rank, world = rank_and_world()
     layers = observed_layers(graph)
     was_training = model.training
     model.eval()
-    network = GraphNetwork(graph, model.state_dict())
+    network = GraphNetwork(graph, model.state_dict()).to(device)
     counts = {"neg": {}, "rest": {}}
     seen = {"neg": torch.zeros(num_classes, dtype=torch.int64), "rest": torch.zeros(num_classes, dtype=torch.int64)}
     done = saver.load(counts, seen) if saver is not None else 0
@@ -125,7 +134,7 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[tuple[str, 
     def count(name: str, out: torch.Tensor) -> None:
         table = counts[state["part"]]
         if name not in table:
-            table[name] = torch.zeros((num_classes, *out.shape[1:]), dtype=torch.int32)
+            table[name] = torch.zeros((num_classes, *out.shape[1:]), dtype=dtype, device=out.device)
         pos = (out > 0).view(torch.uint8).flatten(1)  # (B, E) 0/1, no copy
         flat = table[name].view(num_classes, -1)  # (K, E)
         labels, lengths = state["runs"]
@@ -133,32 +142,40 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[tuple[str, 
             # The sample is ordered by class, so a batch holds a few runs of one label: one
             # reduction per run is ~2x faster than index_add_ (measured on 2 CPU cores).
             for c, run in zip(labels.tolist(), pos.split(lengths.tolist())):
-                flat[c] += run.sum(0, dtype=torch.int32)
+                flat[c] += run.sum(0, dtype=torch.int32).to(dtype)
         else:
-            flat.index_add_(0, state["y"], pos.to(torch.int32))
+            flat.index_add_(0, state["y"], pos.to(dtype))
 
     bar = tqdm(total=len(batches), initial=done, disable=not progress, unit="batch", desc="statistics")
     try:
         with observing(network, layers, count):
             for i, (part, load) in enumerate(batches[done:], start=done):
+                if i % world != rank:
+                    continue  # another rank's batch
                 x, y = load()
+                x, y = x.to(device), y.to(device)
                 if not torch.isfinite(x).all():
                     raise CnnmodError(f"expected finite inputs, found NaN or Inf in batch {i} of the data.")
                 state["part"], state["y"] = part, y
                 state["runs"] = torch.unique_consecutive(y, return_counts=True)
                 out = network(x)
-                if i == done:
-                    _check_equal(model(x), out)
-                seen[part] += torch.bincount(y, minlength=num_classes)
+                if i - done < world:  # each rank's first batch; the user's model stays where it is
+                    model_device = next(model.parameters(), torch.empty(0)).device
+                    _check_equal(model(x.to(model_device)).to(out.device), out)
+                seen[part] += torch.bincount(y, minlength=num_classes).cpu()
                 bar.update(1)
                 if saver is not None:
                     saver.maybe_save(counts, seen, i + 1)
     finally:
         bar.close()
         model.train(was_training)
-    for part in ("neg", "rest"):  # a part may be empty (0 negatives per class)
+    shapes = None
+    for part in ("neg", "rest"):  # a part (or a rank's share) may be empty
         for name in layers:
             if name not in counts[part]:
-                other = counts["rest" if part == "neg" else "neg"][name]
-                counts[part][name] = torch.zeros_like(other)
+                shapes = shapes or network.shapes(tuple(batches[0][1]()[0].shape[1:]))
+                counts[part][name] = torch.zeros((num_classes, *shapes[name]), dtype=dtype)
+            counts[part][name] = counts[part][name].cpu()
+            all_reduce_sum_(counts[part][name])
+        all_reduce_sum_(seen[part])
     return ActivationStats(layers, counts["neg"], counts["rest"], seen["neg"], seen["rest"])

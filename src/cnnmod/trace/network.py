@@ -48,7 +48,8 @@ class GraphNetwork(nn.Module):
     @torch.no_grad()
     def shapes(self, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         """Return each layer's output shape (without the batch) for inputs of ``input_shape``."""
-        values = self.run_all(torch.zeros(1, *input_shape))
+        device = next(iter(self.buffers()), torch.empty(0)).device
+        values = self.run_all(torch.zeros(1, *input_shape, device=device))
         return {k: tuple(v.shape[1:]) for k, v in values.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
