@@ -30,6 +30,13 @@ class GraphNetwork(nn.Module):
             self.register_buffer(_key(k), weights[k].detach())  # shared, never modified in place
         self.mask_names = sorted(masks or {})
         self.observer = None  # callable(name, value) while statistics are collected
+        # After which node each value is no longer needed: freed then, so a forward pass holds
+        # only the live activations (a ResNet-20 batch would otherwise keep all ~80 of them).
+        last = {n.name: i for i, node in enumerate(graph.nodes) for n in graph.nodes if n.name in node.inputs}
+        self._free_after: dict[int, list[str]] = {}
+        for name, i in last.items():
+            if name != graph.output:
+                self._free_after.setdefault(i, []).append(name)
         for k in self.mask_names:
             self.register_buffer("mask__" + _key(k), masks[k].bool())  # (C, H, W) or (F,) keep mask
 
@@ -53,12 +60,12 @@ class GraphNetwork(nn.Module):
         return {k: tuple(v.shape[1:]) for k, v in values.items()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run_all(x)[self.graph.output]
+        return self.run_all(x, keep=False)[self.graph.output]
 
-    def run_all(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run the graph; return every layer's output by name."""
+    def run_all(self, x: torch.Tensor, *, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Run the graph; return every layer's output by name (``keep=False``: only the output)."""
         values = {}
-        for node in self.graph.nodes:
+        for i, node in enumerate(self.graph.nodes):
             if node.op == "input":
                 out = x
             else:
@@ -68,6 +75,9 @@ class GraphNetwork(nn.Module):
             if self.observer is not None:
                 self.observer(node.name, out)
             values[node.name] = out
+            if not keep:
+                for name in self._free_after.get(i, ()):
+                    del values[name]
         return values
 
     def _run(self, node, xs: list[torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,99 @@
+"""Benchmark of issue #7: decomposition time and memory as the number of classes grows.
+
+    .venv/bin/python benchmarks/bench_scale.py                # 10, 100 and 1000 classes
+    .venv/bin/python benchmarks/bench_scale.py --classes 10    # one size (what each subprocess runs)
+
+GENERATED data: random 32x32 colour images (a fixed number, 2,000), labels i mod K; a
+randomly initialised ResNet-20 with K outputs. This measures cost, not accuracy. Each size runs
+in its own process, so that its peak memory (max RSS) is its own. Time per image of the
+statistics pass is compared with one plain inference pass over the same images, same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, write_section  # noqa: E402
+
+from cnnmod import Dataset, create_model, decompose  # noqa: E402
+from cnnmod.data.inputspec import InputSpec  # noqa: E402
+
+IMAGES = 2000
+
+
+def one_size(k: int) -> dict:
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+    data = Dataset(torch.randint(0, 256, (IMAGES, 3, 32, 32), dtype=torch.uint8, generator=gen),
+                   torch.arange(IMAGES) % k, [f"c{i}" for i in range(k)], "generated")
+    model = create_model("resnet20", num_classes=k).eval()
+    spec = InputSpec(3, (32, 32), (0.5,) * 3, (0.25,) * 3)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.inference_mode():
+        start = time.perf_counter()
+        for idx in torch.arange(IMAGES).split(256):
+            model(spec.prepare(data.images[idx]))
+        plain = time.perf_counter() - start
+    modules = decompose(model, data, input_spec=spec, classes=data.classes, calibration=0)
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = modules[0].timing
+    observed = modules[0].meta["elements_total"]
+    return {"classes": k, "images": t["images"], "statistics_seconds": t["statistics_seconds"],
+            "total_seconds": t["total_seconds"], "plain_pass_seconds": plain,
+            "statistics_per_image_ms": 1000 * t["statistics_seconds"] / t["images"],
+            "plain_per_image_ms": 1000 * plain / IMAGES,
+            "count_tables_mb": 2 * k * observed * 2 / 2**20,  # two parts, int16
+            "peak_rss_mb": rss_after / 1024, "rss_before_decompose_mb": rss_before / 1024,
+            "observed_elements": observed}
+
+
+def render(rows: list[dict]) -> str:
+    base = rows[0]["statistics_per_image_ms"] / rows[0]["plain_per_image_ms"]
+    lines = ["## Scale (issue #7)", "",
+             f"Command: `.venv/bin/python benchmarks/bench_scale.py` (machine: {machine()}). **Generated data**: "
+             f"{IMAGES} random 32x32 colour images, labels i mod K, a randomly initialised ResNet-20 with K outputs "
+             "(cost only, no accuracy). Each row runs in its own process.", "",
+             "| classes | statistics pass, ms/image | plain inference, ms/image | statistics / plain | vs 10 classes | "
+             "decompose incl. building all modules (s) | count tables (MB, int16) | peak RSS of the process (MB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r["statistics_per_image_ms"] / r["plain_per_image_ms"]
+        lines.append(f"| {r['classes']} | {r['statistics_per_image_ms']:.2f} | {r['plain_per_image_ms']:.2f} | "
+                     f"{ratio:.2f}x | {ratio / base:.2f}x | {r['total_seconds']:.1f} | {r['count_tables_mb']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
+    lines += ["", "\"vs 10 classes\" compares the statistics pass's cost relative to plain inference (measured in the "
+              "same process) at K classes with the same ratio at 10 classes, so that machine noise between "
+              "processes cancels. Count tables: one per observed layer and per part (negatives, rest), "
+              f"{rows[0]['observed_elements']:,} observed elements per class."]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--classes", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.classes:
+        print(json.dumps(one_size(args.classes)))
+        return
+    rows = []
+    for k in (10, 100, 1000):
+        out = subprocess.run([sys.executable, __file__, "--classes", str(k)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(rows[-1])
+    text = render(rows)
+    print(text)
+    write_section("scale", text, {"rows": rows})
+
+
+if __name__ == "__main__":
+    main()
