@@ -38,13 +38,6 @@ CIFAR_FOUR = ["airplane", "cat", "dog", "truck"]
 MNIST_FOUR = ["0", "3", "5", "8"]
 
 
-def only(data: Dataset, names: list[str]) -> Dataset:
-    keep = torch.isin(data.labels, torch.tensor([data.classes.index(n) for n in names]))
-    sub = data.subset(torch.nonzero(keep).flatten())
-    remap = {data.classes.index(n): i for i, n in enumerate(names)}
-    return Dataset(sub.images, torch.tensor([remap[int(y)] for y in sub.labels]), list(names), data.name)
-
-
 def restricted(model, names):
     idx = [model.cnnmod_meta["classes"].index(n) for n in names]
     return lambda images: model(model.input_spec.prepare(images))[:, idx]
@@ -91,14 +84,14 @@ def mnist_scenarios(tmp: Path, energy: Energy) -> dict:
     pairs = []
     for a, b in itertools.combinations(train_set.classes, 2):
         names = [a, b]
-        pair_test = only(test_set, names)
+        pair_test = test_set.only(names)
         path = tmp / f"pair_{a}{b}.safetensors"
         if (a, b) == ("3", "8"):  # one retrain measured for energy, as the reuse baseline
             energy.measure("train 2-class smallcnn (retrain for reuse)",
-                           lambda: train("smallcnn", only(train_set, names), path, RECIPE, progress=False))
+                           lambda: train("smallcnn", train_set.only(names), path, RECIPE, progress=False))
             energy.measure("reuse: compose 2 modules", lambda: compose([modules[3], modules[8]]))
         else:
-            train("smallcnn", only(train_set, names), path, RECIPE, progress=False)
+            train("smallcnn", train_set.only(names), path, RECIPE, progress=False)
         retrained = load_model(path)
         pairs.append({
             "pair": names,
@@ -141,7 +134,7 @@ def cifar_scenarios(mnist_modules, energy: Energy) -> dict | None:
     per_class_modules = composed_acc(modules, val_set)
     pairs = []
     for a, b in itertools.combinations(CIFAR_FOUR, 2):
-        pair_val = only(val_set, [a, b])
+        pair_val = val_set.only([a, b])
         pairs.append({"pair": [a, b],
                       "modules_vote": composed_acc([by_name[a], by_name[b]], pair_val, "vote")["top1"],
                       "modules_calibrated": composed_acc([by_name[a], by_name[b]], pair_val, "calibrated")["top1"],
@@ -149,13 +142,13 @@ def cifar_scenarios(mnist_modules, energy: Energy) -> dict | None:
     mnist_test = load_data("mnist5k", "test")
     inter = []
     for d, c in itertools.product(MNIST_FOUR, CIFAR_FOUR):
-        digits, objects = only(mnist_test, [d]), only(val_set, [c])  # raw images, each in its own format
+        digits, objects = mnist_test.only([d]), val_set.only([c])  # raw images, each in its own format
         row = {"pair": [d, c]}
         for rule in ("vote", "calibrated"):
             row[rule] = _mixed_accuracy([mnist_modules[int(d)], by_name[c]], digits, objects, rule)
         adapted = [_copy(mnist_modules[int(d)]), _copy(by_name[c])]
-        adapt_(adapted[0], only(train_set, [c]).images[:200])  # foreign training images only
-        adapt_(adapted[1], only(load_data("mnist5k", "train"), [d]).images[:200])
+        adapt_(adapted[0], train_set.only([c]).images[:200])  # foreign training images only
+        adapt_(adapted[1], load_data("mnist5k", "train").only([d]).images[:200])
         row["calibrated_cl"] = _mixed_accuracy(adapted, digits, objects, "calibrated")
         inter.append(row)
     energy.measure("train CIFAR-10 ResNet-20, 20 batches of 128 (for extrapolation)",

@@ -129,3 +129,13 @@ def test_rgba_and_palette_images_become_rgb_and_four_channel_batches_are_refused
     assert load_data(str(root)).images.shape == (3, 3, 4, 4)
     with pytest.raises(CnnmodError, match="expected images with 3 channel"):
         InputSpec(3, (4, 4), (0.5,) * 3, (0.5,) * 3).prepare(torch.zeros(1, 4, 4, 4, dtype=torch.uint8))
+
+
+def test_only_keeps_and_relabels_the_named_classes():
+    ds = load_data("digits", "test")
+    pair = ds.only(["7", "2"])
+    assert pair.classes == ["7", "2"] and set(pair.labels.tolist()) == {0, 1}
+    assert len(pair) == int((ds.labels == 7).sum() + (ds.labels == 2).sum())
+    assert torch.equal(pair.images[pair.labels == 0], ds.images[ds.labels == 7])
+    with pytest.raises(CnnmodError, match="found 'x'"):
+        ds.only(["x"])

@@ -10,7 +10,7 @@ from cnnmod.concerns import backtrack_removed, channel_head, mc_bln_features
 from cnnmod.modules import decompose, load_module, save_module
 from cnnmod.trace import trace_graph
 
-from nets import PixelNet, Unfamiliar, pixel_data
+from nets import PixelNet, Unfamiliar, pixel_data, train_unfamiliar
 
 NO_BLN = 1e9  # a delta no weight reaches: MC-BLN removes nothing
 
@@ -154,19 +154,9 @@ def test_unfamiliar_architecture_decomposes_with_small_loss():
     from cnnmod import load_data
     from cnnmod.data.inputspec import measure_spec
 
-    torch.manual_seed(0)
     train, test = load_data("digits", "train"), load_data("digits", "test")
     spec = measure_spec(train.images)
-    model = Unfamiliar(10)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x, y = spec.prepare(train.images), train.labels
-    for _ in range(4):
-        for idx in torch.randperm(len(y)).split(64):
-            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    model = train_unfamiliar(train, spec)
     modules = decompose(model, train, input_spec=spec, classes=train.classes)
     with torch.no_grad():
         xt = spec.prepare(test.images)

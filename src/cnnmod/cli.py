@@ -140,7 +140,7 @@ def cmd_evaluate(args) -> int:
     data = load_data(args.data, args.split, default_split="test",
                      channels=only.channels if only else None, size=only.size if only else None)
     if args.classes:
-        data = _only_classes(data, args.classes.split(","))
+        data = data.only(args.classes.split(","))
     clf.to(device)
     if kind == "model":
         result = evaluate_model(clf, data, device=device)
@@ -149,22 +149,6 @@ def cmd_evaluate(args) -> int:
                                  reject_below=clf.reject_below())
     _print_result(result, args.json)
     return 0
-
-
-def _only_classes(data, names: list[str]):
-    import torch
-
-    from .errors import CnnmodError
-
-    missing = [n for n in names if n not in data.classes]
-    if missing:
-        raise CnnmodError(f"expected --classes among the data's ({', '.join(data.classes)}), found {missing[0]!r}.")
-    keep = torch.isin(data.labels, torch.tensor([data.classes.index(n) for n in names]))
-    sub = data.subset(torch.nonzero(keep).flatten())
-    remap = torch.full((len(data.classes),), -1, dtype=torch.int64)
-    remap[[data.classes.index(n) for n in names]] = torch.arange(len(names))
-    sub.labels, sub.classes = remap[sub.labels], list(names)
-    return sub
 
 
 def cmd_decompose(args) -> int:

@@ -46,7 +46,7 @@ def run_demo(*, epochs: int = 4, as_json: bool = False) -> int:
     composed = compose(modules)
     modules_acc = evaluate_scores(composed.score_images, test_set, composed.classes)
     pair = compose([m for m in modules if m.class_name in REUSED])
-    pair_data = _only(test_set, REUSED)
+    pair_data = test_set.only(list(REUSED))
     pair_acc = evaluate_scores(pair.score_images, pair_data, pair.classes)
     parent_pair = evaluate_scores(lambda x: model(model.input_spec.prepare(x))[:, [int(c) for c in REUSED]],
                                   pair_data, list(REUSED))
@@ -78,14 +78,6 @@ def _plain_pass_seconds(model, data) -> float:
         for idx in part.split(256):
             model(model.input_spec.prepare(data.images[idx]))
     return time.perf_counter() - start
-
-
-def _only(data, names):
-    keep = torch.isin(data.labels, torch.tensor([data.classes.index(n) for n in names]))
-    sub = data.subset(torch.nonzero(keep).flatten())
-    sub.labels = torch.tensor([names.index(data.classes[i]) for i in sub.labels.tolist()])
-    sub.classes = list(names)
-    return sub
 
 
 def _table(r: dict) -> str:

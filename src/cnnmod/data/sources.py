@@ -42,6 +42,19 @@ class Dataset:
     def subset(self, index: torch.Tensor) -> "Dataset":
         return Dataset(self.images[index], self.labels[index], list(self.classes), self.name)
 
+    def only(self, names: list[str]) -> "Dataset":
+        """The images of the classes ``names``, relabelled 0..len(names)-1 in that order."""
+        from ..errors import CnnmodError
+
+        missing = [n for n in names if n not in self.classes]
+        if missing:
+            raise CnnmodError(f"expected classes among the data's ({', '.join(self.classes[:12])}), "
+                              f"found {missing[0]!r}.")
+        remap = torch.full((len(self.classes),), -1, dtype=torch.int64)
+        remap[[self.classes.index(n) for n in names]] = torch.arange(len(names))
+        keep = torch.nonzero(remap[self.labels] >= 0).flatten()
+        return Dataset(self.images[keep], remap[self.labels[keep]], list(names), self.name)
+
     def fingerprint(self) -> str:
         """Return a short sha256 of the class names, labels and pixels."""
         h = hashlib.sha256("\n".join(self.classes).encode())
