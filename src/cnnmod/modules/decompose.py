@@ -138,10 +138,10 @@ def _adapt(dataset, classes: list[str], spec: InputSpec | None):
 
 
 def sample_batches(fetch, labels: torch.Tensor, sample, batch_size: int) -> list:
-    """("neg" | "rest", loader) for every batch of the sample, negatives first.
+    """("neg" | "rest", size, loader) for every batch of the sample, negatives first.
 
     Batches load only when called, so resuming skips counted batches for free.
     """
-    return [(part, lambda chunk=chunk: (fetch(chunk), labels[chunk]))
+    return [(part, len(chunk), lambda chunk=chunk: (fetch(chunk), labels[chunk]))
             for part, index in (("neg", sample.negatives), ("rest", sample.rest))
             for chunk in index.split(batch_size) if len(chunk)]  # an empty index splits into one empty chunk

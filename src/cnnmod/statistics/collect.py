@@ -102,14 +102,15 @@ def observing(network: GraphNetwork, layers: list[str], callback: Callable[[str,
         network.observer = None
 
 
-Batch = Callable[[], tuple[torch.Tensor, torch.Tensor]]  # loads one (x (B, ...), y (B,)) batch
+# (part "neg" | "rest", number of images, loader of (x (B, ...), y (B,))): loaded only when counted
+Batch = tuple[str, int, Callable[[], tuple[torch.Tensor, torch.Tensor]]]
 
 
 @torch.inference_mode()
-def collect_statistics(model: nn.Module, graph: Graph, batches: list[tuple[str, Batch]], num_classes: int,
+def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num_classes: int,
                        *, progress: bool = False, saver: "ProgressSaver | None" = None,
                        max_per_class: int = 32767, device: torch.device | str = "cpu") -> ActivationStats:
-    """Run ``model`` once over ``batches`` (("neg" or "rest", loader) pairs, in order) and count.
+    """Run ``model`` once over ``batches`` (in order) and count.
 
     One pass for all classes: each batch adds its positives per label (per run of one label,
     or with ``index_add_``), never one pass per class and never a loop over examples. With a
@@ -146,10 +147,12 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[tuple[str, 
         else:
             flat.index_add_(0, state["y"], pos.to(dtype))
 
-    bar = tqdm(total=len(batches), initial=done, disable=not progress, unit="batch", desc="statistics")
+    sizes = [size for _, size, _ in batches]
+    bar = tqdm(total=sum(sizes[rank::world]), initial=sum(sizes[rank:done:world]), disable=not progress,
+               unit="img", unit_scale=True, desc="statistics pass")
     try:
         with observing(network, layers, count):
-            for i, (part, load) in enumerate(batches[done:], start=done):
+            for i, (part, _, load) in enumerate(batches[done:], start=done):
                 if i % world != rank:
                     continue  # another rank's batch
                 x, y = load()
@@ -163,7 +166,7 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[tuple[str, 
                     model_device = next(model.parameters(), torch.empty(0)).device
                     _check_equal(model(x.to(model_device)).to(out.device), out)
                 seen[part] += torch.bincount(y, minlength=num_classes).cpu()
-                bar.update(1)
+                bar.update(len(y))
                 if saver is not None:
                     saver.maybe_save(counts, seen, i + 1)
     finally:
@@ -173,7 +176,7 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[tuple[str, 
     for part in ("neg", "rest"):  # a part (or a rank's share) may be empty
         for name in layers:
             if name not in counts[part]:
-                shapes = shapes or network.shapes(tuple(batches[0][1]()[0].shape[1:]))
+                shapes = shapes or network.shapes(tuple(batches[0][2]()[0].shape[1:]))
                 counts[part][name] = torch.zeros((num_classes, *shapes[name]), dtype=dtype)
             counts[part][name] = counts[part][name].cpu()
             all_reduce_sum_(counts[part][name])
