@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import time
@@ -12,7 +13,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 CIFAR_TAR = ROOT.parent / "shared" / "datasets" / "cifar10-train-jpeg.tar.gz"
-CHECKPOINTS = ROOT / "benchmarks" / "checkpoints"
+# CNNMOD_BENCH_CHECKPOINTS: another folder of checkpoints (a dry run on an unfinished model)
+CHECKPOINTS = Path(os.environ.get("CNNMOD_BENCH_CHECKPOINTS", ROOT / "benchmarks" / "checkpoints"))
 RESULTS = ROOT / "benchmarks" / "results"
 
 

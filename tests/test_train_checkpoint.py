@@ -68,3 +68,14 @@ def test_augmentation_crops_and_flips_exactly():
     windows = [padded[..., i:i + 4, j:j + 4] for i in range(3) for j in range(3)]
     assert any(torch.equal(out, w) or torch.equal(out, w.flip(3)) for w in windows)
     assert torch.equal(augment_batch(x, gen, "none"), x)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from cnnmod.files import write_file
+
+    write_file(tmp_path / "x.safetensors", {"a": torch.zeros(1)}, {"format": "t", "format_version": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "x.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -47,6 +47,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -56,6 +57,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         # Interrupted (Ctrl-C included) or failed: leave nothing half-written behind.
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
