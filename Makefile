@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned exactly: an unpinned torch pulls a multi-GB CUDA build.
 PIP_CONSTRAINT_FILE := constraints.txt
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench-install clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+bench-install: install
+	$(BIN)/pip install --quiet -c $(PIP_CONSTRAINT_FILE) -e ".[bench]"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
