@@ -17,6 +17,7 @@ Scenarios:
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import sys
@@ -146,7 +147,7 @@ def cifar_scenarios(mnist_modules, energy: Energy) -> dict | None:
         row = {"pair": [d, c]}
         for rule in ("vote", "calibrated"):
             row[rule] = _mixed_accuracy([mnist_modules[int(d)], by_name[c]], digits, objects, rule)
-        adapted = [_copy(mnist_modules[int(d)]), _copy(by_name[c])]
+        adapted = [copy.deepcopy(mnist_modules[int(d)]), copy.deepcopy(by_name[c])]  # adapt copies
         adapt_(adapted[0], train_set.only([c]).images[:200])  # foreign training images only
         adapt_(adapted[1], load_data("mnist5k", "train").only([d]).images[:200])
         row["calibrated_cl"] = _mixed_accuracy(adapted, digits, objects, "calibrated")
@@ -173,13 +174,6 @@ def _train_batches(data: Dataset, n: int) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-
-
-def _copy(module):
-    import copy
-
-    m = copy.deepcopy(module)
-    return m
 
 
 def _mixed_accuracy(modules, digits: Dataset, objects: Dataset, rule: str) -> float:

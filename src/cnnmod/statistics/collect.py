@@ -83,10 +83,6 @@ class ActivationStats:
             self._neg_total[name] = self.counts_neg[name].sum(0, dtype=torch.int32)
         return self._neg_total[name]
 
-    def concern_counts(self, c: int) -> dict[str, torch.Tensor]:
-        """Return, per layer, how often each element was > 0 on class ``c``'s own images."""
-        return {name: self.counts_rest[name][c].to(torch.int32) + self.counts_neg[name][c] for name in self.layers}
-
 
 @contextmanager
 def observing(network: GraphNetwork, layers: list[str], callback: Callable[[str, torch.Tensor], None]):

@@ -44,9 +44,6 @@ class Graph:
     def __post_init__(self):
         self.by_name = {n.name: n for n in self.nodes}
 
-    def consumers(self, name: str) -> list[Node]:
-        return [n for n in self.nodes if name in n.inputs]
-
     def to_dict(self) -> dict:
         return {"nodes": [asdict(n) for n in self.nodes], "output": self.output}
 
