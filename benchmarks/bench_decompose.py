@@ -31,18 +31,11 @@ from cnnmod.compose import compose  # noqa: E402
 from cnnmod.data.inputspec import measure_spec  # noqa: E402
 from cnnmod.evaluate import evaluate_model, evaluate_scores  # noqa: E402
 from cnnmod.modules import decompose  # noqa: E402
-from cnnmod.statistics import select_sample  # noqa: E402
+from cnnmod.statistics import plain_pass, select_sample  # noqa: E402
 
 PAPER = {  # ICSE'22 Table 1, CI+TI+MC-BLN rows (top-1, top-5, Jaccard)
     "CIFAR-10 ResNet-20": dict(model_top1=87.1, modules_top1=87.0, model_top5=99.5, modules_top5=99.4, jaccard=0.75),
 }
-
-
-@torch.inference_mode()
-def plain_pass(model, spec, data, sample, batch_size=256):
-    for part in (sample.negatives, sample.rest):
-        for idx in part.split(batch_size):
-            model(spec.prepare(data.images[idx]))
 
 
 def measure(name, model, spec, classes, train_set, test_set, repeat=3):

@@ -18,7 +18,7 @@ from .compose import compose, replace
 from .data import load_data
 from .evaluate import evaluate_model, evaluate_scores
 from .modules import decompose, load_module, save_module
-from .statistics import select_sample
+from .statistics import plain_pass, select_sample
 from .training import TrainConfig, train
 
 REUSED = ("3", "8")  # a pair the model often confuses
@@ -69,14 +69,11 @@ def run_demo(*, epochs: int = 4, as_json: bool = False) -> int:
     return 0
 
 
-@torch.inference_mode()
 def _plain_pass_seconds(model, data) -> float:
     """One plain inference pass of the model over the images the statistics pass saw."""
     sample = select_sample(data.labels, len(data.classes))
     start = time.perf_counter()
-    for part in (sample.negatives, sample.rest):
-        for idx in part.split(256):
-            model(model.input_spec.prepare(data.images[idx]))
+    plain_pass(model, model.input_spec, data, sample)
     return time.perf_counter() - start
 
 

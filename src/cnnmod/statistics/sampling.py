@@ -47,3 +47,11 @@ def select_sample(labels: torch.Tensor, num_classes: int, *, positives: int = 10
         neg.append(chosen[:m])
         rest.append(chosen[m:])
     return Sample(torch.cat(neg), torch.cat(rest), used, m)
+
+
+@torch.inference_mode()
+def plain_pass(model, spec, data, sample: Sample, batch_size: int = 256) -> None:
+    """One plain inference pass over the sample's images: the statistics pass's cost baseline."""
+    for part in (sample.negatives, sample.rest):
+        for idx in part.split(batch_size):
+            model(spec.prepare(data.images[idx]))
