@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_scale.py                # 10, 100 and 1000 classes
     .venv/bin/python benchmarks/bench_scale.py --classes 10    # one size (what each subprocess runs)
+    python3 benchmarks/bench_scale.py --device cuda --images 10000   # the same on a GPU (its own section)
 
 GENERATED data: random 32x32 colour images (a fixed number, 2,000), labels i mod K; a
 randomly initialised ResNet-20 with K outputs. This measures cost, not accuracy. Each size runs
@@ -27,50 +28,58 @@ from common import machine, write_section  # noqa: E402
 from cnnmod import Dataset, create_model, decompose  # noqa: E402
 from cnnmod.data.inputspec import InputSpec  # noqa: E402
 
-IMAGES = 2000
 
 
-def one_size(k: int) -> dict:
+def one_size(k: int, images: int, device: str) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     gen = torch.Generator().manual_seed(0)
-    data = Dataset(torch.randint(0, 256, (IMAGES, 3, 32, 32), dtype=torch.uint8, generator=gen),
-                   torch.arange(IMAGES) % k, [f"c{i}" for i in range(k)], "generated")
-    model = create_model("resnet20", num_classes=k).eval()
+    data = Dataset(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=gen),
+                   torch.arange(images) % k, [f"c{i}" for i in range(k)], "generated")
+    model = create_model("resnet20", num_classes=k).eval().to(device)
     spec = InputSpec(3, (32, 32), (0.5,) * 3, (0.25,) * 3)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.inference_mode():
+        model(spec.prepare(data.images[:256].to(device)))  # warm-up (CUDA kernels, allocator)
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        for idx in torch.arange(IMAGES).split(256):
-            model(spec.prepare(data.images[idx]))
+        for idx in torch.arange(images).split(256):
+            model(spec.prepare(data.images[idx].to(device)))
+        if device == "cuda":
+            torch.cuda.synchronize()
         plain = time.perf_counter() - start
-    modules = decompose(model, data, input_spec=spec, classes=data.classes, calibration=0)
+    modules = decompose(model.cpu(), data, input_spec=spec, classes=data.classes, calibration=0, device=device)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = modules[0].timing
     observed = modules[0].meta["elements_total"]
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     return {"classes": k, "images": t["images"], "statistics_seconds": t["statistics_seconds"],
-            "total_seconds": t["total_seconds"], "plain_pass_seconds": plain,
+            "total_seconds": t["total_seconds"], "plain_pass_seconds": plain, "device": device,
+            "gpu_peak_allocated_mb": gpu_peak,
             "statistics_per_image_ms": 1000 * t["statistics_seconds"] / t["images"],
-            "plain_per_image_ms": 1000 * plain / IMAGES,
+            "plain_per_image_ms": 1000 * plain / images,
             "count_tables_mb": 2 * k * observed * 2 / 2**20,  # two parts, int16
             "peak_rss_mb": rss_after / 1024, "rss_before_decompose_mb": rss_before / 1024,
             "observed_elements": observed}
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict], command: str, where: str) -> str:
     base = rows[0]["statistics_per_image_ms"] / rows[0]["plain_per_image_ms"]
-    lines = ["## Scale (issue #7)", "",
-             f"Command: `.venv/bin/python benchmarks/bench_scale.py` (machine: {machine()}). **Generated data**: "
-             f"{IMAGES} random 32x32 colour images, labels i mod K, a randomly initialised ResNet-20 with K outputs "
+    lines = [f"## Scale (issue #7){'' if rows[0]['device'] == 'cpu' else ', on a GPU'}", "",
+             f"Command: `{command}` (machine: {where}). **Generated data**: "
+             f"{rows[0]['images']} random 32x32 colour images, labels i mod K, a randomly initialised ResNet-20 with K outputs "
              "(cost only, no accuracy). Each row runs in its own process.", "",
              "| classes | statistics pass, ms/image | plain inference, ms/image | statistics / plain | vs 10 classes | "
-             "decompose incl. building all modules (s) | count tables (MB, int16) | peak RSS of the process (MB) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "decompose incl. building all modules (s) | count tables (MB, int16) | peak RSS of the process (MB) | "
+             "peak GPU memory allocated (MB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["statistics_per_image_ms"] / r["plain_per_image_ms"]
+        gpu = "-" if r.get("gpu_peak_allocated_mb") is None else f"{r['gpu_peak_allocated_mb']:.0f}"
         lines.append(f"| {r['classes']} | {r['statistics_per_image_ms']:.2f} | {r['plain_per_image_ms']:.2f} | "
                      f"{ratio:.2f}x | {ratio / base:.2f}x | {r['total_seconds']:.1f} | {r['count_tables_mb']:.0f} | "
-                     f"{r['peak_rss_mb']:.0f} |")
+                     f"{r['peak_rss_mb']:.0f} | {gpu} |")
     lines += ["", "\"vs 10 classes\" compares the statistics pass's cost relative to plain inference (measured in the "
               "same process) at K classes with the same ratio at 10 classes, so that machine noise between "
               "processes cancels. Count tables: one per observed layer and per part (negatives, rest), "
@@ -81,18 +90,34 @@ def render(rows: list[dict]) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--classes", type=int, default=None)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--json-out", default=None, help="write the rows here instead of BENCHMARKS.md")
+    parser.add_argument("--render", default=None, help="write BENCHMARKS.md's section from a --json-out file")
     args = parser.parse_args(argv)
+    if args.render:
+        got = json.loads(Path(args.render).read_text())
+        rows = got["rows"]
+        command = f"python3 benchmarks/bench_scale.py --device {rows[0]['device']} --images {rows[0]['images']}"
+        write_section("scale_gpu", render(rows, command, got["machine"]), got)
+        return
     if args.classes:
-        print(json.dumps(one_size(args.classes)))
+        print(json.dumps(one_size(args.classes, args.images, args.device)))
         return
     rows = []
     for k in (10, 100, 1000):
-        out = subprocess.run([sys.executable, __file__, "--classes", str(k)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, __file__, "--classes", str(k), "--images", str(args.images),
+                              "--device", args.device], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1])
-    text = render(rows)
+    if args.json_out:  # a lent GPU machine: the rows come back as a file, rendered here with --render
+        Path(args.json_out).write_text(json.dumps({"rows": rows, "machine": machine()}, indent=2))
+        return
+    command = "python3 benchmarks/bench_scale.py" + ("" if args.device == "cpu" else
+                                                       f" --device {args.device} --images {args.images}")
+    text = render(rows, command, machine())
     print(text)
-    write_section("scale", text, {"rows": rows})
+    write_section("scale" if args.device == "cpu" else "scale_gpu", text, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=0, help="epochs of linear learning-rate warm-up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--augment", default="auto", choices=["auto", "crop-flip", "crop", "none"])
     p.add_argument("--no-bn", action="store_true", help="the BatchNorm-free variant (ResNets)")
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run's statistics")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (torchrun: one process per device)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: autocast statistics pass (faster on GPUs; may change masks, see BENCHMARKS.md)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("inspect", help="show what a checkpoint, module or composed file holds")
@@ -118,7 +121,7 @@ def cmd_train(args) -> int:
     data = load_data(args.data, args.split, default_split="train")
     val = load_data(args.data, args.val_split) if args.val_split else None
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         augment=args.augment)
+                         warmup=args.warmup, augment=args.augment)
     meta = train(args.model, data, args.out, config, val=val, resume=args.resume,
                  arch_args={"bn": False} if args.no_bn else None, device=args.device)
     acc = meta["accuracy"]
@@ -158,7 +161,7 @@ def cmd_decompose(args) -> int:
                                      strategy=args.strategy, positives=args.positives,
                                      negatives_per_class=args.negatives_per_class, seed=args.seed,
                                      batch_size=args.batch_size, delta=args.delta, progress=not args.json,
-                                     resume=args.resume, device=args.device)
+                                     resume=args.resume, device=args.device, precision=args.precision)
     if summary["rank"] != 0:
         return 0  # rank 0 reports for the group
     if args.json:

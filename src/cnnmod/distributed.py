@@ -34,7 +34,8 @@ def init_from_env(device: torch.device) -> bool:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            # Ranks beyond the GPU count share GPUs round-robin (NCCL itself may refuse two ranks on one GPU).
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(backend)
     return True
 

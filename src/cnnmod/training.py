@@ -35,21 +35,28 @@ class TrainConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     augment: str = "auto"  # "crop-flip", "crop", "none"; auto: crop-flip for colour, none for grey
+    warmup: int = 0  # epochs of linear learning-rate warm-up before the cosine schedule
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, mode: str, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and/or horizontal flip of a uint8 batch (B, C, H, W)."""
+    """Random crop with zero padding and/or horizontal flip of a uint8 batch (B, C, H, W).
+
+    The random draws come from ``gen`` on the CPU whatever device ``x`` is on, so a run on a GPU
+    sees the same crops and flips as the same run on the CPU.
+    """
     if mode == "none":
         return x
     b, c, h, w = x.shape
+    dev = x.device
     padded = F.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # (B, 1, H, 1)
-    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # (B, 1, 1, W)
-    x = padded[torch.arange(b)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(dev)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(dev)
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # (B, 1, 1, W)
+    x = padded[torch.arange(b, device=dev)[:, None, None, None],
+               torch.arange(c, device=dev)[None, :, None, None], rows, cols]
     if mode == "crop-flip":
-        flip = torch.rand(b, generator=gen) < 0.5
+        flip = (torch.rand(b, generator=gen) < 0.5).to(dev)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x
 
@@ -78,12 +85,17 @@ def train(architecture: str, data: Dataset, out: str | os.PathLike, config: Trai
     state_path = out.with_name(out.name + ".resume.safetensors")
     start = _load_state(state_path, model, opt, gen, config) if resume else 0
 
+    # The images stay uint8 and move to the device once; batches are cut and augmented there.
+    images, labels = data.images.to(device), data.labels.to(device)
     for epoch in range(start, config.epochs):
-        lr = 0.5 * config.lr * (1 + math.cos(math.pi * epoch / config.epochs))
+        lr = learning_rate(config, epoch)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = _train_epoch(model, opt, data, spec, gen, mode, config.batch_size,
-                            desc=f"epoch {epoch + 1}/{config.epochs}" if progress else None, device=device)
+        loss = _train_epoch(model, opt, images, labels, spec, gen, mode, config.batch_size,
+                            desc=f"epoch {epoch + 1}/{config.epochs}" if progress else None)
+        if not math.isfinite(loss):
+            raise CnnmodError(f"expected a finite training loss, found {loss} in epoch {epoch + 1}: "
+                              f"training diverged; try a smaller --lr or a --warmup.")
         msg = f"epoch {epoch + 1}/{config.epochs} lr {lr:.4f} loss {loss:.4f}"
         if val is not None:
             msg += f" val top1 {evaluate_model(model, val, spec, data.classes, device=device)['top1']:.4f}"
@@ -103,21 +115,30 @@ def train(architecture: str, data: Dataset, out: str | os.PathLike, config: Trai
     return meta
 
 
-def _train_epoch(model: nn.Module, opt, data: Dataset, spec: InputSpec, gen, mode: str,
-                 batch_size: int, desc: str | None, device: torch.device) -> float:
+def learning_rate(config: TrainConfig, epoch: int) -> float:
+    """Linear warm-up for ``config.warmup`` epochs, then a cosine decay to 0 over the rest."""
+    if epoch < config.warmup:
+        return config.lr * (epoch + 1) / (config.warmup + 1)
+    t = (epoch - config.warmup) / max(1, config.epochs - config.warmup)
+    return 0.5 * config.lr * (1 + math.cos(math.pi * t))
+
+
+def _train_epoch(model: nn.Module, opt, images: torch.Tensor, labels: torch.Tensor, spec: InputSpec,
+                 gen, mode: str, batch_size: int, desc: str | None) -> float:
     model.train()
-    order = torch.randperm(len(data), generator=gen)
+    order = torch.randperm(len(images), generator=gen)
     batches = [b for b in order.split(batch_size) if len(b) > 1]  # BatchNorm needs 2+ images
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=images.device)  # summed on the device: no sync per step
     for idx in tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch"):
-        x = spec.prepare(augment_batch(data.images[idx], gen, mode)).to(device)
-        loss = F.cross_entropy(model(x), data.labels[idx].to(device))
+        idx = idx.to(images.device)
+        x = spec.prepare(augment_batch(images[idx], gen, mode))
+        loss = F.cross_entropy(model(x), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total += float(loss.detach()) * len(idx)
+        total += loss.detach() * len(idx)
     model.eval()
-    return total / max(1, sum(len(b) for b in batches))
+    return float(total) / max(1, sum(len(b) for b in batches))
 
 
 def _save_state(path: Path, model, opt, gen, config: TrainConfig, epoch: int) -> None:

@@ -44,15 +44,15 @@ class InputSpec:
             if c == 1:
                 x = x.expand(-1, self.channels, -1, -1)
             elif c == 3 and self.channels == 1:
-                w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+                w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
                 x = (x * w).sum(1, keepdim=True)
             else:
                 raise CnnmodError(f"expected images with {self.channels} channel(s) (or 1 or 3, which are "
                                   f"converted), found {c} channels.")
         if tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
 

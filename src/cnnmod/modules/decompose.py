@@ -27,7 +27,7 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
               negatives_per_class: int | None = None, seed: int = 0, batch_size: int = 256,
               classes: list[str] | None = None, input_spec: InputSpec | None = None,
               progress: bool = False, progress_file: str | None = None, resume: bool = False,
-              calibration: int = 50, device: str = "cpu", **options) -> list[Module]:
+              calibration: int = 50, device: str = "cpu", precision: str = "fp32", **options) -> list[Module]:
     """Decompose ``model`` into one module per class; ``modules[c]`` is class c's.
 
     ``dataset`` is a ``cnnmod.Dataset`` (raw images, prepared by the model's input
@@ -36,7 +36,8 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     With ``progress_file`` the statistics are saved there as they are collected, and with
     ``resume=True`` a saved state of the same run is continued. ``calibration`` images per
     class, held out from the statistics sample where the data has them, fit each module's
-    score calibration (0: none).
+    score calibration (0: none). ``precision="bf16"`` runs the statistics pass under bfloat16
+    autocast (see ``collect_statistics``); it is recorded in each module's options.
 
     >>> modules = decompose(load_model("m.safetensors"), load_data("mnist5k", "train"))
     >>> modules[3].class_name, modules[3].network(x).shape
@@ -68,7 +69,8 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
         saver = ProgressSaver(progress_file, key, resume=resume)
     per_class = int(torch.bincount(labels[torch.cat([sample.negatives, sample.rest])], minlength=num_classes).max())
     stats = collect_statistics(model, graph, batches, num_classes, progress=progress and rank_and_world()[0] == 0,
-                               saver=saver, max_per_class=per_class, device=resolve_device(device))
+                               saver=saver, max_per_class=per_class, device=resolve_device(device),
+                               precision=precision)
     stats_seconds = time.perf_counter() - start
 
     example = fetch(sample.rest[:1] if len(sample.rest) else sample.negatives[:1])
@@ -77,7 +79,8 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
                              (1.0,) * example.shape[1])  # pairs already prepared: identity preparation
     common = {
         "strategy": strategy, "options": dict(options, positives=positives, seed=seed,
-                                              negatives_per_class=sample.negatives_per_class),
+                                              negatives_per_class=sample.negatives_per_class,
+                                              **({"precision": precision} if precision != "fp32" else {})),
         "parent_fingerprint": fingerprint, "parent_architecture": meta.get("architecture"),
         "parent_classes": classes, "library_version": __version__,
     }
