@@ -27,6 +27,7 @@ def main(argv=None):
     parser.add_argument("--no-bn", action="store_true")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--images", type=int, default=128 * 40)
+    parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args(argv)
     gen = torch.Generator().manual_seed(0)
     data = Dataset(torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=gen),
@@ -36,7 +37,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for epochs in (1, 1, 3):  # the first run only warms up (CUDA context, cuDNN plans)
             start = time.perf_counter()
-            train(args.model, data, Path(tmp) / "m.safetensors", TrainConfig(epochs=epochs, lr=0.01),
+            train(args.model, data, Path(tmp) / "m.safetensors", TrainConfig(epochs=epochs, lr=0.01, batch_size=args.batch_size),
                   arch_args=arch_args, progress=False, device=args.device)
             times[epochs] = time.perf_counter() - start
     print(json.dumps({"model": args.model, "bn": not args.no_bn, "device": args.device,

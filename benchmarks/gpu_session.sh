@@ -18,6 +18,8 @@ BUDGET=${BUDGET:-470}
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
 MAX_EPOCHS=${MAX_EPOCHS:-200}
+TRAIN=${TRAIN:-"0 1 2"}    # which of MODELS to train (indices)
+CHECKS=${CHECKS:-all}      # all, or nccl (only the torchrun nccl check)
 SCALE_IMAGES=${SCALE_IMAGES:-10000}
 CAL_IMAGES=${CAL_IMAGES:-5120}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -31,16 +33,17 @@ say "environment"
 
 MODELS=("resnet20" "resnet32" "resnet20 --no-bn")
 NAMES=("resnet20" "resnet32" "resnet20_nobn")
-EXTRA=("" "" "--lr 0.02 --warmup 2")  # without BatchNorm lr 0.1 diverges (NaN within 60 steps on CPU)
+EXTRA=("${EXTRA0:-}" "" "--lr 0.02 --warmup 2")  # without BatchNorm lr 0.1 diverges (NaN within 60 steps on CPU)
 
 say "calibrating (three models side by side)"
-for i in 0 1 2; do
-    OMP_NUM_THREADS=2 $PY benchmarks/gpu_calibrate.py ${MODELS[$i]} --device "$DEVICE" --images "$CAL_IMAGES" >"$WORK/cal_$i.json" 2>>"$LOG" &
+for i in $TRAIN; do
+    OMP_NUM_THREADS=2 $PY benchmarks/gpu_calibrate.py ${MODELS[$i]} --device "$DEVICE" --images "$CAL_IMAGES" \
+        $(echo "${EXTRA[$i]}" | grep -o -- '--batch-size [0-9]*') >"$WORK/cal_$i.json" 2>>"$LOG" &
 done
 wait
 cat "$WORK"/cal_*.json >>"$LOG"
 
-for i in 0 1 2; do
+for i in $TRAIN; do
     # 45,000 training images; 1.3x margin for sharing the GPU with the checks; 40 s for loading the
     # data, the per-epoch validation and the final evaluation.
     EPOCHS=$($PY -c "import json,sys,time; s=json.load(open('$WORK/cal_$i.json'))['seconds_per_image']; \
@@ -70,6 +73,14 @@ run_check() {  # name, command...
     tail -c 1500 "$WORK/$name.out" >>"$LOG"; echo >>"$LOG"
 }
 DEC="decompose $CKPT --data $DATA --split train --json"
+if [ "$CHECKS" = nccl ]; then
+    run_check decompose_cuda env OMP_NUM_THREADS=4 $PY -m cnnmod $DEC --device cuda --out "$WORK/mods_cuda"
+    run_check torchrun_nccl_2 timeout 180 $PY -m torch.distributed.run --standalone --nproc_per_node=2 -m cnnmod \
+        $DEC --device cuda --out "$WORK/mods_nccl2"
+    grep -v "^\s*$" "$WORK/torchrun_nccl_2.err" | grep -i "error\|nccl" | head -20 >>"$LOG"
+    run_check nccl2_vs_cuda $PY benchmarks/compare_modules.py "$WORK/mods_nccl2" "$WORK/mods_cuda"
+    say "checks finished; waiting for the trainings"; wait; say "all done"; exit 0
+fi
 run_check decompose_cuda env OMP_NUM_THREADS=4 $PY -m cnnmod $DEC --device cuda --out "$WORK/mods_cuda"
 run_check decompose_cpu env OMP_NUM_THREADS=6 $PY -m cnnmod $DEC --device cpu --out "$WORK/mods_cpu"
 run_check cuda_vs_cpu $PY benchmarks/compare_modules.py "$WORK/mods_cuda" "$WORK/mods_cpu"

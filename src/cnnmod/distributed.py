@@ -32,7 +32,8 @@ def init_from_env(device: torch.device) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # With CUDA, device tensors go through nccl and the small CPU tallies through gloo.
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             # Ranks beyond the GPU count share GPUs round-robin (NCCL itself may refuse two ranks on one GPU).
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
