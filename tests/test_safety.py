@@ -178,3 +178,18 @@ def test_interrupted_decompose_leaves_nothing_and_resumes_to_identical_files(tmp
     assert not (tmp_path / "cut.stats-progress.safetensors").exists()
     for f in sorted((tmp_path / "whole").iterdir()):
         assert (out / f.name).read_bytes() == f.read_bytes()
+
+
+def test_a_header_length_that_starts_like_a_pickle_is_still_read(tmp_path):
+    # Header lengths of 128 + 256k make a safetensors file start with byte 0x80, as pickles do.
+    from cnnmod.files import read_file, write_file
+
+    for pad in range(256):
+        path = tmp_path / "f.safetensors"
+        write_file(path, {"w": torch.ones(3)}, {"format": "test", "format_version": 1, "pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no padding gave a header length of 128 mod 256")
+    tensors, meta = read_file(path)
+    assert meta["pad"] == "x" * pad and torch.equal(tensors["w"], torch.ones(3))

@@ -112,13 +112,16 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 
 def _read_metadata(path: Path, blob: bytes) -> dict:
-    if blob[:1] == b"\x80" or blob[:2] == b"PK":
+    # The safetensors header: 8 bytes little-endian length, then that many bytes of JSON. Only a
+    # file that is not that is looked at for pickle/zip signatures (a header length of 128 + 256k
+    # also starts with byte 0x80, like a pickle).
+    n = int.from_bytes(blob[:8], "little") if len(blob) >= 8 else 0
+    looks_safetensors = 0 < n and 8 + n <= len(blob) and blob[8:9] == b"{"
+    if not looks_safetensors and (blob[:1] == b"\x80" or blob[:2] == b"PK"):
         raise CnnmodError(f"{path}: expected a safetensors file, found a pickle or zip (torch.save) file; "
                           "cnnmod never unpickles files.")
-    # The safetensors header: 8 bytes little-endian length, then that many bytes of JSON.
     if len(blob) < 8:
         raise CnnmodError(f"{path}: expected a safetensors file, found {len(blob)} bytes.")
-    n = int.from_bytes(blob[:8], "little")
     if n <= 0 or 8 + n > len(blob):
         raise CnnmodError(f"{path}: expected a safetensors header, found a header length of {n} bytes "
                           f"in a {len(blob)}-byte file (not a safetensors file, or truncated).")

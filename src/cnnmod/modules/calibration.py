@@ -54,12 +54,22 @@ def fit_platt(margins: torch.Tensor, positive: torch.Tensor, iterations: int = 1
 
 @torch.no_grad()
 def calibrate_(modules: list[Module], batches: list[tuple[torch.Tensor, torch.Tensor]], *, source: str) -> None:
-    """Fit each module's calibration on prepared (x, parent label) batches; store it in ``meta``."""
+    """Fit each module's calibration on prepared (x, parent label) batches; store it in ``meta``.
+
+    Module files must not depend on where they were built: float32 margins differ in their last
+    bits with the device and the number of threads (seen between CPU, CUDA and torchrun runs), so
+    the margins are computed in float64 and (a, b) are stored to 6 significant digits.
+    """
     labels = torch.cat([y for _, y in batches])
     for m in modules:
-        margins = torch.cat([m.margin(x) for x, _ in batches])
+        m.network.double()  # exact round trip: float32 -> float64 -> float32
+        try:
+            margins = torch.cat([m.margin(x.double()) for x, _ in batches])
+        finally:
+            m.network.float()
         a, b = fit_platt(margins, labels == m.class_index)
-        m.meta["calibration"] = {"a": a, "b": b, "images": int(len(labels)), "source": source}
+        m.meta["calibration"] = {"a": float(f"{a:.6g}"), "b": float(f"{b:.6g}"), "images": int(len(labels)),
+                                 "source": source}
 
 
 def calibrated_logit(module: Module, margin: torch.Tensor) -> torch.Tensor:
