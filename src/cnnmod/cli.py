@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: autocast statistics pass (faster on GPUs; may change masks, see BENCHMARKS.md)")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("export", help="write a module, composed classifier or checkpoint as ONNX")
+    p.add_argument("file", nargs="+", help="a module file, a composed file, a module directory or a checkpoint")
+    p.add_argument("--onnx", required=True, help="the ONNX file to write")
+
     p = sub.add_parser("inspect", help="show what a checkpoint, module or composed file holds")
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
@@ -174,6 +178,15 @@ def cmd_decompose(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_onnx
+
+    info = export_onnx(args.file, args.onnx)
+    print(f"wrote {args.onnx}: {info['kind']} ({len(info['classes'])} class(es)), input uint8 "
+          f"{info['input']['channels']}x{info['input']['size'][0]}x{info['input']['size'][1]}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from .inspect import describe
 
@@ -247,4 +260,5 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "decompose": cmd_decompose, "inspect": cmd_inspect,
-            "compose": cmd_compose, "replace": cmd_replace, "import": cmd_import, "demo": cmd_demo}
+            "compose": cmd_compose, "replace": cmd_replace, "import": cmd_import, "demo": cmd_demo,
+            "export": cmd_export}
