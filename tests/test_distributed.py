@@ -11,10 +11,12 @@ from cnnmod.cli import main
 from cnnmod.distributed import resolve_device
 
 
-def test_two_gloo_processes_write_identical_module_files(tmp_path):
+@pytest.mark.parametrize("strategy", ["paper", "channels"])  # channels: also the summed values
+def test_two_gloo_processes_write_identical_module_files(tmp_path, strategy):
     ckpt = tmp_path / "d.safetensors"
     train("smallcnn", load_data("digits", "train"), ckpt, TrainConfig(epochs=1, batch_size=64), progress=False)
-    common = ["decompose", str(ckpt), "--data", "digits", "--device", "cpu", "--batch-size", "64", "--json"]
+    common = ["decompose", str(ckpt), "--data", "digits", "--device", "cpu", "--batch-size", "64", "--json",
+              "--strategy", strategy]
     assert main(common + ["--out", str(tmp_path / "one")]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

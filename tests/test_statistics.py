@@ -114,3 +114,16 @@ class _Shifted(nn.Module):
 
     def state_dict(self, *a, **k):
         return self.inner.state_dict(*a, **k)
+
+
+def test_sums_give_the_exact_mean_value_on_the_pixel_net():
+    # Class c's images light pixel c of channel 0 with 1 and 2; over the six images each of the
+    # first three pixels of channel 0 averages (1 + 2) / 6 = 0.5, everything else 0.
+    model = PixelNet().eval()
+    data = pixel_data()
+    sample = select_sample(data.tensors[1], 3, positives=2, negatives_per_class=0)
+    labels, fetch = _adapt(data, None, None)
+    stats = collect_statistics(model, trace_graph(model), sample_batches(fetch, labels, sample, 4), 3, sums=True)
+    expected = torch.zeros(2, 2, 2, dtype=torch.float64)
+    expected[0].view(-1)[:3] = 0.5
+    assert torch.equal(stats.mean("relu"), expected)

@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     _data_args(p)
     p.add_argument("--out", required=True, help="directory for <class>.safetensors files")
-    p.add_argument("--strategy", default="paper")
+    p.add_argument("--strategy", default="paper",
+                   help="paper: Pan & Rajan's masks; channels: whole channels, physically smaller modules")
+    p.add_argument("--keep", type=float, default=0.5,
+                   help="channels strategy: share of each channel space a module keeps")
     p.add_argument("--positives", type=int, default=1000, help="images per class observed (paper: 1000)")
     p.add_argument("--negatives-per-class", type=int, default=None,
                    help="negatives of each other class (default: positives // (classes - 1), 1:1)")
@@ -164,7 +167,8 @@ def cmd_decompose(args) -> int:
     summary = decompose_to_directory(args.checkpoint, args.data, args.out, split=args.split,
                                      strategy=args.strategy, positives=args.positives,
                                      negatives_per_class=args.negatives_per_class, seed=args.seed,
-                                     batch_size=args.batch_size, delta=args.delta, progress=not args.json,
+                                     batch_size=args.batch_size, progress=not args.json,
+                                     **({"delta": args.delta} if args.strategy == "paper" else {"keep": args.keep}),
                                      resume=args.resume, device=args.device, precision=args.precision)
     if summary["rank"] != 0:
         return 0  # rank 0 reports for the group

@@ -2,6 +2,6 @@
 
 from .backtrack import backtrack_removed
 from .channeling import channel_head, mc_bln_features
-from .identify import active_masks
+from .identify import active_masks, channel_scores
 
-__all__ = ["active_masks", "backtrack_removed", "channel_head", "mc_bln_features"]
+__all__ = ["active_masks", "backtrack_removed", "channel_head", "channel_scores", "mc_bln_features"]

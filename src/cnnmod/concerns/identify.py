@@ -14,3 +14,26 @@ def active_masks(stats: ActivationStats, c: int) -> dict[str, torch.Tensor]:
     positives and the 1:1 negatives); a single positive value keeps it.
     """
     return {name: counts > 0 for name, counts in stats.positive_counts(c).items()}
+
+
+def channel_scores(stats: ActivationStats, spaces, c: int) -> dict[int, torch.Tensor]:
+    """Return, per prunable channel space, how much each channel tells class ``c`` apart (C,).
+
+    A channel's firing rate on class k is the share of its elements > 0 over the images of class
+    k in the sample; its score for c is |rate_c - mean rate of the other classes|, averaged over
+    the space's ReLUs. Channels that fire alike for every class score low: a constant (their
+    mean) replaces them well.
+    """
+    n = (stats.seen_neg + stats.seen_rest).double().clamp_min(1)  # (K,) images per class
+    others = torch.arange(stats.num_classes) != c
+    scores = {}
+    for space in sorted(spaces.prunable):
+        total = None
+        for relu in spaces.relus[space]:
+            counts = stats.counts_neg[relu].double() + stats.counts_rest[relu].double()  # (K, C, ...)
+            rate = counts.flatten(2).mean(2) if counts.dim() > 2 else counts  # (K, C)
+            rate = rate / n[:, None]
+            diff = (rate[c] - rate[others].mean(0)).abs()
+            total = diff if total is None else total + diff
+        scores[space] = total / len(spaces.relus[space])
+    return scores

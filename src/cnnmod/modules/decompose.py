@@ -62,19 +62,21 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     batches = sample_batches(fetch, labels, sample, batch_size)
     fingerprint = tensors_checksum(weights)[:16]
     saver = None
+    needs_sums = getattr(STRATEGIES[strategy], "needs_sums", False)
     check_resume_alone(resume)
     if progress_file is not None and rank_and_world()[1] == 1:  # ranks would race for one file
-        key = hashlib.sha256(f"{fingerprint}|{batch_size}|{num_classes}".encode()
+        key = hashlib.sha256(f"{fingerprint}|{batch_size}|{num_classes}|{needs_sums}".encode()
                              + sample.negatives.numpy().tobytes() + sample.rest.numpy().tobytes()).hexdigest()
         saver = ProgressSaver(progress_file, key, resume=resume)
     per_class = int(torch.bincount(labels[torch.cat([sample.negatives, sample.rest])], minlength=num_classes).max())
     stats = collect_statistics(model, graph, batches, num_classes, progress=progress and rank_and_world()[0] == 0,
                                saver=saver, max_per_class=per_class, device=resolve_device(device),
-                               precision=precision)
+                               precision=precision, sums=needs_sums)
     stats_seconds = time.perf_counter() - start
 
     example = fetch(sample.rest[:1] if len(sample.rest) else sample.negatives[:1])
-    parent = Parent(graph, weights, stats, GraphNetwork(graph, weights).shapes(tuple(example.shape[1:])), head)
+    input_shape = tuple(example.shape[1:])
+    parent = Parent(graph, weights, stats, GraphNetwork(graph, weights).shapes(input_shape), head, input_shape)
     spec = spec or InputSpec(example.shape[1], tuple(example.shape[2:]), (0.0,) * example.shape[1],
                              (1.0,) * example.shape[1])  # pairs already prepared: identity preparation
     common = {
@@ -86,10 +88,10 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     }
     modules = []
     for c, name in enumerate(classes):
-        w, keep, summary = STRATEGIES[strategy](parent, c, **options)
+        network, summary = STRATEGIES[strategy](parent, c, **options)
         m_meta = dict(common, class_index=c, class_name=name, observed_images=stats.observed(c),
                       positives_observed=int(stats.seen_neg[c] + stats.seen_rest[c]), **summary)
-        modules.append(Module(c, name, GraphNetwork(graph, w, keep), spec, m_meta))
+        modules.append(Module(c, name, network, spec, m_meta))
     if saver is not None:
         saver.finish()
     built = time.perf_counter()

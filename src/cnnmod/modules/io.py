@@ -13,7 +13,7 @@ from ..trace import Graph, GraphNetwork
 from .module import Module
 
 FORMAT = "cnnmod.module"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added "fill." and "addmap." tensors (the channels strategy); 1 still loads
 
 
 def module_record(module: Module) -> tuple[dict, dict]:
@@ -21,21 +21,27 @@ def module_record(module: Module) -> tuple[dict, dict]:
     net = module.network
     tensors = {f"w.{k}": v for k, v in net.weights().items()}
     tensors.update({f"mask.{k}": v for k, v in net.masks().items()})
-    meta = dict(module.meta, format=FORMAT, format_version=FORMAT_VERSION, class_index=module.class_index,
+    tensors.update({f"fill.{k}": v for k, v in net.fills().items()})
+    tensors.update({f"addmap.{k}": v for k, v in net.addmaps().items()})
+    # Files a version-1 reader can run stay version 1 (the paper strategy's are byte-identical).
+    version = FORMAT_VERSION if net.fill_names or net.addmap_names else 1
+    meta = dict(module.meta, format=FORMAT, format_version=version, class_index=module.class_index,
                 class_name=module.class_name, input=module.input_spec.to_dict(), graph=net.graph.to_dict())
     return tensors, meta
 
 
 def module_from_record(tensors: dict, meta: dict, source: str = "module") -> Module:
     """Rebuild a module from ``module_record``'s output (as read from a file)."""
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CnnmodError(f"{source}: expected module format version {FORMAT_VERSION}, "
+    if meta.get("format_version") not in (1, FORMAT_VERSION):
+        raise CnnmodError(f"{source}: expected module format version 1 or {FORMAT_VERSION}, "
                           f"found {meta.get('format_version')!r} (written by another cnnmod version?).")
     try:
         graph = Graph.from_dict(meta["graph"])
         weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w.")}
         masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
-        network = GraphNetwork(graph, weights, masks)
+        fills = {k[5:]: v for k, v in tensors.items() if k.startswith("fill.")}
+        addmaps = {k[7:]: v for k, v in tensors.items() if k.startswith("addmap.")}
+        network = GraphNetwork(graph, weights, masks, fills, addmaps)
         module = Module(int(meta["class_index"]), str(meta["class_name"]), network,
                         InputSpec.from_dict(meta["input"]), meta)
     except (KeyError, TypeError, ValueError) as e:

@@ -85,6 +85,7 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
         "statistics_seconds": modules[0].timing["statistics_seconds"],
         "images": modules[0].timing["images"],
         "strategy": modules[0].meta["strategy"],
-        "modules": {m.class_name: {"share_kept": m.meta["share_kept"], "observed_images": m.meta["observed_images"]}
+        "modules": {m.class_name: {k: m.meta[k] for k in ("share_kept", "observed_images", "params_fraction",
+                                                          "flops_fraction") if k in m.meta}
                     for m in modules},
     }

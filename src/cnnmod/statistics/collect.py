@@ -53,6 +53,11 @@ def observed_layers(graph: Graph) -> list[str]:
     return [node.name for node in graph.nodes if node.op == "relu"]
 
 
+# Values are summed in fixed point (int64, 2**-16 resolution): integer sums do not depend on the
+# order of addition, so a torchrun group's sums equal a single process's exactly.
+SUM_SCALE = 2.0 ** 16
+
+
 @dataclass
 class ActivationStats:
     """Per-class counts of positive values, split into the negatives prefix and the rest."""
@@ -62,6 +67,11 @@ class ActivationStats:
     counts_rest: dict[str, torch.Tensor]  # layer -> (K, *shape) int16/int32, over P_j minus Neg_j
     seen_neg: torch.Tensor  # (K,) images of Neg_j
     seen_rest: torch.Tensor  # (K,)
+    sums: dict[str, torch.Tensor] | None = None  # layer -> (*shape) int64, sum of values * 2**16, all images
+
+    def mean(self, name: str) -> torch.Tensor:
+        """The mean value of each element of ``name`` over every observed image (needs ``sums``)."""
+        return self.sums[name].double() / SUM_SCALE / max(1, int(self.seen_neg.sum() + self.seen_rest.sum()))
 
     @property
     def num_classes(self) -> int:
@@ -106,7 +116,7 @@ Batch = tuple[str, int, Callable[[], tuple[torch.Tensor, torch.Tensor]]]
 def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num_classes: int,
                        *, progress: bool = False, saver: "ProgressSaver | None" = None,
                        max_per_class: int = 32767, device: torch.device | str = "cpu",
-                       precision: str = "fp32") -> ActivationStats:
+                       precision: str = "fp32", sums: bool = False) -> ActivationStats:
     """Run ``model`` once over ``batches`` (in order) and count.
 
     One pass for all classes: each batch adds its positives per label (per run of one label,
@@ -117,6 +127,7 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
     than ``max_per_class`` <= 32767 images in the sample (the paper's budget is 1000), else int32:
     1,000 classes on a CIFAR ResNet-20 (188,416 observed elements) take 0.75 GB.
     In a torchrun group each rank counts every world-th batch and the counts are summed.
+    With ``sums`` the values themselves are also summed per layer over all images (not per class).
     ``precision="bf16"`` runs the pass under bfloat16 autocast: faster on a GPU, but an element
     near 0 can change sign, so masks may differ from float32's (the GPU session measures how many).
     """
@@ -129,12 +140,16 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
     was_training = model.training
     model.eval()
     network = GraphNetwork(graph, model.state_dict()).to(device)
-    counts = {"neg": {}, "rest": {}}
+    counts = {"neg": {}, "rest": {}, **({"sum": {}} if sums else {})}
     seen = {"neg": torch.zeros(num_classes, dtype=torch.int64), "rest": torch.zeros(num_classes, dtype=torch.int64)}
     done = saver.load(counts, seen) if saver is not None else 0
     state = {"part": "neg", "y": None, "runs": None}
 
     def count(name: str, out: torch.Tensor) -> None:
+        if sums:
+            if name not in counts["sum"]:
+                counts["sum"][name] = torch.zeros(out.shape[1:], dtype=torch.int64, device=out.device)
+            counts["sum"][name] += torch.round(out.double() * SUM_SCALE).to(torch.int64).sum(0)
         table = counts[state["part"]]
         if name not in table:
             table[name] = torch.zeros((num_classes, *out.shape[1:]), dtype=dtype, device=out.device)
@@ -185,4 +200,12 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
             counts[part][name] = counts[part][name].cpu()
             all_reduce_sum_(counts[part][name])
         all_reduce_sum_(seen[part])
-    return ActivationStats(layers, counts["neg"], counts["rest"], seen["neg"], seen["rest"])
+    if sums:
+        for name in layers:
+            if name not in counts["sum"]:
+                shapes = shapes or network.shapes(tuple(batches[0][2]()[0].shape[1:]))
+                counts["sum"][name] = torch.zeros(shapes[name], dtype=torch.int64)
+            counts["sum"][name] = counts["sum"][name].cpu()
+            all_reduce_sum_(counts["sum"][name])
+    return ActivationStats(layers, counts["neg"], counts["rest"], seen["neg"], seen["rest"],
+                           counts["sum"] if sums else None)

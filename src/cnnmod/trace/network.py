@@ -21,7 +21,8 @@ class GraphNetwork(nn.Module):
     """Execute ``graph`` with ``weights`` (keyed like a state dict), masking ``masks``' layers."""
 
     def __init__(self, graph: Graph, weights: dict[str, torch.Tensor],
-                 masks: dict[str, torch.Tensor] | None = None):
+                 masks: dict[str, torch.Tensor] | None = None, fills: dict[str, torch.Tensor] | None = None,
+                 addmaps: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.graph = graph
         self.weight_names = sorted(k for k in weights if k.rsplit(".", 1)[-1] in
@@ -39,6 +40,14 @@ class GraphNetwork(nn.Module):
                 self._free_after.setdefault(i, []).append(name)
         for k in self.mask_names:
             self.register_buffer("mask__" + _key(k), masks[k].bool())  # (C, H, W) or (F,) keep mask
+        # Removed elements take a constant instead of 0 where ``fills`` says (the channels strategy).
+        self.fill_names = sorted(fills or {})
+        for k in self.fill_names:
+            self.register_buffer("fill__" + _key(k), fills[k].float())
+        # A physically extracted network adds what its removed inputs contributed (a constant).
+        self.addmap_names = sorted(addmaps or {})
+        for k in self.addmap_names:
+            self.register_buffer("addmap__" + _key(k), addmaps[k].float())
 
     def weight(self, name: str) -> torch.Tensor | None:
         return getattr(self, _key(name), None)
@@ -51,6 +60,12 @@ class GraphNetwork(nn.Module):
 
     def masks(self) -> dict[str, torch.Tensor]:
         return {k: self.mask(k) for k in self.mask_names}
+
+    def fills(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, "fill__" + _key(k)) for k in self.fill_names}
+
+    def addmaps(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, "addmap__" + _key(k)) for k in self.addmap_names}
 
     @torch.no_grad()
     def shapes(self, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -70,7 +85,11 @@ class GraphNetwork(nn.Module):
                 out = x
             else:
                 out = self._run(node, [values[i] for i in node.inputs])
-            if node.name in self.mask_names:
+            if node.name in self.addmap_names:
+                out = out + getattr(self, "addmap__" + _key(node.name))
+            if node.name in self.fill_names:
+                out = torch.where(self.mask(node.name), out, getattr(self, "fill__" + _key(node.name)))
+            elif node.name in self.mask_names:
                 out = out * self.mask(node.name)  # zero this module's inactive elements
             if self.observer is not None:
                 self.observer(node.name, out)

@@ -1,0 +1,96 @@
+"""Physical extraction: turn a network with whole channels removed into a smaller network.
+
+Input: a ``GraphNetwork`` whose removed channels are replaced by constants at their space's
+ReLUs (``fills``), and which channels each space keeps. Output: a network holding only the
+kept weights (smaller convolutions, BatchNorms and linear layers) that computes the same
+logits. Exact, because convolutions and linear layers are linear: what a reader received from
+the removed channels is the same constant for every input, so it is computed once (on a blank
+input) and added to the reader's output (``addmaps``), padding borders included.
+
+Why not Torch-Pruning: it removes channels and their dependent weights well, but it edits the
+user's ``nn.Module`` in place and drops the removed channels' contribution (zero, not our
+constant), so its result would need this correction anyway; our graph already knows every
+reader of every channel, and the extracted network must be a data-only ``GraphNetwork`` to be
+stored in a module file without code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..trace.channels import Spaces
+from ..trace.network import GraphNetwork
+
+
+def _conv(node, x, weight, bias=None):
+    a = node.attrs
+    return F.conv2d(x, weight, bias, a["stride"], a["padding"] if isinstance(a["padding"], str) else list(a["padding"]),
+                    a["dilation"], a["groups"])
+
+
+@torch.no_grad()
+def extract(net: GraphNetwork, spaces: Spaces, keep: dict[int, torch.Tensor],
+            input_shape: tuple[int, ...]) -> GraphNetwork:
+    """Return the physically smaller network; ``keep[space]`` is a bool per channel of that space."""
+    graph = net.graph
+    values = net.run_all(torch.zeros(1, *input_shape))  # removed channels hold their constants here
+    w = net.weights()
+    new: dict[str, torch.Tensor] = {}
+    addmaps: dict[str, torch.Tensor] = {}
+
+    def kept(node_name: str) -> torch.Tensor | None:
+        k = keep.get(spaces.of[node_name])
+        return None if k is None or bool(k.all()) else k.nonzero().flatten()
+
+    for node in graph.nodes:
+        name = node.name
+        if node.op == "conv":
+            weight, bias = w[f"{name}.weight"], w.get(f"{name}.bias")
+            k_in, k_out = kept(node.inputs[0]), kept(name)
+            if k_out is not None:
+                weight, bias = weight[k_out], None if bias is None else bias[k_out]
+            if k_in is not None:
+                removed_only = values[node.inputs[0]].clone()
+                removed_only[:, k_in] = 0
+                addmaps[name] = _conv(node, removed_only, weight)[0]
+                weight = weight[:, k_in]
+            new[f"{name}.weight"] = weight
+            if bias is not None:
+                new[f"{name}.bias"] = bias
+        elif node.op == "bn":
+            k = kept(name)
+            for p in ("weight", "bias", "running_mean", "running_var"):
+                if f"{name}.{p}" in w:
+                    new[f"{name}.{p}"] = w[f"{name}.{p}"] if k is None else w[f"{name}.{p}"][k]
+        elif node.op == "linear":
+            weight, bias = w[f"{name}.weight"], w.get(f"{name}.bias")
+            source = node.inputs[0]
+            k_in = kept(source)
+            if k_in is not None:  # a flattened (C, H, W) input: channel c is features c*HW .. c*HW+HW-1
+                per_channel = values[source].shape[1] // keep[spaces.of[source]].numel()
+                cols = (k_in[:, None] * per_channel + torch.arange(per_channel)).flatten()
+                removed_only = values[source].clone()
+                removed_only[:, cols] = 0
+                addmaps[name] = F.linear(removed_only, weight)[0]
+                weight = weight[:, cols]
+            new[f"{name}.weight"] = weight
+            if bias is not None:
+                new[f"{name}.bias"] = bias
+    return GraphNetwork(graph, new, addmaps=addmaps)
+
+
+@torch.no_grad()
+def cost(net: GraphNetwork, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """Parameters (weights and biases, BatchNorm's affine pair) and multiply-accumulates per image."""
+    values = net.run_all(torch.zeros(1, *input_shape))
+    w = net.weights()
+    params = sum(v.numel() for k, v in w.items() if not k.endswith(("running_mean", "running_var")))
+    macs = 0
+    for node in net.graph.nodes:
+        if node.op == "conv":
+            weight = w[f"{node.name}.weight"]
+            macs += values[node.name][0].numel() * weight[0].numel()  # outputs x (Cin/groups * kh * kw)
+        elif node.op == "linear":
+            macs += w[f"{node.name}.weight"].numel()
+    return {"params": int(params), "macs": int(macs)}

@@ -1,0 +1,77 @@
+"""Channel spaces: which layers' channels are one and the same, derived from the traced graph.
+
+Element-wise layers (BatchNorm, ReLU, pooling, flatten) keep their input's channels; a residual
+``add`` ties its inputs' channels together; a convolution or a linear layer starts new ones. A
+channel can be removed from a module only as a whole *space*: from every layer of it at once.
+
+A space is *prunable* when removing a channel and putting a constant in its place (what the
+``channels`` strategy does at the space's ReLUs) is exactly what every reader outside the space
+sees: each reader (a convolution, a linear layer, a concat, the output) must read a node that
+comes after the space's ReLUs. Spaces of the input, of linear layers' outputs, those touching a
+concatenation or a grouped convolution are kept whole (a simplification: their channels would
+need index bookkeeping across parts or groups).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .graph import Graph
+
+_SAME_CHANNELS = {"bn", "relu", "identity", "maxpool", "avgpool", "adaptive_avgpool", "mean", "flatten"}
+
+
+@dataclass
+class Spaces:
+    of: dict[str, int]  # node -> space id
+    prunable: set[int]
+    relus: dict[int, list[str]]  # space -> its ReLU nodes (where removed channels get their constant)
+
+    def members(self, space: int) -> list[str]:
+        return [n for n, s in self.of.items() if s == space]
+
+
+def channel_spaces(graph: Graph) -> Spaces:
+    parent: dict[str, str] = {}
+
+    def find(a: str) -> str:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    def union(a: str, b: str) -> None:
+        parent[find(a)] = find(b)
+
+    whole: set[str] = set()  # nodes whose space must be kept whole
+    for node in graph.nodes:
+        parent[node.name] = node.name
+        if node.op in _SAME_CHANNELS or node.op == "add":
+            for i in node.inputs:
+                union(node.name, i)
+        if node.op == "input" or node.op == "linear":
+            whole.add(node.name)
+        if node.op == "cat" or (node.op == "conv" and node.attrs.get("groups", 1) != 1):
+            whole.update([node.name, *node.inputs])
+    whole.add(graph.output)
+
+    roots = sorted({find(n.name) for n in graph.nodes}, key=[n.name for n in graph.nodes].index)
+    ids = {r: i for i, r in enumerate(roots)}
+    of = {n.name: ids[find(n.name)] for n in graph.nodes}
+    relus: dict[int, list[str]] = {}
+    for node in graph.nodes:
+        if node.op == "relu":
+            relus.setdefault(of[node.name], []).append(node.name)
+
+    # After the fill: a space's ReLUs, and nodes of the space all of whose inputs are after it.
+    after: set[str] = set()
+    for node in graph.nodes:
+        if node.op == "relu" or (node.op in _SAME_CHANNELS | {"add"} and node.inputs
+                                 and all(i in after for i in node.inputs)):
+            after.add(node.name)
+    prunable = {s for s in relus} - {of[n] for n in whole}
+    for node in graph.nodes:
+        for i in node.inputs:
+            if of[i] != of[node.name] and i not in after:
+                prunable.discard(of[i])  # someone outside reads a value from before the fill
+    return Spaces(of, prunable, relus)

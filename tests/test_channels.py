@@ -1,0 +1,94 @@
+"""The channels strategy: channel spaces from the graph, exact physical extraction, small modules."""
+
+import torch
+
+from cnnmod import TrainConfig, compose, create_model, decompose, load_data, load_model, load_module, save_module, train
+from cnnmod.evaluate import evaluate_scores
+from cnnmod.modules.extract import cost, extract
+from cnnmod.trace import GraphNetwork, trace_graph
+from cnnmod.trace.channels import channel_spaces
+
+from nets import Unfamiliar
+
+
+def _randomised(model):
+    """A model with random BatchNorm statistics and affine terms, so that nothing cancels out."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model.eval()
+
+
+def test_resnet_channel_spaces_tie_each_stage_and_free_each_branch():
+    spaces = channel_spaces(trace_graph(create_model("resnet20")))
+    of = spaces.of
+    assert of["stem.2"] == of["blocks.0.relu"] == of["blocks.2.relu"]  # stage 1's residual stream
+    assert of["blocks.3.relu"] == of["blocks.3.shortcut.1"] == of["blocks.5.relu"] != of["blocks.2.relu"]
+    assert of["blocks.0.branch.2"] not in (of["blocks.0.relu"], of["blocks.1.branch.2"])  # inside a block
+    assert len(spaces.prunable) == 3 + 9  # three residual streams, nine blocks' inner channels
+    assert of["x"] not in spaces.prunable and of["fc"] not in spaces.prunable
+
+
+def test_concat_grouped_and_depthwise_spaces_are_kept_whole():
+    spaces = channel_spaces(trace_graph(Unfamiliar()))
+    assert spaces.prunable == set()
+
+
+def test_extracted_network_computes_what_the_masked_network_computes():
+    # Oracle: random channels removed per space and random constants in their place; the
+    # physically smaller network must give the same logits on random inputs.
+    for model, shape in [(_randomised(create_model("resnet20")), (3, 32, 32)),
+                         (_randomised(create_model("smallcnn", image_size=28)), (1, 28, 28))]:
+        graph = trace_graph(model)
+        spaces = channel_spaces(graph)
+        weights = model.state_dict()
+        full = GraphNetwork(graph, weights)
+        shapes = full.shapes(shape)
+        gen = torch.Generator().manual_seed(1)
+        keep, masks, fills = {}, {}, {}
+        for space in spaces.prunable:
+            relu = spaces.relus[space][0]
+            keep[space] = torch.rand(shapes[relu][0], generator=gen) < 0.5
+            for r in spaces.relus[space]:
+                masks[r] = keep[space].view(-1, 1, 1).expand(shapes[r])
+                fills[r] = torch.rand(shapes[r], generator=gen)
+        masked = GraphNetwork(graph, weights, masks, fills)
+        small = extract(masked, spaces, keep, shape)
+        x = torch.randn(5, *shape, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), masked(x), rtol=1e-4, atol=1e-4)
+        assert cost(small, shape)["params"] < 0.6 * cost(full, shape)["params"]
+        assert cost(small, shape)["macs"] < 0.6 * cost(full, shape)["macs"]
+
+
+def test_keeping_every_channel_answers_exactly_like_the_model(tmp_path):
+    data = load_data("digits", "train")
+    train("smallcnn", data, tmp_path / "m.safetensors", TrainConfig(epochs=1, lr=0.05), progress=False)
+    model = load_model(tmp_path / "m.safetensors")
+    modules = decompose(model, data, strategy="channels", keep=1.0, calibration=0)
+    # keep=1.0 removes nothing: each module is the model with the paper's channeled head, so the
+    # composed vote answers exactly as the model does.
+    composed = evaluate_scores(compose(modules, rule="vote").score_images, data, data.classes)
+    direct = evaluate_scores(lambda x: model(model.input_spec.prepare(x)), data, data.classes)
+    assert composed["top1"] == direct["top1"]
+
+
+def test_channel_modules_are_small_and_their_files_round_trip(tmp_path):
+    data, test = load_data("digits", "train"), load_data("digits", "test")
+    train("smallcnn", data, tmp_path / "m.safetensors", TrainConfig(epochs=2, lr=0.05, batch_size=64), progress=False)
+    model = load_model(tmp_path / "m.safetensors")
+    modules = decompose(model, data, strategy="channels", keep=0.5)
+    m = modules[4]
+    assert 0.3 < m.meta["params_fraction"] < 0.6 and m.meta["flops_fraction"] < 0.4
+    assert m.network.weight("features.0.weight").shape[0] == round(0.5 * 16)  # physically smaller
+    save_module(m, tmp_path / "4.safetensors")
+    again = load_module(tmp_path / "4.safetensors")
+    x = m.input_spec.prepare(test.images[:16])
+    assert torch.equal(again.network(x), m.network(x))
+    result = evaluate_scores(compose(modules).score_images, test, test.classes)
+    assert result["top1"] > 0.5  # far above chance (0.1); the benchmark measures the real numbers
