@@ -47,5 +47,6 @@ def machine() -> str:
     import os
     import platform
 
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, " \
-           f"{torch.get_num_threads()} threads"
+           f"{torch.get_num_threads()} threads{gpu}"

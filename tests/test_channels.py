@@ -92,3 +92,22 @@ def test_channel_modules_are_small_and_their_files_round_trip(tmp_path):
     assert torch.equal(again.network(x), m.network(x))
     result = evaluate_scores(compose(modules).score_images, test, test.classes)
     assert result["top1"] > 0.5  # far above chance (0.1); the benchmark measures the real numbers
+
+
+def test_cli_decompose_channels_reports_sizes_and_inspect_shows_them(tmp_path, capsys):
+    import json
+
+    from cnnmod.cli import main
+
+    ckpt = tmp_path / "d.safetensors"
+    assert main(["train", "--model", "smallcnn", "--data", "digits", "--out", str(ckpt), "--epochs", "1"]) == 0
+    assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "m"), "--json",
+                 "--strategy", "channels", "--keep", "0.5"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["strategy"] == "channels"
+    assert all(m["params_fraction"] < 0.6 and m["flops_fraction"] < 0.4 for m in summary["modules"].values())
+    assert main(["inspect", str(tmp_path / "m" / "7.safetensors")]) == 0
+    assert "multiply-accumulates" in capsys.readouterr().out
+    assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "x"),
+                 "--strategy", "channels", "--keep", "1.5"]) == 2
+    assert "expected --keep in (0, 1]" in capsys.readouterr().err

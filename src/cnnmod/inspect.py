@@ -25,9 +25,14 @@ def describe(path: str) -> tuple[str, dict]:
         lines += [f"  class {meta['class_name']!r} (index {meta['class_index']} of {len(meta['parent_classes'])} "
                   f"in parent {meta['parent_fingerprint']}, {meta.get('parent_architecture')})",
                   f"  strategy {meta['strategy']} {meta['options']}",
-                  f"  observed {meta['observed_images']} images; keeps {meta['share_kept']:.4f} of "
-                  f"{meta['elements_total']:,} observed elements",
+                  (f"  observed {meta['observed_images']} images; keeps {meta['share_kept']:.4f} of "
+                   f"{meta['elements_total']:,} observed elements" if "elements_total" in meta else
+                   f"  observed {meta['observed_images']} images; keeps {meta['channels_kept']} of "
+                   f"{meta['channels_prunable']} prunable channels"),
                   f"  input {meta['input']}"]
+        if "params_fraction" in meta:
+            lines.append(f"  parameters {meta['params_fraction']:.3f} and multiply-accumulates "
+                         f"{meta['flops_fraction']:.3f} of the parent's")
     else:
         lines += [f"  classes ({len(meta['modules'])}): " + ", ".join(m["class_name"] for m in meta["modules"])]
     return "\n".join(lines), shown

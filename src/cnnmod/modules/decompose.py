@@ -45,6 +45,8 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     """
     if strategy not in STRATEGIES:
         raise CnnmodError(f"expected a strategy among {', '.join(STRATEGIES)}, found {strategy!r}.")
+    if hasattr(STRATEGIES[strategy], "check_options"):
+        STRATEGIES[strategy].check_options(**options)  # bad options fail now, not after the long pass
     start = time.perf_counter()
     meta = getattr(model, "cnnmod_meta", {})
     spec = input_spec or getattr(model, "input_spec", None)
@@ -76,7 +78,10 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
 
     example = fetch(sample.rest[:1] if len(sample.rest) else sample.negatives[:1])
     input_shape = tuple(example.shape[1:])
-    parent = Parent(graph, weights, stats, GraphNetwork(graph, weights).shapes(input_shape), head, input_shape)
+    pool = torch.cat([sample.negatives, sample.rest])  # the images the statistics saw, all classes
+    pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:256]].sort().values
+    parent = Parent(graph, weights, stats, GraphNetwork(graph, weights).shapes(input_shape), head, input_shape,
+                    sample=fetch(pick) if needs_sums else None)
     spec = spec or InputSpec(example.shape[1], tuple(example.shape[2:]), (0.0,) * example.shape[1],
                              (1.0,) * example.shape[1])  # pairs already prepared: identity preparation
     common = {

@@ -20,6 +20,7 @@ from ..trace.channels import Spaces, channel_spaces
 from ..trace.graph import Graph
 from ..trace.network import GraphNetwork
 from .extract import cost, extract
+from .reconstruct import reconstruct_
 
 
 @dataclass
@@ -30,12 +31,24 @@ class Parent:
     shapes: dict[str, tuple[int, ...]]  # layer -> output shape without batch
     head: str  # the final Linear layer
     input_shape: tuple[int, ...] = ()  # one prepared input, without the batch
+    sample: torch.Tensor | None = None  # a few hundred prepared images of the statistics sample
     spaces: Spaces | None = None  # channel spaces, traced once for all modules
+    _outputs: dict | None = None
 
     def channel_spaces(self) -> Spaces:
         if self.spaces is None:
             self.spaces = channel_spaces(self.graph)
         return self.spaces
+
+    @torch.no_grad()
+    def outputs(self, names: set[str]) -> dict[str, torch.Tensor]:
+        """The parent's outputs of layers ``names`` on ``sample`` (computed once, for all modules)."""
+        if self._outputs is None:
+            self._outputs = {}
+            net = GraphNetwork(self.graph, self.weights)
+            net.observer = lambda name, out: self._outputs.__setitem__(name, out) if name in names else None
+            net(self.sample)
+        return self._outputs
 
 
 def paper_strategy(parent: Parent, c: int, *, delta: float = 0.5) -> tuple[GraphNetwork, dict]:
@@ -55,17 +68,18 @@ def paper_strategy(parent: Parent, c: int, *, delta: float = 0.5) -> tuple[Graph
     return GraphNetwork(parent.graph, weights, keep), summary
 
 
-def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5) -> tuple[GraphNetwork, dict]:
+def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool = True) -> tuple[GraphNetwork, dict]:
     """Keep the ``keep`` share of each prunable channel space that best tells class c apart.
 
     A channel's score is how differently it fires on class c than on the other classes, from the
     one-pass counts (``channel_scores``). A removed channel is not zeroed but replaced by its mean
     value over the observed images (zeroing shifts every later layer: measured in issue #5, it
     makes every module claim every input); the head is channeled as in the paper. The masked
-    network is then extracted into a physically smaller one that computes the same logits.
+    network is then extracted into a physically smaller one that computes the same logits, and
+    (``refit``) the layers that read removed channels are re-fitted in closed form to reproduce
+    the parent's outputs on a sample (``reconstruct_``).
     """
-    if not 0.0 < keep <= 1.0:
-        raise CnnmodError(f"expected --keep in (0, 1], found {keep}.")
+    _check_channels_options(keep)
     spaces = parent.channel_spaces()
     w, b = parent.weights[f"{parent.head}.weight"], parent.weights.get(f"{parent.head}.bias")
     w2, b2 = channel_head(w, b, c)
@@ -83,6 +97,18 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5) -> tuple[Gra
             fills[relu] = parent.stats.mean(relu).float()
     masked = GraphNetwork(parent.graph, weights, masks, fills)
     network = extract(masked, spaces, keep_channels, parent.input_shape)
+    if refit and parent.sample is not None:
+        readers = {n.name for n in parent.graph.nodes if n.op in ("conv", "linear") and n.inputs
+                   and spaces.of[n.inputs[0]] in spaces.prunable}
+        outputs = parent.outputs(readers)
+        pruned = {n for n in readers if not bool(keep_channels[spaces.of[parent.graph.by_name[n].inputs[0]]].all())}
+        targets = {n: outputs[n] for n in pruned if n != parent.head}
+        if parent.head in pruned:  # the module's head: the parent's logits, channeled
+            z = outputs[parent.head]
+            others = torch.arange(z.shape[1]) != c
+            targets[parent.head] = torch.stack([z[:, others].mean(1), z[:, c]], 1)
+        out_index = {n: _kept_index(keep_channels.get(spaces.of[n])) for n in targets if n != parent.head}
+        reconstruct_(network, targets, out_index, parent.sample)
     mine, full = cost(network, parent.input_shape), cost(GraphNetwork(parent.graph, parent.weights), parent.input_shape)
     kept = sum(int(k.sum()) for k in keep_channels.values())
     total = sum(k.numel() for k in keep_channels.values())
@@ -91,7 +117,17 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5) -> tuple[Gra
     return network, summary
 
 
+def _kept_index(k: torch.Tensor | None) -> torch.Tensor | None:
+    return None if k is None or bool(k.all()) else k.nonzero().flatten()
+
+
+def _check_channels_options(keep: float = 0.5, refit: bool = True) -> None:
+    if not 0.0 < keep <= 1.0:
+        raise CnnmodError(f"expected --keep in (0, 1], found {keep}.")
+
+
 channels_strategy.needs_sums = True  # the statistics pass also sums values (the fills' means)
+channels_strategy.check_options = _check_channels_options  # called before the statistics pass
 
 Strategy = Callable[..., tuple[GraphNetwork, dict]]
 STRATEGIES: dict[str, Strategy] = {"paper": paper_strategy, "channels": channels_strategy}

@@ -77,14 +77,21 @@ class GraphNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run_all(x, keep=False)[self.graph.output]
 
-    def run_all(self, x: torch.Tensor, *, keep: bool = True) -> dict[str, torch.Tensor]:
-        """Run the graph; return every layer's output by name (``keep=False``: only the output)."""
+    def run_all(self, x: torch.Tensor, *, keep: bool = True, before=None) -> dict[str, torch.Tensor]:
+        """Run the graph; return every layer's output by name (``keep=False``: only the output).
+
+        ``before(node, inputs)``, if given, is called before each layer runs (it may change the
+        layer's weights: the channels strategy re-fits layers one by one on their real inputs).
+        """
         values = {}
         for i, node in enumerate(self.graph.nodes):
             if node.op == "input":
                 out = x
             else:
-                out = self._run(node, [values[i] for i in node.inputs])
+                xs = [values[i] for i in node.inputs]
+                if before is not None:
+                    before(node, xs)
+                out = self._run(node, xs)
             if node.name in self.addmap_names:
                 out = out + getattr(self, "addmap__" + _key(node.name))
             if node.name in self.fill_names:

@@ -1,0 +1,69 @@
+"""Closed-form re-fitting of the layers that read removed channels (no gradient training).
+
+After channels are removed, each convolution or linear layer that read them sees fewer inputs.
+Following He et al. 2017 ("Channel pruning for accelerating very deep neural networks"), each
+such layer's remaining weights are re-fitted by ridge least squares so that its output on a
+few hundred sample images matches the parent's output, layer after layer in execution order,
+each fitted on the inputs the module itself produces (so errors do not pile up). A per-channel
+offset is fitted too. Cost: one pass over the sample and one small linear solve per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..trace.network import GraphNetwork
+
+
+def _patches(node, x: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
+    """(N, C, H, W) -> (N * L, C * kh * kw): the inputs each output position of the conv sees."""
+    a = node.attrs
+    padding = a["padding"]
+    if isinstance(padding, str):  # "same" / "valid": F.unfold takes numbers
+        padding = [(k - 1) * d // 2 for k, d in zip(kernel, a["dilation"])] if padding == "same" else [0, 0]
+    cols = F.unfold(x, kernel, dilation=a["dilation"], padding=padding, stride=a["stride"])
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _ridge(inputs: torch.Tensor, target: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve target ~ inputs @ W.T + o in float64; return (W, o)."""
+    a = torch.cat([inputs.double(), torch.ones(len(inputs), 1, dtype=torch.float64)], 1)
+    gram = a.T @ a
+    gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=torch.float64)
+    sol = torch.linalg.solve(gram, a.T @ target.double())  # (D + 1, Cout)
+    return sol[:-1].T.float(), sol[-1].float()
+
+
+@torch.no_grad()
+def reconstruct_(small: GraphNetwork, targets: dict[str, torch.Tensor], out_index: dict[str, torch.Tensor | None],
+                 x: torch.Tensor, ridge: float = 1e-3) -> None:
+    """Re-fit, in place, the layers of ``small`` named in ``targets`` (their parent outputs on ``x``).
+
+    ``out_index[name]`` says which of the parent's output channels the small layer kept (None: all).
+    """
+    def fit(node, xs):
+        if node.name not in targets:
+            return
+        target = targets[node.name]
+        if out_index.get(node.name) is not None:
+            target = target[:, out_index[node.name]]
+        weight = small.weight(f"{node.name}.weight")
+        bias = small.weight(f"{node.name}.bias")
+        addmap = small.addmaps().get(node.name)
+        fixed = (0 if bias is None else bias.view(1, -1, *[1] * (target.dim() - 2))) + \
+            (0 if addmap is None else addmap.unsqueeze(0))
+        residual = target - fixed  # what the weights (and an offset) must produce
+        if node.op == "conv":
+            inputs = _patches(node, xs[0], tuple(weight.shape[2:]))
+            rows = residual.permute(0, 2, 3, 1).reshape(-1, residual.shape[1])
+            w, o = _ridge(inputs, rows, ridge)
+            weight.copy_(w.view_as(weight))
+            offset = o.view(-1, 1, 1)
+        else:  # linear
+            w, o = _ridge(xs[0], residual, ridge)
+            weight.copy_(w)
+            offset = o
+        addmap.add_(offset)  # every layer that reads removed channels has an addmap (``extract``)
+
+    small.run_all(x, keep=False, before=fit)
