@@ -25,7 +25,6 @@ def test_train_then_evaluate_json(digits_ckpt, capsys):
 
 
 def test_evaluate_matches_classes_by_name(digits_ckpt, tmp_path, capsys):
-    import numpy as np
     from PIL import Image
 
     from cnnmod import load_data

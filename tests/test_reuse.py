@@ -1,6 +1,5 @@
 """Reuse across models: calibration, the calibrated rule, "unknown", continuous learning."""
 
-import json
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 
 from ..errors import CnnmodError
 from ..files import read_file, write_file
