@@ -72,6 +72,32 @@ def measure(name: str, model, train_set, test_set, four: list[str]) -> dict:
     return {"name": name, "model_top1": base["top1"], "rows": rows}
 
 
+def latencies(model, train_set, test_set, repeat: int = 7) -> dict[float, dict]:
+    """Model, one module and all modules composed on one batch, interleaved in one run.
+
+    Latency depends on the modules' sizes, not on how well they were chosen, so the modules here
+    come from a quick decomposition (100 images per class); timings alternate between the three
+    so that machine noise hits each alike.
+    """
+    model.eval()
+    batch = test_set.images[:256]
+    out = {}
+    for keep in KEEPS:
+        modules = decompose(model, train_set, strategy="channels", keep=keep, positives=100, calibration=0)
+        clf, one = compose(modules, rule="vote"), modules[0]
+        times = {"model": [], "module": [], "composed": []}
+        with torch.no_grad():
+            for _ in range(repeat):
+                times["model"].append(seconds(lambda: model(model.input_spec.prepare(batch))))
+                times["module"].append(seconds(lambda: one.network(one.input_spec.prepare(batch))))
+                times["composed"].append(seconds(lambda: clf.score_images(batch)))
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        out[keep] = {"module_over_model": med["module"] / med["model"],
+                     "composed_over_model": med["composed"] / med["model"], "model_ms": 1000 * med["model"]}
+        print(keep, out[keep], flush=True)
+    return out
+
+
 def mnist_result() -> dict:
     train_set, test_set = load_data("mnist5k", "train"), load_data("mnist5k", "test")
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,8 +142,9 @@ def render(results: list[dict], png: str) -> str:
              "(the channels that fire most differently on its class), removed channels are replaced by their "
              "mean, the module is extracted into a physically smaller network, and the layers reading removed "
              "channels are re-fitted in closed form (ridge least squares on 256 sample images, no gradient "
-             "training). Latencies: one batch of 256 test images, median of 5, same run; composed = all 10 "
-             "modules run one after the other (no shared trunk yet).", ""]
+             "training). Latencies (`bench_channels.py --latency-only`, rerun on a quiet machine): one batch of "
+             "256 test images, model, one module and all 10 modules composed timed alternately, median of 7; "
+             "composed = the 10 modules run one after the other (no shared trunk yet).", ""]
     for res in results:
         lines += [f"### {res['name']}: model top-1 {100 * res['model_top1']:.2f}", "",
                   "| keep | composed top-1, vote | calibrated | params / parent | MACs / parent | one module / model "
@@ -139,10 +166,28 @@ def render(results: list[dict], png: str) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["mnist", "cifar"], default=None)
+    parser.add_argument("--latency-only", action="store_true",
+                        help="re-measure only the latencies (on a quiet machine) into the last results")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     previous = RESULTS / "channels.json"
     kept = json.loads(previous.read_text())["results"] if previous.exists() else []
+    if args.latency_only:
+        for res in kept:
+            if res["name"].startswith("mnist"):
+                train_set, test_set = load_data("mnist5k", "train"), load_data("mnist5k", "test")
+                with tempfile.TemporaryDirectory() as tmp:
+                    train("smallcnn", train_set, Path(tmp) / "m.safetensors", TrainConfig(epochs=5, lr=0.05),
+                          progress=False)
+                    model = load_model(Path(tmp) / "m.safetensors")
+            else:
+                model = load_model(CHECKPOINTS / "cifar10_resnet20.safetensors")
+                train_set, test_set = load_data(str(CIFAR_TAR), "train"), load_data(str(CIFAR_TAR), "val")
+            measured = latencies(model, train_set, test_set)
+            for row in res["rows"]:
+                row.update(measured[row["keep"]], latency_run="--latency-only")
+        write_section("channels", render(kept, plot(kept)), {"results": kept})
+        return
     fresh = []
     if args.only in (None, "mnist"):
         fresh.append(mnist_result())

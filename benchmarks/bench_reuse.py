@@ -380,6 +380,9 @@ def render(mnist, cifar, energy: Energy, files) -> str:
                       "the paper's equal-epoch one). Composed (vote) minus retrained, mean over the 6 pairs: "
                       f"{100 * mean(x['modules_vote'] - retrained[tuple(x['pair'])] for x in cp):+.2f} points "
                       "(paper: +2.5)."]
+        else:
+            lines += ["", "Retrained 2-class ResNet-20s (\"-\"): not measured yet; `benchmarks/bench_retrain_pairs.py` "
+                      "trains them, at about 4 minutes per epoch and pair on this 2-core machine."]
         inter = cifar["inter"]
         lines += ["", "Inter-data-set reuse: an MNIST module (smallcnn, 28x28 grey) with a CIFAR-10 module "
                   "(ResNet-20, 32x32 colour), on raw mixed test images (100 digits + 500 CIFAR images per pair), "
