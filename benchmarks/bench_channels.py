@@ -144,7 +144,8 @@ def render(results: list[dict], png: str) -> str:
              "channels are re-fitted in closed form (ridge least squares on 256 sample images, no gradient "
              "training). Latencies (`bench_channels.py --latency-only`, rerun on a quiet machine): one batch of "
              "256 test images, model, one module and all 10 modules composed timed alternately, median of 7; "
-             "composed = the 10 modules run one after the other (no shared trunk yet).", ""]
+             "composed = the 10 modules run one after the other (no shared trunk yet). Decomposition seconds come "
+             "from the main run, which shared the 2 cores with other benchmarks.", ""]
     for res in results:
         lines += [f"### {res['name']}: model top-1 {100 * res['model_top1']:.2f}", "",
                   "| keep | composed top-1, vote | calibrated | params / parent | MACs / parent | one module / model "
