@@ -26,15 +26,9 @@ from common import CHECKPOINTS, CIFAR_TAR, RESULTS, machine, seconds, write_sect
 
 from cnnmod import TrainConfig, compose, decompose, load_data, load_model, train  # noqa: E402
 from cnnmod.evaluate import evaluate_scores  # noqa: E402
+from bench_reuse import CIFAR_FOUR, MNIST_FOUR, restricted  # noqa: E402  (the same pairs as issue #4's)
 
 KEEPS = (1.0, 0.75, 0.5, 0.25)
-CIFAR_FOUR = ["airplane", "cat", "dog", "truck"]
-MNIST_FOUR = ["0", "3", "5", "8"]
-
-
-def restricted(model, names):
-    idx = [model.cnnmod_meta["classes"].index(n) for n in names]
-    return lambda images: model(model.input_spec.prepare(images))[:, idx]
 
 
 def measure(name: str, model, train_set, test_set, four: list[str]) -> dict:

@@ -7,16 +7,6 @@ from cnnmod.cli import main
 from cnnmod.modules import load_module, save_module
 
 
-@pytest.fixture(scope="module")
-def decomposed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dec")
-    ckpt = root / "digits.safetensors"
-    assert main(["train", "--model", "smallcnn", "--data", "digits", "--out", str(ckpt),
-                 "--epochs", "2", "--lr", "0.05", "--batch-size", "64"]) == 0
-    assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(root / "mods"), "--json"]) == 0
-    return root, ckpt, root / "mods"
-
-
 def _json(capsys):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 

@@ -5,21 +5,10 @@ import json
 import numpy as np
 import onnx  # the test extra installs onnx and onnxruntime
 import onnxruntime as ort
-import pytest
 import torch
 
 from cnnmod import compose, load_data, load_model, load_module
 from cnnmod.cli import main
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    ckpt = root / "digits.safetensors"
-    assert main(["train", "--model", "smallcnn", "--data", "digits", "--out", str(ckpt),
-                 "--epochs", "1", "--lr", "0.05", "--batch-size", "64"]) == 0
-    assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(root / "mods"), "--json"]) == 0
-    return root, ckpt, root / "mods"
 
 
 def _run(path, images: torch.Tensor) -> tuple[np.ndarray, dict]:
@@ -29,8 +18,8 @@ def _run(path, images: torch.Tensor) -> tuple[np.ndarray, dict]:
     return out, meta
 
 
-def test_module_composed_and_checkpoint_exports_match_cnnmod(files, tmp_path, capsys):
-    _, ckpt, mods = files
+def test_module_composed_and_checkpoint_exports_match_cnnmod(decomposed, tmp_path, capsys):
+    _, ckpt, mods = decomposed
     images = load_data("digits", "test").images[:37]  # raw uint8, a batch size not exported
     module = load_module(mods / "3.safetensors")
     assert main(["export", str(mods / "3.safetensors"), "--onnx", str(tmp_path / "m.onnx")]) == 0

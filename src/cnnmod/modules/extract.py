@@ -20,13 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..trace.channels import Spaces
-from ..trace.network import GraphNetwork
-
-
-def _conv(node, x, weight, bias=None):
-    a = node.attrs
-    return F.conv2d(x, weight, bias, a["stride"], a["padding"] if isinstance(a["padding"], str) else list(a["padding"]),
-                    a["dilation"], a["groups"])
+from ..trace.network import GraphNetwork, conv2d
 
 
 @torch.no_grad()
@@ -53,7 +47,7 @@ def extract(net: GraphNetwork, spaces: Spaces, keep: dict[int, torch.Tensor],
             if k_in is not None:
                 removed_only = values[node.inputs[0]].clone()
                 removed_only[:, k_in] = 0
-                addmaps[name] = _conv(node, removed_only, weight)[0]
+                addmaps[name] = conv2d(node, removed_only, weight)[0]
                 weight = weight[:, k_in]
             new[f"{name}.weight"] = weight
             if bias is not None:

@@ -17,6 +17,13 @@ def _key(name: str) -> str:
     return name.replace(".", "__")  # buffer names may not contain dots
 
 
+def conv2d(node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A ``conv`` node's convolution, with the given weights."""
+    a = node.attrs
+    return F.conv2d(x, weight, bias, a["stride"], a["padding"] if isinstance(a["padding"], str) else list(a["padding"]),
+                    a["dilation"], a["groups"])
+
+
 class GraphNetwork(nn.Module):
     """Execute ``graph`` with ``weights`` (keyed like a state dict), masking ``masks``' layers."""
 
@@ -110,9 +117,7 @@ class GraphNetwork(nn.Module):
         a, w = node.attrs, lambda p: self.weight(f"{node.name}.{p}")
         op = node.op
         if op == "conv":
-            return F.conv2d(xs[0], w("weight"), w("bias"), a["stride"],
-                            a["padding"] if isinstance(a["padding"], str) else list(a["padding"]),
-                            a["dilation"], a["groups"])
+            return conv2d(node, xs[0], w("weight"), w("bias"))
         if op == "bn":
             return F.batch_norm(xs[0], w("running_mean"), w("running_var"), w("weight"), w("bias"),
                                 False, 0.0, a["eps"])
