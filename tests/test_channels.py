@@ -1,5 +1,7 @@
 """The channels strategy: channel spaces from the graph, exact physical extraction, small modules."""
 
+import json
+
 import torch
 
 from cnnmod import TrainConfig, compose, create_model, decompose, load_data, load_model, load_module, save_module, train
@@ -111,3 +113,75 @@ def test_cli_decompose_channels_reports_sizes_and_inspect_shows_them(tmp_path, c
     assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "x"),
                  "--strategy", "channels", "--keep", "1.5"]) == 2
     assert "expected --keep in (0, 1]" in capsys.readouterr().err
+
+
+def test_modules_with_a_trunk_share_it_and_compose_runs_it_once(tmp_path):
+    data, test = load_data("digits", "train"), load_data("digits", "test")
+    train("smallcnn", data, tmp_path / "m.safetensors", TrainConfig(epochs=1, lr=0.05), progress=False)
+    model = load_model(tmp_path / "m.safetensors")
+    # trunk=0.05: the first convolution's channels (10% of the MACs start there) are chosen alike
+    # for every class; the second convolution's are chosen per class.
+    modules = decompose(model, data, strategy="channels", keep=0.5, trunk=0.05, calibration=0)
+    first = modules[0].network.weight("features.0.weight")
+    assert all(torch.equal(m.network.weight("features.0.weight"), first) for m in modules)
+    assert not torch.equal(modules[0].network.weight("features.4.weight"), modules[1].network.weight("features.4.weight"))
+    clf = compose(modules, rule="vote")
+    assert clf.trunk_layers() == [{"x", "features.0", "features.1", "features.2", "features.3"}]
+    seen = [[] for _ in modules]
+    for k, m in enumerate(modules):
+        m.network.observer = lambda name, out, k=k: seen[k].append(name)
+    x = test.images[:32]
+    scores = clf.score_images(x)
+    assert "features.0" in seen[0] and all("features.0" not in s and "features.4" in s for s in seen[1:])  # once
+    for m in modules:
+        m.network.observer = None
+    # Oracle: the shared trunk changes nothing; each module alone gives the same margins.
+    alone = torch.stack([m.margin(m.input_spec.prepare(x)) for m in modules], 1)
+    assert torch.equal(scores, alone)
+    # Without a trunk every module prunes its first convolution its own way: nothing is shared.
+    plain = decompose(model, data, strategy="channels", keep=0.5, calibration=0)
+    assert compose(plain).trunk_layers() == [set()]
+
+
+def test_cli_compose_and_inspect_report_the_shared_trunk(tmp_path, capsys):
+    from cnnmod.cli import main
+
+    ckpt = tmp_path / "d.safetensors"
+    assert main(["train", "--model", "smallcnn", "--data", "digits", "--out", str(ckpt), "--epochs", "1"]) == 0
+    assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "m"), "--json",
+                 "--strategy", "channels", "--keep", "0.5", "--trunk", "0.05", "--trunk-keep", "1.0"]) == 0
+    capsys.readouterr()
+    assert main(["compose", str(tmp_path / "m"), "--out", str(tmp_path / "c.safetensors")]) == 0
+    assert "one shared trunk per parent" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "c.safetensors"), "--json"]) == 0
+    cost = json.loads(capsys.readouterr().out)["cost"]
+    # trunk-keep 1.0: the trunk is the parent's first convolution and BatchNorm, whole (1 x 16 x 3 x 3
+    # weights, 16 + 16 affine), run once instead of 10 times.
+    assert cost["trunk_params"] == 16 * 9 + 32
+    assert cost["macs"] == cost["separate_macs"] - 9 * cost["trunk_macs"]
+    assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "x"),
+                 "--strategy", "channels", "--trunk", "2"]) == 2
+    assert "expected --trunk in [0, 1]" in capsys.readouterr().err
+
+
+def test_shared_trunk_of_resnets_gives_each_network_its_own_output():
+    # Oracle on the trunk machinery itself: three ResNet-20s that differ only in block 3's branch
+    # and the head. Block 3's shortcut (in the trunk) reads, after the branch, what the branch reads.
+    from cnnmod.compose.trunk import Group, run_group, shared_layers
+
+    model = _randomised(create_model("resnet20"))
+    graph, base = trace_graph(model), model.state_dict()
+    gen = torch.Generator().manual_seed(2)
+    nets = []
+    for _ in range(3):
+        w = {k: (v + 0.1 * torch.randn(v.shape, generator=gen) if k.startswith(("blocks.3.branch.", "fc.")) and
+                 v.is_floating_point() and "running_var" not in k else v) for k, v in base.items()}
+        nets.append(GraphNetwork(graph, w))
+    trunk = shared_layers(nets)
+    assert {"stem.0", "blocks.2.relu", "blocks.3.shortcut.0", "blocks.3.shortcut.1"} <= trunk
+    assert "blocks.3.branch.0" not in trunk and "add_3" not in trunk and "fc" not in trunk
+    group = Group([0, 1, 2], trunk, {n.name for n in graph.nodes} - trunk)
+    x = torch.randn(4, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        for out, net in zip(run_group(group, nets, x), nets):
+            assert torch.equal(out, net(x))

@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: Pan & Rajan's masks; channels: whole channels, physically smaller modules")
     p.add_argument("--keep", type=float, default=0.5,
                    help="channels strategy: share of each channel space a module keeps")
+    p.add_argument("--trunk", type=float, default=0.0,
+                   help="channels strategy: share of the parent's MACs, from the input, pruned alike for every "
+                        "class, so that composed modules run it once")
+    p.add_argument("--trunk-keep", type=float, default=None,
+                   help="channels strategy: share of each trunk channel space kept (default: --keep)")
+    p.add_argument("--keep-streams", action="store_true",
+                   help="channels strategy: keep residual streams whole, prune only inside blocks")
     p.add_argument("--positives", type=int, default=1000, help="images per class observed (paper: 1000)")
     p.add_argument("--negatives-per-class", type=int, default=None,
                    help="negatives of each other class (default: positives // (classes - 1), 1:1)")
@@ -168,7 +175,9 @@ def cmd_decompose(args) -> int:
                                      strategy=args.strategy, positives=args.positives,
                                      negatives_per_class=args.negatives_per_class, seed=args.seed,
                                      batch_size=args.batch_size, progress=not args.json,
-                                     **({"delta": args.delta} if args.strategy == "paper" else {"keep": args.keep}),
+                                     **({"delta": args.delta} if args.strategy == "paper" else
+                                        {"keep": args.keep, "trunk": args.trunk, "trunk_keep": args.trunk_keep,
+                                         "streams": not args.keep_streams}),
                                      resume=args.resume, device=args.device, precision=args.precision)
     if summary["rank"] != 0:
         return 0  # rank 0 reports for the group
@@ -221,6 +230,10 @@ def cmd_compose(args) -> int:
     clf = compose(modules, rule=args.rule, unknown_below=args.unknown_below)
     save_composed(clf, args.out)
     print(f"wrote {args.out}: {len(clf.classes)} classes ({', '.join(clf.classes)}), rule {clf.rule}")
+    c = clf.cost()
+    if c["trunk_macs"]:
+        print(f"  one shared trunk per parent: {c['trunk_params']:,} parameters, {c['trunk_macs']:,} MACs per image; "
+              f"in all {c['macs']:,} MACs per image (modules one by one: {c['separate_macs']:,})")
     return 0
 
 

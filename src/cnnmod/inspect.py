@@ -34,5 +34,12 @@ def describe(path: str) -> tuple[str, dict]:
             lines.append(f"  parameters {meta['params_fraction']:.3f} and multiply-accumulates "
                          f"{meta['flops_fraction']:.3f} of the parent's")
     else:
-        lines += [f"  classes ({len(meta['modules'])}): " + ", ".join(m["class_name"] for m in meta["modules"])]
+        from .compose.io import load_composed
+
+        c = load_composed(path).cost()
+        shown["cost"] = c
+        lines += [f"  classes ({len(meta['modules'])}): " + ", ".join(m["class_name"] for m in meta["modules"]),
+                  f"  {c['params']:,} parameters, {c['macs']:,} multiply-accumulates per image "
+                  f"(shared trunk: {c['trunk_params']:,} parameters, {c['trunk_macs']:,} MACs, run once; "
+                  f"the modules one by one: {c['separate_macs']:,} MACs)"]
     return "\n".join(lines), shown

@@ -15,6 +15,9 @@ Margins of modules from different parents are on different scales. The ``calibra
 reaches it. ``auto`` takes the paper's vote when all modules come from one parent (their
 margins are already comparable, and the vote reproduces the parent's decision) and the
 calibrated rule otherwise, or whenever an unknown threshold is asked for.
+
+Modules of one parent that hold identical first layers (the ``channels`` strategy's ``--trunk``)
+share them: those layers run once per batch for all of them (see trunk.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn as nn
 
 from ..errors import CnnmodError
 from ..modules.module import Module
+from .trunk import group_modules, run_group
 
 
 class ComposedClassifier(nn.Module):
@@ -54,27 +58,61 @@ class ComposedClassifier(nn.Module):
             raise CnnmodError(f"expected an unknown threshold in (0, 1) with the calibrated rule, "
                               f"found {unknown_below} with the {rule} rule.")
         self.rule, self.unknown_below = rule, unknown_below
+        self.groups = group_modules(self.modules_, list(self.networks))
         if rule == "calibrated":
             self.register_buffer("scale", torch.tensor([m.meta["calibration"]["a"] for m in modules]))
             self.register_buffer("shift", torch.tensor([m.meta["calibration"]["b"] for m in modules]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Score a batch already prepared for the modules (they must share one input specification)."""
-        specs = {m.input_spec for m in self.modules_}
-        if len(specs) > 1:
+        if len({m.input_spec for m in self.modules_}) > 1:
             raise CnnmodError("these modules expect different inputs; score raw images with score_images().")
-        return self._scores(torch.stack([_margin(net(x)) for net in self.networks], dim=1))
+        return self._scores(self._margins(lambda spec: x))
 
     @torch.no_grad()
     def score_images(self, images: torch.Tensor) -> torch.Tensor:
         """Score raw uint8 images (B, C, H, W): each module gets its own input preparation."""
         prepared: dict = {}
-        columns = []
-        for m, net in zip(self.modules_, self.networks):
-            if m.input_spec not in prepared:
-                prepared[m.input_spec] = m.input_spec.prepare(images)
-            columns.append(_margin(net(prepared[m.input_spec])))
-        return self._scores(torch.stack(columns, dim=1))
+
+        def prepare(spec):
+            if spec not in prepared:
+                prepared[spec] = spec.prepare(images)
+            return prepared[spec]
+        return self._scores(self._margins(prepare))
+
+    def _margins(self, prepare) -> torch.Tensor:
+        columns: list = [None] * len(self.modules_)
+        for group in self.groups:
+            outputs = run_group(group, list(self.networks), prepare(self.modules_[group.members[0]].input_spec))
+            for k, z in zip(group.members, outputs):
+                columns[k] = _margin(z)
+        return torch.stack(columns, dim=1)
+
+    def trunk_layers(self) -> list[set[str]]:
+        """The shared trunk of each group of modules (layer names; empty: none shared)."""
+        return [g.trunk for g in self.groups]
+
+    def cost(self) -> dict:
+        """Parameters and multiply-accumulates per image of the whole composition, each trunk counted
+        once, and what the modules would cost run one by one."""
+        from ..modules.extract import cost
+
+        total = {"params": 0, "macs": 0, "trunk_params": 0, "trunk_macs": 0, "separate_params": 0, "separate_macs": 0}
+        for g in self.groups:
+            for k in g.members:
+                shape = (self.modules_[k].input_spec.channels, *self.modules_[k].input_spec.size)
+                alone = cost(self.networks[k], shape)
+                branch = cost(self.networks[k], shape, g.branch) if g.trunk else alone
+                total["separate_params"] += alone["params"]
+                total["separate_macs"] += alone["macs"]
+                total["params"] += branch["params"]
+                total["macs"] += branch["macs"]
+            if g.trunk:
+                trunk = cost(self.networks[g.members[0]], shape, g.trunk)
+                for key in ("params", "macs"):
+                    total[key] += trunk[key]
+                    total[f"trunk_{key}"] += trunk[key]
+        return total
 
     def _scores(self, margins: torch.Tensor) -> torch.Tensor:
         return margins * self.scale + self.shift if self.rule == "calibrated" else margins

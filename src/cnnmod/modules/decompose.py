@@ -81,7 +81,7 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     pool = torch.cat([sample.negatives, sample.rest])  # the images the statistics saw, all classes
     pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:256]].sort().values
     parent = Parent(graph, weights, stats, GraphNetwork(graph, weights).shapes(input_shape), head, input_shape,
-                    sample=fetch(pick) if needs_sums else None)
+                    sample=fetch(pick) if needs_sums else None, sample_labels=labels[pick])
     spec = spec or InputSpec(example.shape[1], tuple(example.shape[2:]), (0.0,) * example.shape[1],
                              (1.0,) * example.shape[1])  # pairs already prepared: identity preparation
     common = {

@@ -75,13 +75,17 @@ def extract(net: GraphNetwork, spaces: Spaces, keep: dict[int, torch.Tensor],
 
 
 @torch.no_grad()
-def cost(net: GraphNetwork, input_shape: tuple[int, ...]) -> dict[str, int]:
-    """Parameters (weights and biases, BatchNorm's affine pair) and multiply-accumulates per image."""
+def cost(net: GraphNetwork, input_shape: tuple[int, ...], nodes: set[str] | None = None) -> dict[str, int]:
+    """Parameters (weights and biases, BatchNorm's affine pair) and multiply-accumulates per image
+    (of the layers ``nodes`` only, if given: a shared trunk or a module's branch)."""
     values = net.run_all(torch.zeros(1, *input_shape))
     w = net.weights()
-    params = sum(v.numel() for k, v in w.items() if not k.endswith(("running_mean", "running_var")))
+    params = sum(v.numel() for k, v in w.items() if not k.endswith(("running_mean", "running_var"))
+                 and (nodes is None or k.rsplit(".", 1)[0] in nodes))
     macs = 0
     for node in net.graph.nodes:
+        if nodes is not None and node.name not in nodes:
+            continue
         if node.op == "conv":
             weight = w[f"{node.name}.weight"]
             macs += values[node.name][0].numel() * weight[0].numel()  # outputs x (Cin/groups * kh * kw)

@@ -8,7 +8,8 @@ extracts a physically smaller network (ours; see ``channels_strategy``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -33,20 +34,82 @@ class Parent:
     input_shape: tuple[int, ...] = ()  # one prepared input, without the batch
     sample: torch.Tensor | None = None  # a few hundred prepared images of the statistics sample
     spaces: Spaces | None = None  # channel spaces, traced once for all modules
+    sample_labels: torch.Tensor | None = None  # (len(sample),) parent class of each sample image
     _outputs: dict | None = None
+    _common_scores: dict = field(default_factory=dict)
 
     def channel_spaces(self) -> Spaces:
         if self.spaces is None:
             self.spaces = channel_spaces(self.graph)
         return self.spaces
 
+    def trunk_spaces(self, share: float) -> set[int]:
+        """The prunable spaces whose first layer starts within the first ``share`` of the MACs."""
+        spaces = self.channel_spaces()
+        macs = {}
+        for node in self.graph.nodes:
+            if node.op == "conv":
+                macs[node.name] = math.prod(self.shapes[node.name]) * self.weights[f"{node.name}.weight"][0].numel()
+            elif node.op == "linear":
+                macs[node.name] = self.weights[f"{node.name}.weight"].numel()
+        total, before, start = sum(macs.values()), 0, {}
+        for node in self.graph.nodes:
+            start.setdefault(spaces.of[node.name], before / total)
+            before += macs.get(node.name, 0)
+        return {s for s in spaces.prunable if start[s] < share}
+
+    def scores(self, c: int | None, score: str) -> dict[int, torch.Tensor]:
+        """Channel scores for class c (``None``: for every class alike, the trunk's), per prunable space.
+
+        ``rate``: how differently a channel fires on c than on the others (``channel_scores``;
+        for all classes, averaged over them). ``energy``: ``energy_scores``.
+        """
+        if c is not None:
+            return channel_scores(self.stats, self.channel_spaces(), c) if score == "rate" else self.energy_scores(c)
+        if score not in self._common_scores:
+            if score == "energy":
+                self._common_scores[score] = self.energy_scores(None)
+            else:
+                per_class = [channel_scores(self.stats, self.channel_spaces(), k) for k in range(self.stats.num_classes)]
+                self._common_scores[score] = {s: sum(p[s] for p in per_class) / len(per_class) for s in per_class[0]}
+        return self._common_scores[score]
+
+    @torch.no_grad()
+    def energy_scores(self, c: int | None) -> dict[int, torch.Tensor]:
+        """Per prunable space, what replacing each channel by its mean costs the layers reading it.
+
+        Channel i's score is E[(x_i - mean_i)^2] (its values at the space's ReLUs, on the sample)
+        times the squared norm of the weights that read it (all readers of the space): the
+        expected squared error its removal puts into the next layers' inputs, ignoring
+        correlations (the closed-form re-fit then absorbs what it can). For a class c the
+        expectation weighs class c's images one half and the others one half; ``None``: all alike.
+        """
+        spaces = self.channel_spaces()
+        relus = {r for s in spaces.prunable for r in spaces.relus[s]}
+        values = self.outputs(relus)
+        mine = self.sample_labels == c if c is not None else torch.ones(len(self.sample), dtype=torch.bool)
+        weigh = torch.where(mine, 0.5 / mine.sum().clamp_min(1), 0.5 / (~mine).sum().clamp_min(1)) \
+            if c is not None else torch.full((len(self.sample),), 1.0 / len(self.sample))
+        scores = {}
+        for s in spaces.prunable:
+            dev = sum(((values[r] - self.stats.mean(r).float()) ** 2).flatten(2).mean(2).T @ weigh
+                      for r in spaces.relus[s])  # (C,)
+            norm = torch.zeros_like(dev)
+            for node in self.graph.nodes:
+                if node.op in ("conv", "linear") and spaces.of[node.inputs[0]] == s:
+                    w = self.weights[f"{node.name}.weight"]
+                    norm += w.pow(2).reshape(w.shape[0], len(dev), -1).sum((0, 2))
+            scores[s] = dev * norm
+        return scores
+
     @torch.no_grad()
     def outputs(self, names: set[str]) -> dict[str, torch.Tensor]:
         """The parent's outputs of layers ``names`` on ``sample`` (computed once, for all modules)."""
-        if self._outputs is None:
+        if self._outputs is None or not names <= self._outputs.keys():
+            wanted = names | (self._outputs or {}).keys()
             self._outputs = {}
             net = GraphNetwork(self.graph, self.weights)
-            net.observer = lambda name, out: self._outputs.__setitem__(name, out) if name in names else None
+            net.observer = lambda name, out: self._outputs.__setitem__(name, out) if name in wanted else None
             net(self.sample)
         return self._outputs
 
@@ -68,7 +131,9 @@ def paper_strategy(parent: Parent, c: int, *, delta: float = 0.5) -> tuple[Graph
     return GraphNetwork(parent.graph, weights, keep), summary
 
 
-def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool = True) -> tuple[GraphNetwork, dict]:
+def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool = True, streams: bool = True,
+                      trunk: float = 0.0, trunk_keep: float | None = None,
+                      score: str = "rate") -> tuple[GraphNetwork, dict]:
     """Keep the ``keep`` share of each prunable channel space that best tells class c apart.
 
     A channel's score is how differently it fires on class c than on the other classes, from the
@@ -78,18 +143,31 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     network is then extracted into a physically smaller one that computes the same logits, and
     (``refit``) the layers that read removed channels are re-fitted in closed form to reproduce
     the parent's outputs on a sample (``reconstruct_``).
+
+    ``streams=False`` keeps residual streams whole and prunes only the channels inside blocks (as
+    He et al. 2017 prune ResNets): a stream channel feeds every later block through the shortcuts.
+    ``trunk``: the spaces that start in the first ``trunk`` share of the parent's multiply-
+    accumulates are pruned alike for every class (the ``trunk_keep`` share, default ``keep``, of
+    the channels with the best score averaged over the classes), so every module of this parent
+    holds the same trunk, bit for bit, and ``compose`` runs it once for all of them.
     """
-    _check_channels_options(keep)
+    _check_channels_options(keep, refit, streams, trunk, trunk_keep, score)
+    trunk_keep = keep if trunk_keep is None else trunk_keep
     spaces = parent.channel_spaces()
     w, b = parent.weights[f"{parent.head}.weight"], parent.weights.get(f"{parent.head}.bias")
     w2, b2 = channel_head(w, b, c)
     weights = dict(parent.weights, **{f"{parent.head}.weight": w2, f"{parent.head}.bias": b2})
+    shared = parent.trunk_spaces(trunk)
     keep_channels = {}
     masks, fills = {}, {}
-    for space, score in channel_scores(parent.stats, spaces, c).items():
-        k = max(1, round(keep * score.numel()))
-        chosen = torch.zeros(score.numel(), dtype=torch.bool)
-        chosen[torch.sort(score, descending=True, stable=True).indices[:k]] = True
+    own, common = parent.scores(c, score), (parent.scores(None, score) if shared else {})
+    for space in sorted(spaces.prunable):
+        if space in spaces.streams and not streams:
+            continue
+        share, ranked = (trunk_keep, common[space]) if space in shared else (keep, own[space])
+        k = max(1, round(share * ranked.numel()))
+        chosen = torch.zeros(ranked.numel(), dtype=torch.bool)
+        chosen[torch.sort(ranked, descending=True, stable=True).indices[:k]] = True
         keep_channels[space] = chosen
         for relu in spaces.relus[space]:
             shape = parent.shapes[relu]
@@ -99,8 +177,8 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     network = extract(masked, spaces, keep_channels, parent.input_shape)
     if refit and parent.sample is not None:
         readers = {n.name for n in parent.graph.nodes if n.op in ("conv", "linear") and n.inputs
-                   and spaces.of[n.inputs[0]] in spaces.prunable}
-        outputs = parent.outputs(readers)
+                   and spaces.of[n.inputs[0]] in keep_channels}
+        outputs = parent.outputs(readers | {parent.head})
         pruned = {n for n in readers if not bool(keep_channels[spaces.of[parent.graph.by_name[n].inputs[0]]].all())}
         targets = {n: outputs[n] for n in pruned if n != parent.head}
         if parent.head in pruned:  # the module's head: the parent's logits, channeled
@@ -121,9 +199,16 @@ def _kept_index(k: torch.Tensor | None) -> torch.Tensor | None:
     return None if k is None or bool(k.all()) else k.nonzero().flatten()
 
 
-def _check_channels_options(keep: float = 0.5, refit: bool = True) -> None:
+def _check_channels_options(keep: float = 0.5, refit: bool = True, streams: bool = True, trunk: float = 0.0,
+                            trunk_keep: float | None = None, score: str = "rate") -> None:
+    if score not in ("rate", "energy"):
+        raise CnnmodError(f"expected --score rate or energy, found {score!r}.")
     if not 0.0 < keep <= 1.0:
         raise CnnmodError(f"expected --keep in (0, 1], found {keep}.")
+    if not 0.0 <= trunk <= 1.0:
+        raise CnnmodError(f"expected --trunk in [0, 1], found {trunk}.")
+    if trunk_keep is not None and not 0.0 < trunk_keep <= 1.0:
+        raise CnnmodError(f"expected --trunk-keep in (0, 1], found {trunk_keep}.")
 
 
 channels_strategy.needs_sums = True  # the statistics pass also sums values (the fills' means)

@@ -14,7 +14,7 @@ need index bookkeeping across parts or groups).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .graph import Graph
 
@@ -26,6 +26,7 @@ class Spaces:
     of: dict[str, int]  # node -> space id
     prunable: set[int]
     relus: dict[int, list[str]]  # space -> its ReLU nodes (where removed channels get their constant)
+    streams: set[int] = field(default_factory=set)  # spaces tied by a residual add (a stage's stream)
 
     def members(self, space: int) -> list[str]:
         return [n for n, s in self.of.items() if s == space]
@@ -74,4 +75,5 @@ def channel_spaces(graph: Graph) -> Spaces:
         for i in node.inputs:
             if of[i] != of[node.name] and i not in after:
                 prunable.discard(of[i])  # someone outside reads a value from before the fill
-    return Spaces(of, prunable, relus)
+    streams = {of[n.name] for n in graph.nodes if n.op == "add"}
+    return Spaces(of, prunable, relus, streams)

@@ -40,6 +40,10 @@ class GraphNetwork(nn.Module):
         self.observer = None  # callable(name, value) while statistics are collected
         # After which node each value is no longer needed: freed then, so a forward pass holds
         # only the live activations (a ResNet-20 batch would otherwise keep all ~80 of them).
+        self._readers: dict[str, set[str]] = {}
+        for node in graph.nodes:
+            for i in node.inputs:
+                self._readers.setdefault(i, set()).add(node.name)
         last = {n.name: i for i, node in enumerate(graph.nodes) for n in graph.nodes if n.name in node.inputs}
         self._free_after: dict[int, list[str]] = {}
         for name, i in last.items():
@@ -84,34 +88,44 @@ class GraphNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run_all(x, keep=False)[self.graph.output]
 
-    def run_all(self, x: torch.Tensor, *, keep: bool = True, before=None) -> dict[str, torch.Tensor]:
+    def run_all(self, x: torch.Tensor, *, keep: bool = True, before=None, only: set[str] | None = None,
+                given: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Run the graph; return every layer's output by name (``keep=False``: only the output).
 
         ``before(node, inputs)``, if given, is called before each layer runs (it may change the
         layer's weights: the channels strategy re-fits layers one by one on their real inputs).
+        ``only``: run just these layers (a shared trunk, or what follows it); with ``keep=False`` a
+        trunk run returns the trunk's values that later layers read. ``given``: values of layers
+        computed elsewhere (by that trunk run).
         """
         values = {}
         for i, node in enumerate(self.graph.nodes):
-            if node.op == "input":
-                out = x
-            else:
-                xs = [values[i] for i in node.inputs]
-                if before is not None:
-                    before(node, xs)
-                out = self._run(node, xs)
-            if node.name in self.addmap_names:
-                out = out + getattr(self, "addmap__" + _key(node.name))
-            if node.name in self.fill_names:
-                out = torch.where(self.mask(node.name), out, getattr(self, "fill__" + _key(node.name)))
-            elif node.name in self.mask_names:
-                out = out * self.mask(node.name)  # zero this module's inactive elements
-            if self.observer is not None:
-                self.observer(node.name, out)
-            values[node.name] = out
-            if not keep:
-                for name in self._free_after.get(i, ()):
-                    del values[name]
+            if given is not None and node.name in given:
+                values[node.name] = given[node.name]
+            elif only is None or node.name in only:
+                values[node.name] = self._step(node, x, values, before)
+                for name in self._free_after.get(i, ()) if not keep else ():
+                    if only is None or self._readers[name] <= only:  # else a layer outside this run reads it
+                        values.pop(name, None)
         return values
+
+    def _step(self, node, x: torch.Tensor, values: dict, before) -> torch.Tensor:
+        if node.op == "input":
+            out = x
+        else:
+            xs = [values[i] for i in node.inputs]
+            if before is not None:
+                before(node, xs)
+            out = self._run(node, xs)
+        if node.name in self.addmap_names:
+            out = out + getattr(self, "addmap__" + _key(node.name))
+        if node.name in self.fill_names:
+            out = torch.where(self.mask(node.name), out, getattr(self, "fill__" + _key(node.name)))
+        elif node.name in self.mask_names:
+            out = out * self.mask(node.name)  # zero this module's inactive elements
+        if self.observer is not None:
+            self.observer(node.name, out)
+        return out
 
     def _run(self, node, xs: list[torch.Tensor]) -> torch.Tensor:
         a, w = node.attrs, lambda p: self.weight(f"{node.name}.{p}")
