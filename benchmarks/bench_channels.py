@@ -1,13 +1,15 @@
-"""Benchmark of issue #5: the channels strategy, its keep budget against accuracy, size and latency.
+"""Benchmark of issue #5: the channels strategy's options against accuracy, size and latency.
 
-    .venv/bin/python benchmarks/bench_channels.py [--only mnist|cifar]
+    .venv/bin/python benchmarks/bench_channels.py [--only mnist|cifar] [--fresh]
 
-For each keep budget: every class decomposed with ``--strategy channels --keep K``; all modules
-composed (the paper's vote and calibrated scores); per-module parameters and multiply-accumulates
-as fractions of the parent; wall-clock latency of the model, one module and the composed set on
-the same batch in the same run; and 2-class reuse from one parent against the parent restricted
-to the pair (CIFAR-10: the 6 pairs of 4 fixed classes). Writes the "channels" section of
-BENCHMARKS.md and results/channels_tradeoff.png.
+For each configuration (``CONFIGS``: keep budget, residual streams, channel score, shared
+trunk): every class decomposed with ``--strategy channels``; all modules composed (the paper's
+vote and calibrated scores); per-module parameters and multiply-accumulates as fractions of the
+parent, and the composed set's (each shared trunk counted once); wall-clock latency of the
+model, one module and the composed set on the same batch in the same run; and 2-class reuse from
+one parent against the parent restricted to the pair (CIFAR-10: the 6 pairs of 4 fixed classes).
+Configurations already in results/channels.json are kept unless ``--fresh``. Writes the
+"channels" section of BENCHMARKS.md and results/channels_tradeoff.png.
 """
 
 from __future__ import annotations
@@ -26,84 +28,86 @@ from common import CHECKPOINTS, CIFAR_TAR, RESULTS, machine, seconds, write_sect
 
 from cnnmod import TrainConfig, compose, decompose, load_data, load_model, train  # noqa: E402
 from cnnmod.evaluate import evaluate_scores  # noqa: E402
+from cnnmod.modules.extract import cost  # noqa: E402
+from cnnmod.trace import GraphNetwork, trace_graph  # noqa: E402
 from bench_reuse import CIFAR_FOUR, MNIST_FOUR, restricted  # noqa: E402  (the same pairs as issue #4's)
 
-KEEPS = (1.0, 0.75, 0.5, 0.25)
+# label -> channels strategy options. "keep K": every prunable space, firing-rate scores (the
+# first version); "inner": residual streams kept whole; "trunk": the shared trunk.
+CONFIGS = {
+    "keep 1.0": dict(keep=1.0), "keep 0.75": dict(keep=0.75), "keep 0.5": dict(keep=0.5),
+    "keep 0.25": dict(keep=0.25),
+    "inner, energy, keep 0.75": dict(keep=0.75, streams=False, score="energy"),
+    "inner, energy, keep 0.5": dict(keep=0.5, streams=False, score="energy"),
+    "inner, energy, keep 0.25": dict(keep=0.25, streams=False, score="energy"),
+    "inner, energy, trunk 1.0, keep 0.75": dict(keep=0.75, streams=False, score="energy", trunk=1.0),
+    "inner, energy, trunk 0.67 (keep 0.75), keep 0.5": dict(keep=0.5, streams=False, score="energy", trunk=0.67,
+                                                            trunk_keep=0.75),
+    "inner, energy, trunk 0.67 (keep 1.0), keep 0.25": dict(keep=0.25, streams=False, score="energy", trunk=0.67,
+                                                            trunk_keep=1.0),
+}
 
 
-def measure(name: str, model, train_set, test_set, four: list[str]) -> dict:
+def measure(name: str, model, train_set, test_set, four: list[str], done: dict) -> dict:
     model.eval()
-    batch = test_set.images[:256]
-    with torch.no_grad():
-        model_s = seconds(lambda: model(model.input_spec.prepare(batch)), repeat=5)
     base = evaluate_scores(restricted(model, model.cnnmod_meta["classes"]), test_set, test_set.classes)
+    shape = (model.input_spec.channels, *model.input_spec.size)
+    model_macs = cost(GraphNetwork(trace_graph(model), model.state_dict()), shape)["macs"]
     rows = []
-    for keep in KEEPS:
-        modules = decompose(model, train_set, strategy="channels", keep=keep)
+    for label, options in CONFIGS.items():
+        if label in done:
+            rows.append(done[label])
+            continue
+        modules = decompose(model, train_set, strategy="channels", **options)
         by_name = {m.class_name: m for m in modules}
-        row = {"keep": keep, "decompose_seconds": modules[0].timing["total_seconds"]}
+        row = {"config": label, "options": options, "decompose_seconds": modules[0].timing["total_seconds"]}
         for rule in ("vote", "calibrated"):
             row[f"top1_{rule}"] = evaluate_scores(compose(modules, rule=rule).score_images, test_set,
                                                   test_set.classes)["top1"]
         for key in ("params_fraction", "flops_fraction"):
             row[key] = sum(m.meta[key] for m in modules) / len(modules)
-        clf, one = compose(modules), modules[0]
-        with torch.no_grad():
-            row["module_over_model"] = seconds(lambda: one.network(one.input_spec.prepare(batch)), repeat=5) / model_s
-            row["composed_over_model"] = seconds(lambda: clf.score_images(batch), repeat=5) / model_s
+        row["composed_macs_fraction"] = compose(modules).cost()["macs"] / model_macs
+        row.update(latency(model, modules, test_set.images[:256]))
         pairs = []
         for a, b in itertools.combinations(four, 2):
-            pair = test_set.only([a, b])
-            pairs.append({"pair": [a, b],
-                          "modules": evaluate_scores(compose([by_name[a], by_name[b]], rule="vote").score_images,
-                                                     pair, [a, b])["top1"],
+            pair, clf = test_set.only([a, b]), compose([by_name[a], by_name[b]], rule="vote")
+            pairs.append({"pair": [a, b], "macs_fraction": clf.cost()["macs"] / model_macs,
+                          "modules": evaluate_scores(clf.score_images, pair, [a, b])["top1"],
                           "parent": evaluate_scores(restricted(model, [a, b]), pair, [a, b])["top1"]})
         row["pairs"] = pairs
         row["pair_gap_mean"] = sum(p["parent"] - p["modules"] for p in pairs) / len(pairs)
         row["pair_gap_max"] = max(p["parent"] - p["modules"] for p in pairs)
+        row["pair_macs_fraction"] = sum(p["macs_fraction"] for p in pairs) / len(pairs)
         print(name, {k: v for k, v in row.items() if k != "pairs"}, flush=True)
         rows.append(row)
     return {"name": name, "model_top1": base["top1"], "rows": rows}
 
 
-def latencies(model, train_set, test_set, repeat: int = 7) -> dict[float, dict]:
-    """Model, one module and all modules composed on one batch, interleaved in one run.
-
-    Latency depends on the modules' sizes, not on how well they were chosen, so the modules here
-    come from a quick decomposition (100 images per class); timings alternate between the three
-    so that machine noise hits each alike.
-    """
-    model.eval()
-    batch = test_set.images[:256]
-    out = {}
-    for keep in KEEPS:
-        modules = decompose(model, train_set, strategy="channels", keep=keep, positives=100, calibration=0)
-        clf, one = compose(modules, rule="vote"), modules[0]
-        times = {"model": [], "module": [], "composed": []}
-        with torch.no_grad():
-            for _ in range(repeat):
-                times["model"].append(seconds(lambda: model(model.input_spec.prepare(batch))))
-                times["module"].append(seconds(lambda: one.network(one.input_spec.prepare(batch))))
-                times["composed"].append(seconds(lambda: clf.score_images(batch)))
-        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-        out[keep] = {"module_over_model": med["module"] / med["model"],
-                     "composed_over_model": med["composed"] / med["model"], "model_ms": 1000 * med["model"]}
-        print(keep, out[keep], flush=True)
-    return out
+def latency(model, modules, batch: torch.Tensor, repeat: int = 7) -> dict:
+    """Model, one module and all modules composed on one batch, timed alternately in one run
+    (machine noise hits each alike), median of ``repeat``."""
+    clf, one = compose(modules, rule="vote"), modules[0]
+    times = {"model": [], "module": [], "composed": []}
+    with torch.no_grad():
+        for _ in range(repeat):
+            times["model"].append(seconds(lambda: model(model.input_spec.prepare(batch))))
+            times["module"].append(seconds(lambda: one.network(one.input_spec.prepare(batch))))
+            times["composed"].append(seconds(lambda: clf.score_images(batch)))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"module_over_model": med["module"] / med["model"], "composed_over_model": med["composed"] / med["model"],
+            "model_ms": 1000 * med["model"]}
 
 
-def mnist_result() -> dict:
+def mnist_model():
     train_set, test_set = load_data("mnist5k", "train"), load_data("mnist5k", "test")
     with tempfile.TemporaryDirectory() as tmp:
         train("smallcnn", train_set, Path(tmp) / "m.safetensors", TrainConfig(epochs=5, lr=0.05), progress=False)
-        model = load_model(Path(tmp) / "m.safetensors")
-    return measure("mnist5k smallcnn (5 epochs, trained here)", model, train_set, test_set, MNIST_FOUR)
+        return load_model(Path(tmp) / "m.safetensors"), train_set, test_set
 
 
-def cifar_result() -> dict:
-    model = load_model(CHECKPOINTS / "cifar10_resnet20.safetensors")
-    return measure("CIFAR-10 ResNet-20 (reference)", model, load_data(str(CIFAR_TAR), "train"),
-                   load_data(str(CIFAR_TAR), "val"), CIFAR_FOUR)
+def cifar_model():
+    return (load_model(CHECKPOINTS / "cifar10_resnet20.safetensors"), load_data(str(CIFAR_TAR), "train"),
+            load_data(str(CIFAR_TAR), "val"))
 
 
 def plot(results: list[dict]) -> str:
@@ -112,18 +116,25 @@ def plot(results: list[dict]) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for res in results:
-        xs = [r["params_fraction"] for r in res["rows"]]
-        ax.plot(xs, [100 * r["top1_vote"] for r in res["rows"]], "o-", label=f"{res['name']}: modules")
-        ax.axhline(100 * res["model_top1"], linestyle=":", color=ax.lines[-1].get_color())
-        for r, x in zip(res["rows"], xs):
-            ax.annotate(f"keep {r['keep']}", (x, 100 * r["top1_vote"]), fontsize=7, xytext=(3, -10),
-                        textcoords="offset points")
-    ax.set_xlabel("parameters per module, fraction of the parent")
-    ax.set_ylabel("all modules composed, top-1 % (dotted: model)")
-    ax.set_title("channels strategy: keep budget vs accuracy vs size", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        families = {"all spaces, rate score": ("o-", lambda c: c.startswith("keep")),
+                    "streams whole, energy score": ("s-", lambda c: c.startswith("inner") and "trunk" not in c),
+                    "shared trunk": ("^", lambda c: "trunk" in c)}
+        for label, (marker, member) in families.items():
+            rows = sorted((r for r in res["rows"] if member(r["config"])), key=lambda r: r["flops_fraction"])
+            if not rows:
+                continue
+            ax.plot([r["flops_fraction"] for r in rows], [100 * r["top1_vote"] for r in rows], marker, label=label)
+            for r in rows:
+                ax.annotate(r["config"].replace("inner, energy, ", ""), (r["flops_fraction"], 100 * r["top1_vote"]),
+                            fontsize=6, xytext=(3, -9), textcoords="offset points")
+        ax.axhline(100 * res["model_top1"], linestyle=":", color="grey", label="model")
+        ax.set_xlabel("multiply-accumulates per module, fraction of the parent")
+        ax.set_ylabel("all modules composed (vote), top-1 %")
+        ax.set_title(res["name"], fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("channels strategy: size vs accuracy", fontsize=10)
     fig.tight_layout()
     fig.savefig(RESULTS / "channels_tradeoff.png", dpi=110)
     return "benchmarks/results/channels_tradeoff.png"
@@ -132,26 +143,34 @@ def plot(results: list[dict]) -> str:
 def render(results: list[dict], png: str) -> str:
     lines = ["## Small modules (issue #5): the channels strategy", "",
              f"Command: `.venv/bin/python benchmarks/bench_channels.py` (machine: {machine()}). "
-             "`--strategy channels --keep K`: each module keeps the share K of every prunable channel space "
-             "(the channels that fire most differently on its class), removed channels are replaced by their "
-             "mean, the module is extracted into a physically smaller network, and the layers reading removed "
-             "channels are re-fitted in closed form (ridge least squares on 256 sample images, no gradient "
-             "training). Latencies (`bench_channels.py --latency-only`, rerun on a quiet machine): one batch of "
-             "256 test images, model, one module and all 10 modules composed timed alternately, median of 7; "
-             "composed = the 10 modules run one after the other (no shared trunk yet). Decomposition seconds come "
-             "from the main run, which shared the 2 cores with other benchmarks.", ""]
+             "`--strategy channels`: each module keeps a share of each prunable channel space, removed channels "
+             "are replaced by their mean, the module is extracted into a physically smaller network, and the "
+             "layers reading removed channels are re-fitted in closed form (ridge least squares on 256 sample "
+             "images, no gradient training). Configurations: `keep K` prunes every space, residual streams "
+             "included, ranked by firing rate (`--keep K`); `inner, energy` keeps residual streams whole and ranks "
+             "by the energy score (`--keep-streams --score energy`); `trunk T (keep k)` chooses the spaces in "
+             "the first share T of the MACs alike for every class (`--trunk T --trunk-keep k`), so that "
+             "`compose` runs them once. MACs: per module, and of the composition with each trunk counted once "
+             "(`ComposedClassifier.cost()`). Latency: one batch of 256 validation images, the model, one module "
+             "and all 10 modules composed timed alternately in one run, median of 7 (rows measured on a loaded "
+             "machine say so). 2-class reuse: the pairs of 4 fixed classes, vote, against the parent restricted "
+             "to the pair; its MACs count the pair's trunk once.", ""]
     for res in results:
         lines += [f"### {res['name']}: model top-1 {100 * res['model_top1']:.2f}", "",
-                  "| keep | composed top-1, vote | calibrated | params / parent | MACs / parent | one module / model "
-                  "| 10 modules / model | 2-class reuse: below parent restricted, mean (worst) | decompose (s) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| configuration | composed top-1, vote | calibrated | params / parent | MACs / parent "
+                  "| 10 composed: MACs / model | one module: latency / model | 10 composed: latency / model "
+                  "| 2-class reuse: below parent, mean (worst) | 2-class: MACs / parent |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["rows"]:
-            lines.append(f"| {r['keep']} | {100 * r['top1_vote']:.2f} | {100 * r['top1_calibrated']:.2f} | "
-                         f"{r['params_fraction']:.3f} | {r['flops_fraction']:.3f} | {r['module_over_model']:.2f}x | "
-                         f"{r['composed_over_model']:.2f}x | {100 * r['pair_gap_mean']:.2f} ({100 * r['pair_gap_max']:.2f}) "
-                         f"points | {r['decompose_seconds']:.0f} |")
+            composed_macs = f"{r['composed_macs_fraction']:.2f}x" if "composed_macs_fraction" in r else \
+                f"{10 * r['flops_fraction']:.2f}x"
+            pair_macs = f"{r['pair_macs_fraction']:.2f}" if "pair_macs_fraction" in r else f"{2 * r['flops_fraction']:.2f}"
+            lines.append(f"| {r['config']} | {100 * r['top1_vote']:.2f} | {100 * r['top1_calibrated']:.2f} | "
+                         f"{r['params_fraction']:.3f} | {r['flops_fraction']:.3f} | {composed_macs} | "
+                         f"{r['module_over_model']:.2f}x | {r['composed_over_model']:.2f}x | "
+                         f"{100 * r['pair_gap_mean']:.2f} ({100 * r['pair_gap_max']:.2f}) points | {pair_macs} |")
         lines.append("")
-    lines += [f"![keep budget vs accuracy vs size]({png})", "",
+    lines += [f"![size vs accuracy]({png})", "",
               "Targets of issue #5 (ResNet-20): modules <= 25% of parameters and FLOPs with the composed set within "
               "1.5 points of the model and no slower than it; 2-class reuse within 1 point of the parent at <= 40% "
               "FLOPs. Where a row misses them, it is reported as measured."]
@@ -161,38 +180,37 @@ def render(results: list[dict], png: str) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["mnist", "cifar"], default=None)
+    parser.add_argument("--fresh", action="store_true", help="measure every configuration again")
     parser.add_argument("--latency-only", action="store_true",
                         help="re-measure only the latencies (on a quiet machine) into the last results")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     previous = RESULTS / "channels.json"
     kept = json.loads(previous.read_text())["results"] if previous.exists() else []
-    if args.latency_only:
-        for res in kept:
-            if res["name"].startswith("mnist"):
-                train_set, test_set = load_data("mnist5k", "train"), load_data("mnist5k", "test")
-                with tempfile.TemporaryDirectory() as tmp:
-                    train("smallcnn", train_set, Path(tmp) / "m.safetensors", TrainConfig(epochs=5, lr=0.05),
-                          progress=False)
-                    model = load_model(Path(tmp) / "m.safetensors")
-            else:
-                model = load_model(CHECKPOINTS / "cifar10_resnet20.safetensors")
-                train_set, test_set = load_data(str(CIFAR_TAR), "train"), load_data(str(CIFAR_TAR), "val")
-            measured = latencies(model, train_set, test_set)
-            for row in res["rows"]:
-                row.update(measured[row["keep"]], latency_run="--latency-only")
-        write_section("channels", render(kept, plot(kept)), {"results": kept})
-        return
-    fresh = []
-    if args.only in (None, "mnist"):
-        fresh.append(mnist_result())
-    if args.only in (None, "cifar") and CIFAR_TAR.exists():
-        fresh.append(cifar_result())
-    names = {r["name"] for r in fresh}
-    results = [r for r in kept if r["name"] not in names] + fresh
-    results.sort(key=lambda r: not r["name"].startswith("mnist"))
-    png = plot(results)
-    write_section("channels", render(results, png), {"results": results})
+    for res in kept:  # results of the first version were keyed by keep alone
+        for row in res["rows"]:
+            row.setdefault("config", f"keep {row.get('keep')}")
+    wanted = [("mnist", mnist_model), ("cifar", cifar_model)]
+    wanted = [(k, load) for k, load in wanted if args.only in (None, k) and (k == "mnist" or CIFAR_TAR.exists())]
+    results = {r["name"]: r for r in kept}
+    for key, load in wanted:
+        model, train_set, test_set = load()
+        old = next((r for r in kept if r["name"].lower().startswith(key)), {"rows": []})
+        if args.latency_only:  # latency depends on sizes only: quick decompositions, same options
+            for row in old["rows"]:
+                modules = decompose(model, train_set, strategy="channels", positives=100, calibration=0,
+                                    **CONFIGS[row["config"]])
+                row.update(latency(model, modules, test_set.images[:256]), latency_run="--latency-only")
+                print(row["config"], row["composed_over_model"], flush=True)
+            results[old["name"]] = old
+            continue
+        done = {} if args.fresh else {r["config"]: r for r in old["rows"]}
+        name = "mnist5k smallcnn (5 epochs, trained here)" if key == "mnist" else "CIFAR-10 ResNet-20 (reference)"
+        results[name] = measure(name, model, train_set, test_set, MNIST_FOUR if key == "mnist" else CIFAR_FOUR, done)
+        ordered = sorted(results.values(), key=lambda r: not r["name"].startswith("mnist"))
+        write_section("channels", render(ordered, plot(ordered)), {"results": ordered})  # after each data set
+    ordered = sorted(results.values(), key=lambda r: not r["name"].startswith("mnist"))
+    write_section("channels", render(ordered, plot(ordered)), {"results": ordered})
 
 
 if __name__ == "__main__":
