@@ -185,3 +185,23 @@ def test_shared_trunk_of_resnets_gives_each_network_its_own_output():
     with torch.no_grad():
         for out, net in zip(run_group(group, nets, x), nets):
             assert torch.equal(out, net(x))
+
+
+def test_energy_score_removes_a_constant_channel_first(tmp_path):
+    # A channel whose BatchNorm scale is 0 is the same constant for every image: replacing it by
+    # its mean changes nothing, so the energy score ranks it last and keep=15/16 removes it.
+    data = load_data("digits", "train")
+    train("smallcnn", data, tmp_path / "m.safetensors", TrainConfig(epochs=1, lr=0.05), progress=False)
+    model = load_model(tmp_path / "m.safetensors")
+    with torch.no_grad():
+        model.features[1].weight[3] = 0.0
+        model.features[1].bias[3] = 0.7
+    modules = decompose(model, data, strategy="channels", keep=15 / 16, score="energy", calibration=0)
+    parent_rows = model.features[0].weight
+    for m in modules[:3]:
+        kept = m.network.weight("features.0.weight")
+        assert kept.shape[0] == 15
+        assert torch.equal(kept, torch.cat([parent_rows[:3], parent_rows[4:]]))
+    # retain: each space keeps the fewest best channels that hold that share of its score.
+    few = decompose(model, data, strategy="channels", score="energy", retain=0.5, calibration=0)
+    assert all(m.network.weight("features.0.weight").shape[0] < 15 for m in few)

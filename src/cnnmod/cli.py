@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channels strategy: share of each trunk channel space kept (default: --keep)")
     p.add_argument("--keep-streams", action="store_true",
                    help="channels strategy: keep residual streams whole, prune only inside blocks")
+    p.add_argument("--score", default="rate", choices=["rate", "energy"],
+                   help="channels strategy: rank channels by firing rate per class or by the error removing them causes")
+    p.add_argument("--retain", type=float, default=None,
+                   help="channels strategy: instead of --keep, keep per space the best channels holding this share "
+                        "of the space's total score")
     p.add_argument("--positives", type=int, default=1000, help="images per class observed (paper: 1000)")
     p.add_argument("--negatives-per-class", type=int, default=None,
                    help="negatives of each other class (default: positives // (classes - 1), 1:1)")
@@ -177,7 +182,8 @@ def cmd_decompose(args) -> int:
                                      batch_size=args.batch_size, progress=not args.json,
                                      **({"delta": args.delta} if args.strategy == "paper" else
                                         {"keep": args.keep, "trunk": args.trunk, "trunk_keep": args.trunk_keep,
-                                         "streams": not args.keep_streams}),
+                                         "streams": not args.keep_streams, "score": args.score,
+                                         "retain": args.retain}),
                                      resume=args.resume, device=args.device, precision=args.precision)
     if summary["rank"] != 0:
         return 0  # rank 0 reports for the group

@@ -133,7 +133,7 @@ def paper_strategy(parent: Parent, c: int, *, delta: float = 0.5) -> tuple[Graph
 
 def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool = True, streams: bool = True,
                       trunk: float = 0.0, trunk_keep: float | None = None,
-                      score: str = "rate") -> tuple[GraphNetwork, dict]:
+                      score: str = "rate", retain: float | None = None) -> tuple[GraphNetwork, dict]:
     """Keep the ``keep`` share of each prunable channel space that best tells class c apart.
 
     A channel's score is how differently it fires on class c than on the other classes, from the
@@ -150,8 +150,10 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     accumulates are pruned alike for every class (the ``trunk_keep`` share, default ``keep``, of
     the channels with the best score averaged over the classes), so every module of this parent
     holds the same trunk, bit for bit, and ``compose`` runs it once for all of them.
+    ``retain`` (instead of a fixed share per space): each space keeps the fewest best channels
+    whose scores add up to this share of the space's total, so the budget follows each layer.
     """
-    _check_channels_options(keep, refit, streams, trunk, trunk_keep, score)
+    _check_channels_options(keep, refit, streams, trunk, trunk_keep, score, retain)
     trunk_keep = keep if trunk_keep is None else trunk_keep
     spaces = parent.channel_spaces()
     w, b = parent.weights[f"{parent.head}.weight"], parent.weights.get(f"{parent.head}.bias")
@@ -165,9 +167,13 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
         if space in spaces.streams and not streams:
             continue
         share, ranked = (trunk_keep, common[space]) if space in shared else (keep, own[space])
+        order = torch.sort(ranked, descending=True, stable=True)
         k = max(1, round(share * ranked.numel()))
+        if retain is not None and space not in shared:
+            total = order.values.double().cumsum(0)
+            k = max(1, int((total < retain * total[-1]).sum()) + 1)
         chosen = torch.zeros(ranked.numel(), dtype=torch.bool)
-        chosen[torch.sort(ranked, descending=True, stable=True).indices[:k]] = True
+        chosen[order.indices[:k]] = True
         keep_channels[space] = chosen
         for relu in spaces.relus[space]:
             shape = parent.shapes[relu]
@@ -200,7 +206,9 @@ def _kept_index(k: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _check_channels_options(keep: float = 0.5, refit: bool = True, streams: bool = True, trunk: float = 0.0,
-                            trunk_keep: float | None = None, score: str = "rate") -> None:
+                            trunk_keep: float | None = None, score: str = "rate", retain: float | None = None) -> None:
+    if retain is not None and not 0.0 < retain <= 1.0:
+        raise CnnmodError(f"expected --retain in (0, 1], found {retain}.")
     if score not in ("rate", "energy"):
         raise CnnmodError(f"expected --score rate or energy, found {score!r}.")
     if not 0.0 < keep <= 1.0:
