@@ -33,13 +33,18 @@ from cnnmod.trace import GraphNetwork, trace_graph  # noqa: E402
 from bench_reuse import CIFAR_FOUR, MNIST_FOUR, restricted  # noqa: E402  (the same pairs as issue #4's)
 
 # label -> channels strategy options. "keep K": every prunable space, firing-rate scores (the
-# first version); "inner": residual streams kept whole; "trunk": the shared trunk.
+# first version); "inner": residual streams kept whole; "retain": the per-space budget that keeps
+# this share of each space's score; "trunk": the shared trunk.
 CONFIGS = {
     "keep 1.0": dict(keep=1.0), "keep 0.75": dict(keep=0.75), "keep 0.5": dict(keep=0.5),
     "keep 0.25": dict(keep=0.25),
     "inner, energy, keep 0.75": dict(keep=0.75, streams=False, score="energy"),
     "inner, energy, keep 0.5": dict(keep=0.5, streams=False, score="energy"),
     "inner, energy, keep 0.25": dict(keep=0.25, streams=False, score="energy"),
+    "inner, energy, retain 0.9": dict(streams=False, score="energy", retain=0.9),
+    "inner, energy, retain 0.8": dict(streams=False, score="energy", retain=0.8),
+    "inner, energy, trunk 1.0, retain 0.9": dict(streams=False, score="energy", trunk=1.0, retain=0.9),
+    "inner, energy, trunk 1.0, retain 0.95": dict(streams=False, score="energy", trunk=1.0, retain=0.95),
     "inner, energy, trunk 1.0, keep 0.75": dict(keep=0.75, streams=False, score="energy", trunk=1.0),
     "inner, energy, trunk 0.67 (keep 0.75), keep 0.5": dict(keep=0.5, streams=False, score="energy", trunk=0.67,
                                                             trunk_keep=0.75),
@@ -148,7 +153,8 @@ def render(results: list[dict], png: str) -> str:
              "layers reading removed channels are re-fitted in closed form (ridge least squares on 256 sample "
              "images, no gradient training). Configurations: `keep K` prunes every space, residual streams "
              "included, ranked by firing rate (`--keep K`); `inner, energy` keeps residual streams whole and ranks "
-             "by the energy score (`--keep-streams --score energy`); `trunk T (keep k)` chooses the spaces in "
+             "by the energy score (`--keep-streams --score energy`); `retain R` keeps per space the fewest best "
+             "channels holding the share R of the space's score (`--retain R`); `trunk T (keep k)` chooses the spaces in "
              "the first share T of the MACs alike for every class (`--trunk T --trunk-keep k`), so that "
              "`compose` runs them once. MACs: per module, and of the composition with each trunk counted once "
              "(`ComposedClassifier.cost()`). Latency: one batch of 256 validation images, the model, one module "

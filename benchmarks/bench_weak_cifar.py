@@ -48,7 +48,8 @@ def main(argv=None):
     if not WEAK.exists():
         config = TrainConfig(epochs=args.epochs, lr=0.1, batch_size=128, seed=0)
         start = time.perf_counter()
-        meta = train("resnet20", weak_set, WEAK, config, val=val, progress=False)
+        resume = WEAK.with_name(WEAK.name + ".resume.safetensors").exists()  # an interrupted run continues
+        meta = train("resnet20", weak_set, WEAK, config, val=val, progress=False, resume=resume)
         log = {"command": f"benchmarks/bench_weak_cifar.py --epochs {args.epochs}", "config": vars(config),
                "train_images": len(weak_set.labels), "seconds": time.perf_counter() - start,
                "machine": machine(), "accuracy": meta.get("accuracy")}

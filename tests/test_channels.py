@@ -205,3 +205,7 @@ def test_energy_score_removes_a_constant_channel_first(tmp_path):
     # retain: each space keeps the fewest best channels that hold that share of its score.
     few = decompose(model, data, strategy="channels", score="energy", retain=0.5, calibration=0)
     assert all(m.network.weight("features.0.weight").shape[0] < 15 for m in few)
+    # ... the trunk's spaces too, chosen alike for every class: one shared trunk.
+    shared = decompose(model, data, strategy="channels", score="energy", retain=0.5, trunk=1.0, calibration=0)
+    assert shared[0].network.weight("features.0.weight").shape[0] < 15
+    assert "features.4" in compose(shared).trunk_layers()[0]

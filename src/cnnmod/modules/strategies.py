@@ -151,9 +151,11 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     the channels with the best score averaged over the classes), so every module of this parent
     holds the same trunk, bit for bit, and ``compose`` runs it once for all of them.
     ``retain`` (instead of a fixed share per space): each space keeps the fewest best channels
-    whose scores add up to this share of the space's total, so the budget follows each layer.
+    whose scores add up to this share of the space's total, so the budget follows each layer
+    (the trunk's spaces too, unless ``trunk_keep`` is given).
     """
     _check_channels_options(keep, refit, streams, trunk, trunk_keep, score, retain)
+    trunk_retain = retain if trunk_keep is None else None  # --trunk-keep, when given, rules the trunk
     trunk_keep = keep if trunk_keep is None else trunk_keep
     spaces = parent.channel_spaces()
     w, b = parent.weights[f"{parent.head}.weight"], parent.weights.get(f"{parent.head}.bias")
@@ -166,12 +168,13 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     for space in sorted(spaces.prunable):
         if space in spaces.streams and not streams:
             continue
-        share, ranked = (trunk_keep, common[space]) if space in shared else (keep, own[space])
+        share, ranked, held = (trunk_keep, common[space], trunk_retain) if space in shared else \
+            (keep, own[space], retain)
         order = torch.sort(ranked, descending=True, stable=True)
         k = max(1, round(share * ranked.numel()))
-        if retain is not None and space not in shared:
+        if held is not None:
             total = order.values.double().cumsum(0)
-            k = max(1, int((total < retain * total[-1]).sum()) + 1)
+            k = max(1, int((total < held * total[-1]).sum()) + 1)
         chosen = torch.zeros(ranked.numel(), dtype=torch.bool)
         chosen[order.indices[:k]] = True
         keep_channels[space] = chosen
