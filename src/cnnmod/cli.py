@@ -193,7 +193,11 @@ def cmd_decompose(args) -> int:
         print(f"wrote {len(summary['modules'])} modules to {args.out} in {summary['seconds']:.1f} s "
               f"({summary['images']} images observed)")
         for name, m in summary["modules"].items():
-            print(f"  {name:<12} keeps {m['share_kept']:.4f} of the observed elements")
+            if "params_fraction" in m:  # the channels strategy
+                print(f"  {name:<12} keeps {m['share_kept']:.4f} of the prunable channels: "
+                      f"{m['params_fraction']:.3f} of the parameters, {m['flops_fraction']:.3f} of the MACs")
+            else:
+                print(f"  {name:<12} keeps {m['share_kept']:.4f} of the observed elements")
     return 0
 
 
