@@ -47,6 +47,14 @@ def restricted(model, names):
     return lambda images: model(model.input_spec.prepare(images))[:, idx]
 
 
+def weakened(data: Dataset, c: int) -> Dataset:
+    """``data`` with only the first 10% (in file order) of class c's images: the weak-class scenario."""
+    index = torch.nonzero(data.labels == c).flatten()
+    dropped = torch.zeros(len(data.labels), dtype=torch.bool)
+    dropped[index[len(index) // 10:]] = True
+    return data.subset(torch.nonzero(~dropped).flatten())
+
+
 def composed_acc(modules, data, rule="auto"):
     clf = compose(modules, rule=rule)
     return evaluate_scores(clf.score_images, data, clf.classes)
@@ -106,9 +114,7 @@ def mnist_scenarios(tmp: Path, energy: Energy) -> dict:
         })
 
     # weak-class repair: only 10% of class 5's training images
-    fives = torch.nonzero(train_set.labels == 5).flatten()
-    drop = fives[len(fives) // 10:]
-    weak_set = train_set.subset(torch.tensor(sorted(set(range(len(train_set))) - set(drop.tolist()))))
+    weak_set = weakened(train_set, 5)
     train("smallcnn", weak_set, tmp / "weak.safetensors", RECIPE, progress=False)
     weak = load_model(tmp / "weak.safetensors")
     weak_modules = decompose(weak, weak_set)

@@ -99,8 +99,9 @@ class ComposedClassifier(nn.Module):
 
         total = {"params": 0, "macs": 0, "trunk_params": 0, "trunk_macs": 0, "separate_params": 0, "separate_macs": 0}
         for g in self.groups:
+            spec = self.modules_[g.members[0]].input_spec  # one input preparation per group
+            shape = (spec.channels, *spec.size)
             for k in g.members:
-                shape = (self.modules_[k].input_spec.channels, *self.modules_[k].input_spec.size)
                 alone = cost(self.networks[k], shape)
                 branch = cost(self.networks[k], shape, g.branch) if g.trunk else alone
                 total["separate_params"] += alone["params"]

@@ -37,7 +37,7 @@ class Group:
 
 def _tensors(net: GraphNetwork, name: str, op: str) -> dict[str, torch.Tensor]:
     found = {p: net.weight(f"{name}.{p}") for p in PARAMS.get(op, ())}
-    found.update(mask=net.mask(name), fill=net.fills().get(name), addmap=net.addmaps().get(name))
+    found.update(mask=net.mask(name), fill=net.fill(name), addmap=net.addmap(name))
     return {k: v for k, v in found.items() if v is not None}
 
 

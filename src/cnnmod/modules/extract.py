@@ -16,6 +16,8 @@ stored in a module file without code.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -74,6 +76,13 @@ def extract(net: GraphNetwork, spaces: Spaces, keep: dict[int, torch.Tensor],
     return GraphNetwork(graph, new, addmaps=addmaps)
 
 
+def layer_macs(node, out_shape: tuple[int, ...], weight: torch.Tensor) -> int:
+    """Multiply-accumulates per image of a conv (output elements x Cin/groups*kh*kw) or linear layer."""
+    if node.op == "conv":
+        return math.prod(out_shape) * weight[0].numel()
+    return weight.numel() if node.op == "linear" else 0
+
+
 @torch.no_grad()
 def cost(net: GraphNetwork, input_shape: tuple[int, ...], nodes: set[str] | None = None) -> dict[str, int]:
     """Parameters (weights and biases, BatchNorm's affine pair) and multiply-accumulates per image
@@ -86,9 +95,6 @@ def cost(net: GraphNetwork, input_shape: tuple[int, ...], nodes: set[str] | None
     for node in net.graph.nodes:
         if nodes is not None and node.name not in nodes:
             continue
-        if node.op == "conv":
-            weight = w[f"{node.name}.weight"]
-            macs += values[node.name][0].numel() * weight[0].numel()  # outputs x (Cin/groups * kh * kw)
-        elif node.op == "linear":
-            macs += w[f"{node.name}.weight"].numel()
+        if node.op in ("conv", "linear"):
+            macs += layer_macs(node, tuple(values[node.name].shape[1:]), w[f"{node.name}.weight"])
     return {"params": int(params), "macs": int(macs)}

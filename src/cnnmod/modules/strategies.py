@@ -8,7 +8,6 @@ extracts a physically smaller network (ours; see ``channels_strategy``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,7 +19,7 @@ from ..statistics import ActivationStats
 from ..trace.channels import Spaces, channel_spaces
 from ..trace.graph import Graph
 from ..trace.network import GraphNetwork
-from .extract import cost, extract
+from .extract import cost, extract, layer_macs
 from .reconstruct import reconstruct_
 
 
@@ -37,6 +36,8 @@ class Parent:
     sample_labels: torch.Tensor | None = None  # (len(sample),) parent class of each sample image
     _outputs: dict | None = None
     _common_scores: dict = field(default_factory=dict)
+    _energy: tuple | None = None
+    _cost: dict | None = None
 
     def channel_spaces(self) -> Spaces:
         if self.spaces is None:
@@ -46,12 +47,8 @@ class Parent:
     def trunk_spaces(self, share: float) -> set[int]:
         """The prunable spaces whose first layer starts within the first ``share`` of the MACs."""
         spaces = self.channel_spaces()
-        macs = {}
-        for node in self.graph.nodes:
-            if node.op == "conv":
-                macs[node.name] = math.prod(self.shapes[node.name]) * self.weights[f"{node.name}.weight"][0].numel()
-            elif node.op == "linear":
-                macs[node.name] = self.weights[f"{node.name}.weight"].numel()
+        macs = {n.name: layer_macs(n, self.shapes[n.name], self.weights[f"{n.name}.weight"])
+                for n in self.graph.nodes if n.op in ("conv", "linear")}
         total, before, start = sum(macs.values()), 0, {}
         for node in self.graph.nodes:
             start.setdefault(spaces.of[node.name], before / total)
@@ -84,23 +81,39 @@ class Parent:
         correlations (the closed-form re-fit then absorbs what it can). For a class c the
         expectation weighs class c's images one half and the others one half; ``None``: all alike.
         """
-        spaces = self.channel_spaces()
-        relus = {r for s in spaces.prunable for r in spaces.relus[s]}
-        values = self.outputs(relus)
-        mine = self.sample_labels == c if c is not None else torch.ones(len(self.sample), dtype=torch.bool)
-        weigh = torch.where(mine, 0.5 / mine.sum().clamp_min(1), 0.5 / (~mine).sum().clamp_min(1)) \
-            if c is not None else torch.full((len(self.sample),), 1.0 / len(self.sample))
-        scores = {}
-        for s in spaces.prunable:
-            dev = sum(((values[r] - self.stats.mean(r).float()) ** 2).flatten(2).mean(2).T @ weigh
-                      for r in spaces.relus[s])  # (C,)
-            norm = torch.zeros_like(dev)
-            for node in self.graph.nodes:
-                if node.op in ("conv", "linear") and spaces.of[node.inputs[0]] == s:
-                    w = self.weights[f"{node.name}.weight"]
-                    norm += w.pow(2).reshape(w.shape[0], len(dev), -1).sum((0, 2))
-            scores[s] = dev * norm
-        return scores
+        deviation, norm = self._energy_parts()
+        if c is None:
+            weigh = torch.full((len(self.sample),), 1.0 / len(self.sample))
+        else:
+            mine = self.sample_labels == c
+            weigh = torch.where(mine, 0.5 / mine.sum().clamp_min(1), 0.5 / (~mine).sum().clamp_min(1))
+        return {s: (deviation[s].T @ weigh) * norm[s] for s in deviation}
+
+    @torch.no_grad()
+    def _energy_parts(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Per prunable space: each sample image's mean squared deviation per channel (N, C), summed
+        over the space's ReLUs, and the squared norm of the weights reading each channel (C,).
+        Computed once; only the weighting of the images differs between classes."""
+        if self._energy is None:
+            spaces = self.channel_spaces()
+            values = self.outputs({r for s in spaces.prunable for r in spaces.relus[s]})
+            deviation, norm = {}, {}
+            for s in spaces.prunable:
+                deviation[s] = sum(((values[r] - self.stats.mean(r).float()) ** 2).flatten(2).mean(2)
+                                   for r in spaces.relus[s])
+                norm[s] = torch.zeros(deviation[s].shape[1])
+                for node in self.graph.nodes:
+                    if node.op in ("conv", "linear") and spaces.of[node.inputs[0]] == s:
+                        w = self.weights[f"{node.name}.weight"]
+                        norm[s] += w.pow(2).reshape(w.shape[0], len(norm[s]), -1).sum((0, 2))
+            self._energy = (deviation, norm)
+        return self._energy
+
+    def cost(self) -> dict[str, int]:
+        """The parent's own parameters and multiply-accumulates (computed once, for all modules)."""
+        if self._cost is None:
+            self._cost = cost(GraphNetwork(self.graph, self.weights), self.input_shape)
+        return self._cost
 
     @torch.no_grad()
     def outputs(self, names: set[str]) -> dict[str, torch.Tensor]:
@@ -196,7 +209,7 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
             targets[parent.head] = torch.stack([z[:, others].mean(1), z[:, c]], 1)
         out_index = {n: _kept_index(keep_channels.get(spaces.of[n])) for n in targets if n != parent.head}
         reconstruct_(network, targets, out_index, parent.sample)
-    mine, full = cost(network, parent.input_shape), cost(GraphNetwork(parent.graph, parent.weights), parent.input_shape)
+    mine, full = cost(network, parent.input_shape), parent.cost()
     kept = sum(int(k.sum()) for k in keep_channels.values())
     total = sum(k.numel() for k in keep_channels.values())
     summary = {"channels_kept": kept, "channels_prunable": total, "share_kept": kept / max(1, total),

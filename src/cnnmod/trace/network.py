@@ -66,6 +66,12 @@ class GraphNetwork(nn.Module):
     def mask(self, name: str) -> torch.Tensor | None:
         return getattr(self, "mask__" + _key(name), None)
 
+    def fill(self, name: str) -> torch.Tensor | None:
+        return getattr(self, "fill__" + _key(name), None)
+
+    def addmap(self, name: str) -> torch.Tensor | None:
+        return getattr(self, "addmap__" + _key(name), None)
+
     def weights(self) -> dict[str, torch.Tensor]:
         return {k: self.weight(k) for k in self.weight_names}
 
@@ -73,10 +79,10 @@ class GraphNetwork(nn.Module):
         return {k: self.mask(k) for k in self.mask_names}
 
     def fills(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, "fill__" + _key(k)) for k in self.fill_names}
+        return {k: self.fill(k) for k in self.fill_names}
 
     def addmaps(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, "addmap__" + _key(k)) for k in self.addmap_names}
+        return {k: self.addmap(k) for k in self.addmap_names}
 
     @torch.no_grad()
     def shapes(self, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -118,9 +124,9 @@ class GraphNetwork(nn.Module):
                 before(node, xs)
             out = self._run(node, xs)
         if node.name in self.addmap_names:
-            out = out + getattr(self, "addmap__" + _key(node.name))
+            out = out + self.addmap(node.name)
         if node.name in self.fill_names:
-            out = torch.where(self.mask(node.name), out, getattr(self, "fill__" + _key(node.name)))
+            out = torch.where(self.mask(node.name), out, self.fill(node.name))
         elif node.name in self.mask_names:
             out = out * self.mask(node.name)  # zero this module's inactive elements
         if self.observer is not None:
