@@ -6,7 +6,7 @@ import torch
 
 from cnnmod import TrainConfig, compose, create_model, decompose, load_data, load_model, load_module, save_module, train
 from cnnmod.evaluate import evaluate_scores
-from cnnmod.modules.extract import cost, extract
+from cnnmod.modules.extract import cost, extract, fold_batchnorm
 from cnnmod.trace import GraphNetwork, trace_graph
 from cnnmod.trace.channels import channel_spaces
 
@@ -66,6 +66,28 @@ def test_extracted_network_computes_what_the_masked_network_computes():
             torch.testing.assert_close(small(x), masked(x), rtol=1e-4, atol=1e-4)
         assert cost(small, shape)["params"] < 0.6 * cost(full, shape)["params"]
         assert cost(small, shape)["macs"] < 0.6 * cost(full, shape)["macs"]
+
+
+def test_folding_batchnorm_into_convolutions_changes_no_answer():
+    # Oracle: an extracted network (with added constants) and the same network with every
+    # conv -> BatchNorm pair folded into one convolution give the same logits, minus the BNs.
+    model = _randomised(create_model("resnet20"))
+    graph, shape = trace_graph(model), (3, 32, 32)
+    spaces = channel_spaces(graph)
+    full = GraphNetwork(graph, model.state_dict())
+    shapes = full.shapes(shape)
+    gen = torch.Generator().manual_seed(2)
+    keep = {s: torch.rand(shapes[spaces.relus[s][0]][0], generator=gen) < 0.7 for s in spaces.prunable}
+    masks = {r: keep[s].view(-1, 1, 1).expand(shapes[r]) for s in spaces.prunable for r in spaces.relus[s]}
+    fills = {r: torch.rand(shapes[r], generator=gen) for r in masks}
+    small = extract(GraphNetwork(graph, model.state_dict(), masks, fills), spaces, keep, shape)
+    folded = fold_batchnorm(small)
+    ops, before = [n.op for n in folded.graph.nodes], [n.op for n in graph.nodes]
+    assert ops.count("bn") == 0 and ops.count("identity") == before.count("identity") + before.count("bn")
+    assert not any(k.endswith("running_mean") for k in folded.weight_names)
+    x = torch.randn(4, *shape, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), small(x), rtol=1e-4, atol=1e-4)
 
 
 def test_keeping_every_channel_answers_exactly_like_the_model(tmp_path):
@@ -155,9 +177,9 @@ def test_cli_compose_and_inspect_report_the_shared_trunk(tmp_path, capsys):
     assert "one shared trunk per parent" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "c.safetensors"), "--json"]) == 0
     cost = json.loads(capsys.readouterr().out)["cost"]
-    # trunk-keep 1.0: the trunk is the parent's first convolution and BatchNorm, whole (1 x 16 x 3 x 3
-    # weights, 16 + 16 affine), run once instead of 10 times.
-    assert cost["trunk_params"] == 16 * 9 + 32
+    # trunk-keep 1.0: the trunk is the parent's first convolution whole, its BatchNorm folded into
+    # it (1 x 16 x 3 x 3 weights, 16 biases), run once instead of 10 times.
+    assert cost["trunk_params"] == 16 * 9 + 16
     assert cost["macs"] == cost["separate_macs"] - 9 * cost["trunk_macs"]
     assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "x"),
                  "--strategy", "channels", "--trunk", "2"]) == 2
@@ -197,11 +219,12 @@ def test_energy_score_removes_a_constant_channel_first(tmp_path):
         model.features[1].weight[3] = 0.0
         model.features[1].bias[3] = 0.7
     modules = decompose(model, data, strategy="channels", keep=15 / 16, score="energy", calibration=0)
-    parent_rows = model.features[0].weight
+    bn = model.features[1]  # folded into the convolution in the module
+    parent_rows = model.features[0].weight * (bn.weight / (bn.running_var + bn.eps).sqrt()).view(-1, 1, 1, 1)
     for m in modules[:3]:
         kept = m.network.weight("features.0.weight")
         assert kept.shape[0] == 15
-        assert torch.equal(kept, torch.cat([parent_rows[:3], parent_rows[4:]]))
+        torch.testing.assert_close(kept, torch.cat([parent_rows[:3], parent_rows[4:]]).detach())
     # retain: each space keeps the fewest best channels that hold that share of its score.
     few = decompose(model, data, strategy="channels", score="energy", retain=0.5, calibration=0)
     assert all(m.network.weight("features.0.weight").shape[0] < 15 for m in few)
@@ -209,3 +232,20 @@ def test_energy_score_removes_a_constant_channel_first(tmp_path):
     shared = decompose(model, data, strategy="channels", score="energy", retain=0.5, trunk=1.0, calibration=0)
     assert shared[0].network.weight("features.0.weight").shape[0] < 15
     assert "features.4" in compose(shared).trunk_layers()[0]
+    # multiple: every kept count rounded to a multiple of 8 (the parent's 16 and 32 channels are).
+    blocks = decompose(model, data, strategy="channels", score="energy", retain=0.5, multiple=8, calibration=0)
+    convs = [n.name for n in blocks[0].network.graph.nodes if n.op == "conv"]
+    counts = {m.network.weight(f"{c}.weight").shape[0] for m in blocks for c in convs}
+    assert counts and all(k % 8 == 0 for k in counts) and min(counts) < 32
+    assert any(k % 8 for m in few for c in convs for k in [m.network.weight(f"{c}.weight").shape[0]])
+
+
+def test_multiple_must_be_a_whole_number(tmp_path, capsys):
+    from cnnmod.cli import main
+
+    ckpt = tmp_path / "d.safetensors"
+    assert main(["train", "--model", "smallcnn", "--data", "digits", "--out", str(ckpt), "--epochs", "1"]) == 0
+    assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "x"),
+                 "--strategy", "channels", "--multiple", "0"]) == 2
+    assert "expected --multiple to be a whole number >= 1, found 0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

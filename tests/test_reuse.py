@@ -86,3 +86,52 @@ def test_composed_file_keeps_its_rule_and_threshold(tmp_path):
     assert loaded.rule == "calibrated" and loaded.unknown_below == 0.7
     x = pixel_data().tensors[0]
     assert torch.equal(loaded(x), compose(modules, unknown_below=0.7)(x))
+
+
+def test_joint_fit_recovers_known_scalars():
+    # Oracle: labels drawn from softmax(a * m + b) with known (a, b). Class-balanced weighting
+    # shifts each b_k by -log(prior_k) (the prior-shift identity of logistic models), and softmax
+    # ignores a common shift of all b, so b is compared as differences.
+    from cnnmod.compose.fit import fit_composition
+
+    gen = torch.Generator().manual_seed(0)
+    a_true, b_true = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.0, 1.0, -1.0])
+    m = torch.randn(40000, 3, generator=gen) * 2
+    y = torch.multinomial(torch.softmax(m * a_true + b_true, 1), 1, generator=gen)[:, 0]
+    a, b = fit_composition(m, y, torch.ones(3), torch.zeros(3), hold=0.0)
+    prior = torch.bincount(y, minlength=3).double() / len(y)
+    expected = b_true.double() - prior.log()
+    assert torch.allclose(a, a_true.double(), atol=0.05)
+    assert torch.allclose(b - b[0], expected - expected[0], atol=0.05)
+
+
+def test_joint_fit_mends_a_module_that_claims_everything(decomposed, tmp_path, capsys):
+    from cnnmod import load_data
+    from cnnmod.cli import main
+    from cnnmod.compose import fit_composed_, load_modules
+
+    _, _, mods = decomposed
+    test = load_data("digits", "test")
+    modules = load_modules(mods)
+    good = evaluate_scores(compose(modules, rule="calibrated").score_images, test, test.classes)["top1"]
+    modules[3].meta["calibration"]["b"] += 20.0  # module 3 now wins nearly every image
+    broken = evaluate_scores(compose(modules, rule="calibrated").score_images, test, test.classes)
+    assert broken["per_class"]["3"] == 1.0 and broken["top1"] < 0.3
+    used = fit_composed_(modules, load_data("digits", "train"), per_class=50)
+    assert used == 500 and all(m.meta["calibration"]["images"] == 500 for m in modules)
+    mended = evaluate_scores(compose(modules, rule="calibrated").score_images, test, test.classes)["top1"]
+    assert mended >= good - 0.02
+    from cnnmod import Dataset
+
+    with pytest.raises(CnnmodError, match="expected images of the composed classes"):
+        fit_composed_(modules, Dataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 0]), ["cat"]))
+    # The command line: --fit-data fits, the composed file keeps the fitted scalars.
+    out = tmp_path / "c.safetensors"
+    assert main(["compose", str(mods), "--out", str(out), "--fit-data", "digits", "--fit-per-class", "50"]) == 0
+    assert "jointly on 500 images" in capsys.readouterr().out
+    loaded = load_composed(out)
+    assert loaded.rule == "calibrated" and loaded.modules_[0].meta["calibration"]["images"] == 500
+    assert main(["compose", str(mods), "--out", str(tmp_path / "x.safetensors"), "--fit-data", "mnist5k",
+                 "--fit-split", "test", "--rule", "vote"]) == 2
+    assert "expected the calibrated rule with --fit-data" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

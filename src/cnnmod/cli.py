@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain", type=float, default=None,
                    help="channels strategy: instead of --keep, keep per space the best channels holding this share "
                         "of the space's total score")
+    p.add_argument("--multiple", type=int, default=1,
+                   help="channels strategy: round each space's kept channels to a multiple of this (8: the block "
+                        "size of CPU convolution kernels, so that every removed channel saves time)")
     p.add_argument("--positives", type=int, default=1000, help="images per class observed (paper: 1000)")
     p.add_argument("--negatives-per-class", type=int, default=None,
                    help="negatives of each other class (default: positives // (classes - 1), 1:1)")
@@ -91,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapt-data", default=None,
                    help="continuous learning: re-run TI of each module with this data's other classes")
     p.add_argument("--adapt-split", default=None)
+    p.add_argument("--fit-data", default=None,
+                   help="fit the modules' calibrations jointly on this data's images of the composed classes "
+                        "(2 scalars per module, no network training); implies the calibrated rule")
+    p.add_argument("--fit-split", default=None)
+    p.add_argument("--fit-per-class", type=int, default=100, help="images per class for --fit-data")
 
     p = sub.add_parser("replace", help="swap the module of one class in a module directory")
     p.add_argument("directory")
@@ -183,7 +191,7 @@ def cmd_decompose(args) -> int:
                                      **({"delta": args.delta} if args.strategy == "paper" else
                                         {"keep": args.keep, "trunk": args.trunk, "trunk_keep": args.trunk_keep,
                                          "streams": not args.keep_streams, "score": args.score,
-                                         "retain": args.retain}),
+                                         "retain": args.retain, "multiple": args.multiple}),
                                      resume=args.resume, device=args.device, precision=args.precision)
     if summary["rank"] != 0:
         return 0  # rank 0 reports for the group
@@ -237,7 +245,19 @@ def cmd_compose(args) -> int:
         for m in modules:
             foreign = torch.tensor([c != m.class_name for c in data.classes])[data.labels]
             adapt_(m, data.images[foreign])
-    clf = compose(modules, rule=args.rule, unknown_below=args.unknown_below)
+    if args.fit_data:
+        from .compose.fit import fit_composed_
+        from .data import load_data
+
+        if args.fit_per_class < 1:
+            raise CnnmodError(f"expected --fit-per-class >= 1, found {args.fit_per_class}.")
+        if args.rule == "vote":
+            raise CnnmodError("expected the calibrated rule with --fit-data (it fits calibrations), found --rule vote.")
+        used = fit_composed_(modules, load_data(args.fit_data, args.fit_split, default_split="train"),
+                             per_class=args.fit_per_class)
+        print(f"fitted the {len(modules)} modules' calibrations jointly on {used} images of {args.fit_data}")
+    rule = "calibrated" if args.fit_data else args.rule
+    clf = compose(modules, rule=rule, unknown_below=args.unknown_below)
     save_composed(clf, args.out)
     print(f"wrote {args.out}: {len(clf.classes)} classes ({', '.join(clf.classes)}), rule {clf.rule}")
     c = clf.cost()

@@ -19,7 +19,7 @@ from ..statistics import ActivationStats
 from ..trace.channels import Spaces, channel_spaces
 from ..trace.graph import Graph
 from ..trace.network import GraphNetwork
-from .extract import cost, extract, layer_macs
+from .extract import cost, extract, fold_batchnorm, layer_macs
 from .reconstruct import reconstruct_
 
 
@@ -146,7 +146,7 @@ def paper_strategy(parent: Parent, c: int, *, delta: float = 0.5) -> tuple[Graph
 
 def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool = True, streams: bool = True,
                       trunk: float = 0.0, trunk_keep: float | None = None,
-                      score: str = "rate", retain: float | None = None) -> tuple[GraphNetwork, dict]:
+                      score: str = "rate", retain: float | None = None, multiple: int = 1) -> tuple[GraphNetwork, dict]:
     """Keep the ``keep`` share of each prunable channel space that best tells class c apart.
 
     A channel's score is how differently it fires on class c than on the other classes, from the
@@ -166,8 +166,13 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     ``retain`` (instead of a fixed share per space): each space keeps the fewest best channels
     whose scores add up to this share of the space's total, so the budget follows each layer
     (the trunk's spaces too, unless ``trunk_keep`` is given).
+    ``multiple``: each space's count of kept channels is rounded to the nearest multiple of this
+    (at least one multiple, at most the whole space). Convolution kernels compute channels in
+    blocks (oneDNN on AVX2: 8; measured in BENCHMARKS.md, 9 to 16 channels cost what 16 do), so a
+    count between two multiples saves MACs but no time.
+    Finally each BatchNorm that follows a convolution is folded into it (``fold_batchnorm``).
     """
-    _check_channels_options(keep, refit, streams, trunk, trunk_keep, score, retain)
+    _check_channels_options(keep, refit, streams, trunk, trunk_keep, score, retain, multiple)
     trunk_retain = retain if trunk_keep is None else None  # --trunk-keep, when given, rules the trunk
     trunk_keep = keep if trunk_keep is None else trunk_keep
     spaces = parent.channel_spaces()
@@ -188,6 +193,8 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
         if held is not None:
             total = order.values.double().cumsum(0)
             k = max(1, int((total < held * total[-1]).sum()) + 1)
+        if multiple > 1:
+            k = min(ranked.numel(), multiple * max(1, int(k / multiple + 0.5)))
         chosen = torch.zeros(ranked.numel(), dtype=torch.bool)
         chosen[order.indices[:k]] = True
         keep_channels[space] = chosen
@@ -209,6 +216,7 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
             targets[parent.head] = torch.stack([z[:, others].mean(1), z[:, c]], 1)
         out_index = {n: _kept_index(keep_channels.get(spaces.of[n])) for n in targets if n != parent.head}
         reconstruct_(network, targets, out_index, parent.sample)
+    network = fold_batchnorm(network)
     mine, full = cost(network, parent.input_shape), parent.cost()
     kept = sum(int(k.sum()) for k in keep_channels.values())
     total = sum(k.numel() for k in keep_channels.values())
@@ -222,7 +230,10 @@ def _kept_index(k: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _check_channels_options(keep: float = 0.5, refit: bool = True, streams: bool = True, trunk: float = 0.0,
-                            trunk_keep: float | None = None, score: str = "rate", retain: float | None = None) -> None:
+                            trunk_keep: float | None = None, score: str = "rate", retain: float | None = None,
+                            multiple: int = 1) -> None:
+    if not (isinstance(multiple, int) and multiple >= 1):
+        raise CnnmodError(f"expected --multiple to be a whole number >= 1, found {multiple}.")
     if retain is not None and not 0.0 < retain <= 1.0:
         raise CnnmodError(f"expected --retain in (0, 1], found {retain}.")
     if score not in ("rate", "energy"):

@@ -1,0 +1,87 @@
+"""Fit a composition's calibration jointly, on labelled images of its classes (no network training).
+
+Each module's own calibration (modules/calibration.py) is fitted alone, on its parent's data: it
+says how sure the module is, not how it fares against modules it never met. A module swapped in
+from a healthy model wins images that the weak model's modules had no rival for, and modules of
+two parents may lean on each other's classes. Given labelled images of the composed classes, we
+fit the two scalars of every module together (2K numbers for K modules), so that the class with
+the largest a_k * m_k + b_k is the image's class as often as possible: multinomial logistic
+regression on the modules' margins, every class weighing alike, in float64 (L-BFGS), starting
+from and gently held to the modules' own calibrations. No weight of any network changes; the
+result is stored where each module keeps its calibration, so composed files carry it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import CnnmodError
+
+
+def fit_composition(margins: torch.Tensor, labels: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor,
+                    hold: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (a, b), each (K,), minimising the class-balanced cross-entropy of softmax(a * m + b).
+
+    ``margins`` (N, K): each module's margin on each image; ``labels`` (N,): the module index of
+    each image's class. ``hold`` weighs a squared pull towards (a0, b0), on margins standardised
+    per module, so that a class with few images cannot drive its scalars anywhere.
+    """
+    m = margins.double()
+    mu, sigma = m.mean(0), m.std(0).clamp_min(1e-6)
+    z = (m - mu) / sigma
+    count = torch.bincount(labels, minlength=m.shape[1]).double()
+    w = (1.0 / (count.clamp_min(1) * int((count > 0).sum())))[labels]  # every present class weighs alike
+    start = torch.cat([a0.double() * sigma, b0.double() + a0.double() * mu])  # (alpha, beta) of z
+    theta = start.clone().requires_grad_(True)
+    k = m.shape[1]
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        logits = z * theta[:k] + theta[k:]
+        value = (w * (torch.logsumexp(logits, 1) - logits.gather(1, labels[:, None])[:, 0])).sum()
+        value = value + 0.5 * hold * (theta - start).pow(2).sum()
+        value.backward()
+        return value
+
+    opt.step(loss)
+    alpha, beta = theta.detach()[:k], theta.detach()[k:]
+    return alpha / sigma, beta - alpha * mu / sigma
+
+
+@torch.no_grad()
+def fit_composed_(modules: list, data, *, per_class: int = 100, seed: int = 0, batch_size: int = 256) -> int:
+    """Fit the calibration of ``modules`` jointly on up to ``per_class`` images of each of their
+    classes in ``data`` (a ``cnnmod.Dataset``, classes matched by name); store it in each module's
+    ``meta["calibration"]``. Returns how many images were used."""
+    if len(modules) < 2:
+        raise CnnmodError(f"expected at least two modules to fit their composition, found {len(modules)}.")
+    names = [m.class_name for m in modules]
+    found = [c for c in data.classes if c in names]
+    if not found:
+        raise CnnmodError(f"expected images of the composed classes ({', '.join(names[:8])}) in the fitting data, "
+                          f"found only classes {', '.join(data.classes[:8])}.")
+    gen = torch.Generator().manual_seed(seed)
+    chosen, labels = [], []
+    for name in found:
+        pool = torch.nonzero(data.labels == data.classes.index(name)).flatten()
+        pick = pool[torch.randperm(len(pool), generator=gen)[:per_class]].sort().values
+        chosen.append(pick)
+        labels.append(torch.full((len(pick),), names.index(name)))
+    index, labels = torch.cat(chosen), torch.cat(labels)
+    columns = []
+    for m in modules:  # float64, as the modules' own calibration: the same numbers on any machine
+        m.network.double()
+        try:
+            columns.append(torch.cat([m.margin(m.input_spec.prepare(data.images[i]).double())
+                                      for i in index.split(batch_size)]))
+        finally:
+            m.network.float()
+    own = [m.meta.get("calibration") or {"a": 1.0, "b": 0.0} for m in modules]
+    a, b = fit_composition(torch.stack(columns, 1), labels, torch.tensor([c["a"] for c in own]),
+                           torch.tensor([c["b"] for c in own]))
+    for m, ak, bk in zip(modules, a.tolist(), b.tolist()):
+        m.meta["calibration"] = {"a": float(f"{ak:.6g}"), "b": float(f"{bk:.6g}"), "images": int(len(index)),
+                                 "source": f"fitted jointly with the {len(modules)} composed modules"}
+    return int(len(index))
