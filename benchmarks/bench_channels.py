@@ -45,6 +45,12 @@ CONFIGS = {
     "inner, energy, retain 0.8": dict(streams=False, score="energy", retain=0.8),
     "inner, energy, trunk 1.0, retain 0.9": dict(streams=False, score="energy", trunk=1.0, retain=0.9),
     "inner, energy, trunk 1.0, retain 0.95": dict(streams=False, score="energy", trunk=1.0, retain=0.95),
+    "inner, energy, trunk 1.0, retain 0.95, multiple 8": dict(streams=False, score="energy", trunk=1.0, retain=0.95,
+                                                              multiple=8),
+    "inner, energy, trunk 1.0, retain 0.9, multiple 8": dict(streams=False, score="energy", trunk=1.0, retain=0.9,
+                                                             multiple=8),
+    "inner, energy, trunk 1.0, retain 0.85, multiple 8": dict(streams=False, score="energy", trunk=1.0, retain=0.85,
+                                                              multiple=8),
     "inner, energy, trunk 1.0, keep 0.75": dict(keep=0.75, streams=False, score="energy", trunk=1.0),
     "inner, energy, trunk 0.67 (keep 0.75), keep 0.5": dict(keep=0.5, streams=False, score="energy", trunk=0.67,
                                                             trunk_keep=0.75),
@@ -103,6 +109,25 @@ def latency(model, modules, batch: torch.Tensor, repeat: int = 7) -> dict:
             "model_ms": 1000 * med["model"]}
 
 
+def block_sizes(repeat: int = 9) -> list[dict]:
+    """A 3x3 convolution (batch 256, C in and out) at each ResNet-20 stage's width and size, timed
+    with fewer channels, relative to the full width: why ``--multiple 8`` exists."""
+    import torch.nn.functional as F
+
+    rows = []
+    with torch.no_grad():
+        for size, full in ((32, 16), (16, 32), (8, 64)):
+            widths = sorted({full, full - 1, full - 3, full - 5, full - 8, full - 9, full // 2}, reverse=True)
+            times = {}
+            for c in widths:
+                x, w = torch.randn(256, c, size, size), torch.randn(c, c, 3, 3)
+                F.conv2d(x, w, None, 1, 1)  # warm-up
+                times[c] = sorted(seconds(lambda: F.conv2d(x, w, None, 1, 1)) for _ in range(repeat))[repeat // 2]
+            rows.append({"size": size, "full": full, "relative": {c: times[c] / times[full] for c in widths},
+                         "macs": {c: (c / full) ** 2 for c in widths}})
+    return rows
+
+
 def mnist_model():
     train_set, test_set = load_data("mnist5k", "train"), load_data("mnist5k", "test")
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +181,7 @@ def plot(results: list[dict]) -> str:
     return "benchmarks/results/channels_tradeoff.png"
 
 
-def render(results: list[dict], png: str) -> str:
+def render(results: list[dict], png: str, blocks: list[dict]) -> str:
     lines = ["## Small modules (issue #5): the channels strategy", "",
              f"Command: `.venv/bin/python benchmarks/bench_channels.py` (machine: {machine()}). "
              "`--strategy channels`: each module keeps a share of each prunable channel space, removed channels "
@@ -167,10 +192,11 @@ def render(results: list[dict], png: str) -> str:
              "by the energy score (`--keep-streams --score energy`); `retain R` keeps per space the fewest best "
              "channels holding the share R of the space's score (`--retain R`); `trunk T (keep k)` chooses the spaces in "
              "the first share T of the MACs alike for every class (`--trunk T --trunk-keep k`), so that "
-             "`compose` runs them once. MACs: per module, and of the composition with each trunk counted once "
+             "`compose` runs them once; `multiple 8` rounds each space's kept count to a multiple of 8 "
+             "(`--multiple 8`). Every module's BatchNorms are folded into its convolutions. MACs: per module, and of the composition with each trunk counted once "
              "(`ComposedClassifier.cost()`). Latency: one batch of 256 validation images, the model, one module "
-             "and all 10 modules composed timed alternately in one run, median of 7 (rows measured on a loaded "
-             "machine say so). 2-class reuse: the pairs of 4 fixed classes, vote, against the parent restricted "
+             "and all 10 modules composed timed alternately in one run, median of 7, the model run as given "
+             "(its BatchNorms not folded). 2-class reuse: the pairs of 4 fixed classes, vote, against the parent restricted "
              "to the pair; its MACs count the pair's trunk once.", ""]
     for res in results:
         lines += [f"### {res['name']}: model top-1 {100 * res['model_top1']:.2f}", "",
@@ -192,12 +218,22 @@ def render(results: list[dict], png: str) -> str:
                       f"{100 * best['top1_vote']:.2f} top-1, {_composed_macs(best):.2f}x the model's MACs, "
                       f"{best['composed_over_model']:.2f}x its latency; each module alone holds "
                       f"{100 * best['params_fraction']:.0f}% of the parameters."]
+            fast = min(close, key=lambda r: r["composed_over_model"])
+            lines += ["", f"Fastest composition within 1.5 points of the model: `{fast['config']}`, "
+                      f"{100 * fast['top1_vote']:.2f} top-1, {fast['composed_over_model']:.2f}x the model's latency, "
+                      f"{_composed_macs(fast):.2f}x its MACs."]
         lines.append("")
     lines += [f"![size vs accuracy]({png})", "",
-              "Rows measured while another benchmark shared the 2 cores (their latencies are noisier; each is "
-              "still relative to the model timed alternately in the same run): the mnist rows other than `retain` and CIFAR-10's "
-              "`inner, energy, keep 0.75` and `keep 0.5`. The first-version rows (`keep K`) keep their earlier "
-              "quiet `--latency-only` latencies.", "",
+              "Why `multiple 8`: a 3x3 convolution of C channels in and out (batch 256) with fewer channels, "
+              "timed relative to the full width in the same run (median of 9); MACs shrink with the square of "
+              "the width, time in steps of 8 channels (oneDNN's block on this AVX2 CPU).", "",
+              "| stage (size, full width) | " + " | ".join(f"width -{d}" for d in (1, 3, 5, 8, 9)) + " | half width |",
+              "|---|---|---|---|---|---|---|"]
+    for b in blocks:
+        rel = {int(c): v for c, v in b["relative"].items()}
+        cells = [rel[b["full"] - d] for d in (1, 3, 5, 8, 9)] + [rel[b["full"] // 2]]
+        lines.append(f"| {b['size']}x{b['size']}, {b['full']} | " + " | ".join(f"{v:.2f}x" for v in cells) + " |")
+    lines += ["",
               "Targets of issue #5 (ResNet-20): modules <= 25% of parameters and FLOPs with the composed set within "
               "1.5 points of the model and no slower than it; 2-class reuse within 1 point of the parent at <= 40% "
               "FLOPs. Where a row misses them, it is reported as measured."]
@@ -220,6 +256,7 @@ def main(argv=None):
     wanted = [("mnist", mnist_model), ("cifar", cifar_model)]
     wanted = [(k, load) for k, load in wanted if args.only in (None, k) and (k == "mnist" or CIFAR_TAR.exists())]
     results = {r["name"]: r for r in kept}
+    blocks = block_sizes()
     for key, load in wanted:
         model, train_set, test_set = load()
         old = next((r for r in kept if r["name"].lower().startswith(key)), {"rows": []})
@@ -235,9 +272,9 @@ def main(argv=None):
         name = "mnist5k smallcnn (5 epochs, trained here)" if key == "mnist" else "CIFAR-10 ResNet-20 (reference)"
         results[name] = measure(name, model, train_set, test_set, MNIST_FOUR if key == "mnist" else CIFAR_FOUR, done)
         ordered = sorted(results.values(), key=lambda r: not r["name"].startswith("mnist"))
-        write_section("channels", render(ordered, plot(ordered)), {"results": ordered})  # after each data set
+        write_section("channels", render(ordered, plot(ordered), blocks), {"results": ordered, "blocks": blocks})
     ordered = sorted(results.values(), key=lambda r: not r["name"].startswith("mnist"))
-    write_section("channels", render(ordered, plot(ordered)), {"results": ordered})
+    write_section("channels", render(ordered, plot(ordered), blocks), {"results": ordered, "blocks": blocks})
 
 
 if __name__ == "__main__":
