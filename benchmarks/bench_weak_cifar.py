@@ -36,6 +36,20 @@ EQUAL = CHECKPOINTS / "cifar10_resnet20_4epochs.safetensors"  # the control (all
 FIT = 200  # images per class for the joint fit of the calibrations
 
 
+def trained(path: Path, data, val, epochs: int) -> Path:
+    """Train a ResNet-20 with the weak model's recipe into ``path`` (with its log) unless it exists."""
+    if not path.exists():
+        config = TrainConfig(epochs=epochs, lr=0.1, batch_size=128, seed=0)
+        start = time.perf_counter()
+        resume = path.with_name(path.name + ".resume.safetensors").exists()  # an interrupted run continues
+        meta = train("resnet20", data, path, config, val=val, progress=False, resume=resume)
+        log = {"command": f"benchmarks/bench_weak_cifar.py --epochs {epochs}", "config": vars(config),
+               "train_images": len(data.labels), "seconds": time.perf_counter() - start,
+               "machine": machine(), "accuracy": meta.get("accuracy")}
+        path.with_suffix(".log").write_text(json.dumps(log, indent=1) + "\n")
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=4)  # the committed weak checkpoint's
@@ -43,15 +57,7 @@ def main(argv=None):
     torch.set_num_threads(2)
     train_set, val = load_data(str(CIFAR_TAR), "train"), load_data(str(CIFAR_TAR), "val")
     weak_set = weakened(train_set, train_set.classes.index(CLASS))
-    if not WEAK.exists():
-        config = TrainConfig(epochs=args.epochs, lr=0.1, batch_size=128, seed=0)
-        start = time.perf_counter()
-        resume = WEAK.with_name(WEAK.name + ".resume.safetensors").exists()  # an interrupted run continues
-        meta = train("resnet20", weak_set, WEAK, config, val=val, progress=False, resume=resume)
-        log = {"command": f"benchmarks/bench_weak_cifar.py --epochs {args.epochs}", "config": vars(config),
-               "train_images": len(weak_set.labels), "seconds": time.perf_counter() - start,
-               "machine": machine(), "accuracy": meta.get("accuracy")}
-        WEAK.with_suffix(".log").write_text(json.dumps(log, indent=1) + "\n")
+    trained(WEAK, weak_set, val, args.epochs)
     weak, healthy = load_model(WEAK), load_model(CHECKPOINTS / "cifar10_resnet20.safetensors")
     weak_modules = decompose(weak, weak_set)
     healthy_modules = decompose(healthy, train_set)
@@ -79,14 +85,7 @@ def main(argv=None):
     fit_composed_(fitted_weak, weak_set, per_class=FIT)
     rows["weak model's modules, fitted jointly"] = evaluate_scores(compose(fitted_weak, rule="calibrated").score_images,
                                                                    val, val.classes)
-    if not EQUAL.exists():  # the control: the weak model's recipe and budget, with every dog image
-        config = TrainConfig(epochs=args.epochs, lr=0.1, batch_size=128, seed=0)
-        meta = train("resnet20", train_set, EQUAL, config, val=val, progress=False)
-        EQUAL.with_suffix(".log").write_text(json.dumps(
-            {"command": f"benchmarks/bench_weak_cifar.py --epochs {args.epochs}", "config": vars(config),
-             "train_images": len(train_set.labels), "machine": machine(), "accuracy": meta.get("accuracy")},
-            indent=1) + "\n")
-    equal = load_model(EQUAL)
+    equal = load_model(trained(EQUAL, train_set, val, args.epochs))  # the control: every dog image
     rows["control: the weak model's recipe with every dog image"] = evaluate_scores(
         restricted(equal, val.classes), val, val.classes)
     result = {"fit_per_class": FIT, "fit_seconds": fit_seconds,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import CnnmodError
+from ..modules.calibration import margins64
 
 
 def fit_composition(margins: torch.Tensor, labels: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor,
@@ -70,14 +71,8 @@ def fit_composed_(modules: list, data, *, per_class: int = 100, seed: int = 0, b
         chosen.append(pick)
         labels.append(torch.full((len(pick),), names.index(name)))
     index, labels = torch.cat(chosen), torch.cat(labels)
-    columns = []
-    for m in modules:  # float64, as the modules' own calibration: the same numbers on any machine
-        m.network.double()
-        try:
-            columns.append(torch.cat([m.margin(m.input_spec.prepare(data.images[i]).double())
-                                      for i in index.split(batch_size)]))
-        finally:
-            m.network.float()
+    columns = [margins64(m, (m.input_spec.prepare(data.images[i]) for i in index.split(batch_size)))
+               for m in modules]
     own = [m.meta.get("calibration") or {"a": 1.0, "b": 0.0} for m in modules]
     a, b = fit_composition(torch.stack(columns, 1), labels, torch.tensor([c["a"] for c in own]),
                            torch.tensor([c["b"] for c in own]))

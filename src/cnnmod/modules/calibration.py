@@ -62,14 +62,20 @@ def calibrate_(modules: list[Module], batches: list[tuple[torch.Tensor, torch.Te
     """
     labels = torch.cat([y for _, y in batches])
     for m in modules:
-        m.network.double()  # exact round trip: float32 -> float64 -> float32
-        try:
-            margins = torch.cat([m.margin(x.double()) for x, _ in batches])
-        finally:
-            m.network.float()
-        a, b = fit_platt(margins, labels == m.class_index)
+        a, b = fit_platt(margins64(m, [x for x, _ in batches]), labels == m.class_index)
         m.meta["calibration"] = {"a": float(f"{a:.6g}"), "b": float(f"{b:.6g}"), "images": int(len(labels)),
                                  "source": source}
+
+
+@torch.no_grad()
+def margins64(module: Module, inputs) -> torch.Tensor:
+    """The module's margins on prepared batches, computed in float64 (the same numbers on any
+    device and thread count); the network is back in float32 afterwards."""
+    module.network.double()  # exact round trip: float32 -> float64 -> float32
+    try:
+        return torch.cat([module.margin(x.double()) for x in inputs])
+    finally:
+        module.network.float()
 
 
 def calibrated_logit(module: Module, margin: torch.Tensor) -> torch.Tensor:

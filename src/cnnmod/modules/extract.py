@@ -88,15 +88,11 @@ def fold_batchnorm(net: GraphNetwork) -> GraphNetwork:
     Every module of one parent folds identical layers identically, so a shared trunk stays shared.
     """
     graph, w, addmaps = net.graph, net.weights(), net.addmaps()
-    readers: dict[str, int] = {}
-    for node in graph.nodes:
-        for i in node.inputs:
-            readers[i] = readers.get(i, 0) + 1
     nodes, new = [], dict(w)
     for node in graph.nodes:
-        conv = graph.by_name[node.inputs[0]] if node.inputs else None
-        if node.op != "bn" or conv.op != "conv" or readers[conv.name] != 1 or conv.name in net.mask_names \
-                or node.name in net.mask_names:
+        conv = graph.by_name[node.inputs[0]] if node.op == "bn" else None
+        if conv is None or conv.op != "conv" or net.readers(conv.name) != {node.name} \
+                or net.mask(conv.name) is not None or net.mask(node.name) is not None:
             nodes.append(node)
             continue
         mean, var = w[f"{node.name}.running_mean"].double(), w[f"{node.name}.running_var"].double()

@@ -72,6 +72,10 @@ class GraphNetwork(nn.Module):
     def addmap(self, name: str) -> torch.Tensor | None:
         return getattr(self, "addmap__" + _key(name), None)
 
+    def readers(self, name: str) -> set[str]:
+        """The layers that read layer ``name``'s output."""
+        return self._readers.get(name, set())
+
     def weights(self) -> dict[str, torch.Tensor]:
         return {k: self.weight(k) for k in self.weight_names}
 
