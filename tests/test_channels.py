@@ -249,3 +249,79 @@ def test_multiple_must_be_a_whole_number(tmp_path, capsys):
                  "--strategy", "channels", "--multiple", "0"]) == 2
     assert "expected --multiple to be a whole number >= 1, found 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def _trained_digits(tmp_path):
+    data = load_data("digits", "train")
+    train("smallcnn", data, tmp_path / "m.safetensors", TrainConfig(epochs=1, lr=0.05), progress=False)
+    return load_model(tmp_path / "m.safetensors"), data
+
+
+def test_shared_refits_are_computed_once_and_equal_fresh_ones(tmp_path, monkeypatch):
+    import dataclasses
+
+    from cnnmod.modules import strategies
+
+    model, data = _trained_digits(tmp_path)
+    real, seen = strategies.channels_strategy, []
+
+    def recording(parent, c, **options):  # the real strategy; we keep its parent to rebuild a module
+        seen.append(parent)
+        return real(parent, c, **options)
+    recording.needs_sums, recording.check_options = real.needs_sums, real.check_options
+    monkeypatch.setitem(strategies.STRATEGIES, "channels", recording)
+    modules = decompose(model, data, strategy="channels", score="energy", retain=0.8, trunk=1.0, calibration=0)
+    parent = seen[0]
+    assert len(parent._refits) == 1 and len(next(iter(parent._refits.values()))) >= 2  # one trunk, its re-fits
+    # Oracle: class 6's module built from scratch (no re-fit reused) is the same module, bit for bit.
+    fresh, _ = real(dataclasses.replace(parent, _refits={}), 6, score="energy", retain=0.8, trunk=1.0)
+    assert fresh.weights().keys() == modules[6].network.weights().keys()
+    assert all(torch.equal(w, modules[6].network.weight(k)) for k, w in fresh.weights().items())
+    assert all(torch.equal(a, modules[6].network.addmap(k)) for k, a in fresh.addmaps().items())
+    # Without a trunk every class chooses its own channels: nothing can be reused.
+    seen.clear()
+    decompose(model, data, strategy="channels", score="energy", retain=0.8, calibration=0)
+    assert all(not cache for cache in seen[0]._refits.values())
+
+
+def test_refits_summed_in_chunks_equal_one_solve(tmp_path, monkeypatch):
+    from cnnmod.modules import reconstruct
+
+    model, data = _trained_digits(tmp_path)
+    whole = decompose(model, data, strategy="channels", keep=0.5, calibration=0)
+    monkeypatch.setattr(reconstruct, "CHUNK", 7)  # the normal equations summed over 7-image chunks
+    chunked = decompose(model, data, strategy="channels", keep=0.5, calibration=0)
+    for a, b in zip(whole, chunked):
+        for k, w in a.network.weights().items():
+            torch.testing.assert_close(b.network.weight(k), w, rtol=1e-4, atol=1e-5)
+
+
+def test_only_builds_the_named_classes_on_their_images(tmp_path, capsys):
+    from cnnmod.cli import main
+    from cnnmod.errors import CnnmodError
+
+    model, data = _trained_digits(tmp_path)
+    test = load_data("digits", "test")
+    pair = decompose(model, data, strategy="channels", score="energy", keep=0.5, trunk=1.0, only=["7", "3"],
+                     sample_images=64, calibration=0)
+    assert [m.class_name for m in pair] == ["3", "7"] and [m.class_index for m in pair] == [3, 7]
+    assert pair[0].meta["only"] == ["3", "7"] and pair[0].meta["options"]["sample_images"] == 64
+    clf = compose(pair, rule="vote")
+    assert clf.trunk_layers()[0]  # the pair's own trunk, run once
+    result = evaluate_scores(clf.score_images, test.only(["3", "7"]), ["3", "7"])
+    assert result["top1"] > 0.8  # chance is 0.5; the benchmark measures the real numbers
+    try:
+        decompose(model, data, strategy="channels", only=["3", "cat"])
+        raise AssertionError("an unknown class was accepted")
+    except CnnmodError as e:
+        assert "expected --only to name classes of the model" in str(e) and "cat" in str(e)
+    ckpt = tmp_path / "m.safetensors"
+    out = tmp_path / "pair"
+    assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(out), "--strategy", "channels",
+                 "--only", "3,7", "--sample-images", "64", "--json"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["3.safetensors", "7.safetensors"]
+    capsys.readouterr()
+    assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "y"), "--strategy", "channels",
+                 "--sample-images", "0"]) == 2
+    assert "expected --sample-images to be a whole number >= 1, found 0" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiple", type=int, default=1,
                    help="channels strategy: round each space's kept channels to a multiple of this (8: the block "
                         "size of CPU convolution kernels, so that every removed channel saves time)")
+    p.add_argument("--sample-images", type=int, default=256,
+                   help="channels strategy: images of the observed sample that channels are scored and layers "
+                        "re-fitted on (more: closer re-fits, slower)")
+    p.add_argument("--only", default=None,
+                   help="comma-separated classes: build only their modules (channels strategy: scored, trunk "
+                        "chosen and re-fitted on their images alone, for a reuse of these classes)")
     p.add_argument("--positives", type=int, default=1000, help="images per class observed (paper: 1000)")
     p.add_argument("--negatives-per-class", type=int, default=None,
                    help="negatives of each other class (default: positives // (classes - 1), 1:1)")
@@ -191,7 +197,9 @@ def cmd_decompose(args) -> int:
                                      **({"delta": args.delta} if args.strategy == "paper" else
                                         {"keep": args.keep, "trunk": args.trunk, "trunk_keep": args.trunk_keep,
                                          "streams": not args.keep_streams, "score": args.score,
-                                         "retain": args.retain, "multiple": args.multiple}),
+                                         "retain": args.retain, "multiple": args.multiple,
+                                         "sample_images": args.sample_images}),
+                                     only=None if args.only is None else [c.strip() for c in args.only.split(",")],
                                      resume=args.resume, device=args.device, precision=args.precision)
     if summary["rank"] != 0:
         return 0  # rank 0 reports for the group

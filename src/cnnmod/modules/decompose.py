@@ -27,8 +27,9 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
               negatives_per_class: int | None = None, seed: int = 0, batch_size: int = 256,
               classes: list[str] | None = None, input_spec: InputSpec | None = None,
               progress: bool = False, progress_file: str | None = None, resume: bool = False,
-              calibration: int = 50, device: str = "cpu", precision: str = "fp32", **options) -> list[Module]:
-    """Decompose ``model`` into one module per class; ``modules[c]`` is class c's.
+              calibration: int = 50, device: str = "cpu", precision: str = "fp32", only: list[str] | None = None,
+              sample_images: int = 256, **options) -> list[Module]:
+    """Decompose ``model`` into one module per class (``only``: per class named), in the model's class order.
 
     ``dataset`` is a ``cnnmod.Dataset`` (raw images, prepared by the model's input
     specification; classes matched by name) or any sequence of ``(input_tensor, label)`` pairs
@@ -38,6 +39,10 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     class, held out from the statistics sample where the data has them, fit each module's
     score calibration (0: none). ``precision="bf16"`` runs the statistics pass under bfloat16
     autocast (see ``collect_statistics``); it is recorded in each module's options.
+    ``only``: build the modules of these classes alone (for a reuse of a few classes); the channels
+    strategy then scores channels, chooses its trunk and re-fits layers on their images alone.
+    ``sample_images``: how many images of the statistics sample the channels strategy scores
+    channels and re-fits layers on (more: closer re-fits, a longer decomposition).
 
     >>> modules = decompose(load_model("m.safetensors"), load_data("mnist5k", "train"))
     >>> modules[3].class_name, modules[3].network(x).shape
@@ -58,6 +63,9 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     if len(classes) != num_classes:
         raise CnnmodError(f"expected {num_classes} class names (the model's outputs), found {len(classes)}.")
 
+    focus = _focus(only, classes)
+    if not (isinstance(sample_images, int) and sample_images >= 1):
+        raise CnnmodError(f"expected --sample-images to be a whole number >= 1, found {sample_images}.")
     labels, fetch = _adapt(dataset, classes, spec)
     sample = select_sample(labels, num_classes, positives=positives,
                            negatives_per_class=negatives_per_class, seed=seed)
@@ -79,9 +87,12 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     example = fetch(sample.rest[:1] if len(sample.rest) else sample.negatives[:1])
     input_shape = tuple(example.shape[1:])
     pool = torch.cat([sample.negatives, sample.rest])  # the images the statistics saw, all classes
-    pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:256]].sort().values
+    if only is not None:
+        pool = pool[torch.isin(labels[pool], torch.tensor(focus))]
+    pick = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:sample_images]].sort().values
     parent = Parent(graph, weights, stats, GraphNetwork(graph, weights).shapes(input_shape), head, input_shape,
-                    sample=fetch(pick) if needs_sums else None, sample_labels=labels[pick])
+                    sample=fetch(pick) if needs_sums else None, sample_labels=labels[pick],
+                    focus=None if only is None else focus)
     spec = spec or InputSpec(example.shape[1], tuple(example.shape[2:]), (0.0,) * example.shape[1],
                              (1.0,) * example.shape[1])  # pairs already prepared: identity preparation
     common = {
@@ -91,8 +102,13 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
         "parent_fingerprint": fingerprint, "parent_architecture": meta.get("architecture"),
         "parent_classes": classes, "library_version": __version__,
     }
+    if only is not None:
+        common["only"] = [classes[c] for c in focus]
+    if needs_sums:
+        common["options"]["sample_images"] = int(len(pick))
     modules = []
-    for c, name in enumerate(classes):
+    for c in focus:
+        name = classes[c]
         network, summary = STRATEGIES[strategy](parent, c, **options)
         m_meta = dict(common, class_index=c, class_name=name, observed_images=stats.observed(c),
                       positives_observed=int(stats.seen_neg[c] + stats.seen_rest[c]), **summary)
@@ -109,6 +125,17 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
         m.timing = {"statistics_seconds": stats_seconds, "total_seconds": total,
                     "calibration_seconds": calibration_seconds, "images": len(sample.negatives) + len(sample.rest)}
     return modules
+
+
+def _focus(only: list[str] | None, classes: list[str]) -> list[int]:
+    """The indices of the classes ``only`` names (all classes when None), in the model's order."""
+    if only is None:
+        return list(range(len(classes)))
+    unknown = [n for n in only if n not in classes]
+    if unknown or not only:
+        raise CnnmodError(f"expected --only to name classes of the model ({', '.join(classes[:10])}), "
+                          f"found {', '.join(unknown) or 'none'}.")
+    return sorted({classes.index(n) for n in only})
 
 
 def _calibration_index(labels: torch.Tensor, sample, per_class: int, seed: int) -> tuple[torch.Tensor, str]:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from ..trace.network import GraphNetwork
 
+CHUNK = 64  # images per chunk of the normal equations
+
 
 def _patches(node, x: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
     """(N, C, H, W) -> (N * L, C * kh * kw): the inputs each output position of the conv sees."""
@@ -26,24 +28,39 @@ def _patches(node, x: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _ridge(inputs: torch.Tensor, target: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solve target ~ inputs @ W.T + o in float64; return (W, o)."""
-    a = torch.cat([inputs.double(), torch.ones(len(inputs), 1, dtype=torch.float64)], 1)
-    gram = a.T @ a
+def _ridge(chunks, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve target ~ inputs @ W.T + o in float64 over (inputs, target) chunks; return (W, o).
+
+    The normal equations are summed chunk by chunk, so a large sample never needs its whole
+    patch matrix in memory (1,024 CIFAR images at 32x32 would be a 1M x 145 float64 matrix).
+    """
+    gram = cross = None
+    for inputs, target in chunks:
+        a = torch.cat([inputs.double(), torch.ones(len(inputs), 1, dtype=torch.float64)], 1)
+        g, c = a.T @ a, a.T @ target.double()
+        gram, cross = (g, c) if gram is None else (gram + g, cross + c)
     gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=torch.float64)
-    sol = torch.linalg.solve(gram, a.T @ target.double())  # (D + 1, Cout)
+    sol = torch.linalg.solve(gram, cross)  # (D + 1, Cout)
     return sol[:-1].T.float(), sol[-1].float()
 
 
 @torch.no_grad()
 def reconstruct_(small: GraphNetwork, targets: dict[str, torch.Tensor], out_index: dict[str, torch.Tensor | None],
-                 x: torch.Tensor, ridge: float = 1e-3) -> None:
+                 x: torch.Tensor, ridge: float = 1e-3, *, cache: dict | None = None,
+                 cacheable: set[str] = frozenset()) -> None:
     """Re-fit, in place, the layers of ``small`` named in ``targets`` (their parent outputs on ``x``).
 
     ``out_index[name]`` says which of the parent's output channels the small layer kept (None: all).
+    ``cache``: re-fits of ``cacheable`` layers (the same in every module of a parent) are taken
+    from it when there and stored into it when computed.
     """
     def fit(node, xs):
         if node.name not in targets:
+            return
+        if cache is not None and node.name in cache:
+            weight, addmap = cache[node.name]
+            small.weight(f"{node.name}.weight").copy_(weight)
+            small.addmap(node.name).copy_(addmap)
             return
         target = targets[node.name]
         if out_index.get(node.name) is not None:
@@ -55,15 +72,19 @@ def reconstruct_(small: GraphNetwork, targets: dict[str, torch.Tensor], out_inde
             (0 if addmap is None else addmap.unsqueeze(0))
         residual = target - fixed  # what the weights (and an offset) must produce
         if node.op == "conv":
-            inputs = _patches(node, xs[0], tuple(weight.shape[2:]))
-            rows = residual.permute(0, 2, 3, 1).reshape(-1, residual.shape[1])
-            w, o = _ridge(inputs, rows, ridge)
+            def chunks():
+                for x_part, r_part in zip(xs[0].split(CHUNK), residual.split(CHUNK)):
+                    yield (_patches(node, x_part, tuple(weight.shape[2:])),
+                           r_part.permute(0, 2, 3, 1).reshape(-1, r_part.shape[1]))
+            w, o = _ridge(chunks(), ridge)
             weight.copy_(w.view_as(weight))
             offset = o.view(-1, 1, 1)
         else:  # linear
-            w, o = _ridge(xs[0], residual, ridge)
+            w, o = _ridge([(xs[0], residual)], ridge)
             weight.copy_(w)
             offset = o
         addmap.add_(offset)  # every layer that reads removed channels has an addmap (``extract``)
+        if cache is not None and node.name in cacheable:
+            cache[node.name] = (weight.clone(), addmap.clone())
 
     small.run_all(x, keep=False, before=fit)

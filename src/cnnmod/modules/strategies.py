@@ -34,10 +34,12 @@ class Parent:
     sample: torch.Tensor | None = None  # a few hundred prepared images of the statistics sample
     spaces: Spaces | None = None  # channel spaces, traced once for all modules
     sample_labels: torch.Tensor | None = None  # (len(sample),) parent class of each sample image
+    focus: list[int] | None = None  # the classes modules are built for (None: all); the trunk serves them
     _outputs: dict | None = None
     _common_scores: dict = field(default_factory=dict)
     _energy: tuple | None = None
     _cost: dict | None = None
+    _refits: dict = field(default_factory=dict)  # re-fitted layers every module shares (``channels_strategy``)
 
     def channel_spaces(self) -> Spaces:
         if self.spaces is None:
@@ -59,7 +61,8 @@ class Parent:
         """Channel scores for class c (``None``: for every class alike, the trunk's), per prunable space.
 
         ``rate``: how differently a channel fires on c than on the others (``channel_scores``;
-        for all classes, averaged over them). ``energy``: ``energy_scores``.
+        for all classes, averaged over the ``focus`` classes). ``energy``: ``energy_scores`` (the
+        sample holds only the focus classes' images).
         """
         if c is not None:
             return channel_scores(self.stats, self.channel_spaces(), c) if score == "rate" else self.energy_scores(c)
@@ -67,7 +70,8 @@ class Parent:
             if score == "energy":
                 self._common_scores[score] = self.energy_scores(None)
             else:
-                per_class = [channel_scores(self.stats, self.channel_spaces(), k) for k in range(self.stats.num_classes)]
+                focus = self.focus if self.focus is not None else range(self.stats.num_classes)
+                per_class = [channel_scores(self.stats, self.channel_spaces(), k) for k in focus]
                 self._common_scores[score] = {s: sum(p[s] for p in per_class) / len(per_class) for s in per_class[0]}
         return self._common_scores[score]
 
@@ -215,7 +219,10 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
             others = torch.arange(z.shape[1]) != c
             targets[parent.head] = torch.stack([z[:, others].mean(1), z[:, c]], 1)
         out_index = {n: _kept_index(keep_channels.get(spaces.of[n])) for n in targets if n != parent.head}
-        reconstruct_(network, targets, out_index, parent.sample)
+        mine = set(keep_channels) - shared  # the spaces whose channels are this class's own choice
+        key = tuple((s, keep_channels[s].numpy().tobytes()) for s in sorted(set(keep_channels) - mine))
+        reconstruct_(network, targets, out_index, parent.sample,
+                     cache=parent._refits.setdefault(key, {}), cacheable=_common_layers(parent, mine))
     network = fold_batchnorm(network)
     mine, full = cost(network, parent.input_shape), parent.cost()
     kept = sum(int(k.sum()) for k in keep_channels.values())
@@ -223,6 +230,17 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     summary = {"channels_kept": kept, "channels_prunable": total, "share_kept": kept / max(1, total),
                "params_fraction": mine["params"] / full["params"], "flops_fraction": mine["macs"] / full["macs"]}
     return network, summary
+
+
+def _common_layers(parent: Parent, mine: set[int]) -> set[str]:
+    """The layers that are the same in every module of this parent, re-fits included: no channel
+    of them or of any layer before them is a class's own choice, and they are not the head.
+    Their re-fits are computed once and reused (with ``--trunk 1.0``, all but the head's)."""
+    spaces, common = parent.channel_spaces(), set()
+    for node in parent.graph.nodes:
+        if node.name != parent.head and spaces.of[node.name] not in mine and all(i in common for i in node.inputs):
+            common.add(node.name)
+    return common
 
 
 def _kept_index(k: torch.Tensor | None) -> torch.Tensor | None:
