@@ -219,10 +219,10 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
             others = torch.arange(z.shape[1]) != c
             targets[parent.head] = torch.stack([z[:, others].mean(1), z[:, c]], 1)
         out_index = {n: _kept_index(keep_channels.get(spaces.of[n])) for n in targets if n != parent.head}
-        mine = set(keep_channels) - shared  # the spaces whose channels are this class's own choice
-        key = tuple((s, keep_channels[s].numpy().tobytes()) for s in sorted(set(keep_channels) - mine))
+        own_spaces = set(keep_channels) - shared  # the spaces whose channels are this class's own choice
+        key = tuple((s, keep_channels[s].numpy().tobytes()) for s in sorted(set(keep_channels) - own_spaces))
         reconstruct_(network, targets, out_index, parent.sample,
-                     cache=parent._refits.setdefault(key, {}), cacheable=_common_layers(parent, mine))
+                     cache=parent._refits.setdefault(key, {}), cacheable=_common_layers(parent, own_spaces))
     network = fold_batchnorm(network)
     mine, full = cost(network, parent.input_shape), parent.cost()
     kept = sum(int(k.sum()) for k in keep_channels.values())
@@ -232,13 +232,14 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     return network, summary
 
 
-def _common_layers(parent: Parent, mine: set[int]) -> set[str]:
+def _common_layers(parent: Parent, own_spaces: set[int]) -> set[str]:
     """The layers that are the same in every module of this parent, re-fits included: no channel
     of them or of any layer before them is a class's own choice, and they are not the head.
     Their re-fits are computed once and reused (with ``--trunk 1.0``, all but the head's)."""
     spaces, common = parent.channel_spaces(), set()
     for node in parent.graph.nodes:
-        if node.name != parent.head and spaces.of[node.name] not in mine and all(i in common for i in node.inputs):
+        mine = spaces.of[node.name] in own_spaces
+        if node.name != parent.head and not mine and all(i in common for i in node.inputs):
             common.add(node.name)
     return common
 
