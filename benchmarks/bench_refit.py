@@ -1,6 +1,6 @@
 """Benchmark of the channels strategy's re-fitting sample and of reuse-specific decomposition.
 
-    .venv/bin/python benchmarks/bench_refit.py [--parts speed,ten,pairs]
+    .venv/bin/python benchmarks/bench_refit.py [--parts speed,ten,pairs,probe]
 
 On the reference CIFAR-10 ResNet-20, three measurements, each against a baseline in the same run:
 
@@ -12,8 +12,12 @@ On the reference CIFAR-10 ResNet-20, three measurements, each against a baseline
 - pairs: a 2-class reuse decomposed for its pair (``--only a,b``: channels scored, trunk chosen
   and layers re-fitted on the pair's images alone) at <= 40% of the parent's MACs, against the
   parent restricted to the pair, for the 6 pairs of issue #4's 4 classes.
+- probe: where a pair's loss lies. A logistic regression fitted on 1,000 labelled training images
+  per class of the pair, on the features the head reads, once on the parent's and once on the
+  pruned pair network's (1,024 re-fitting images): the best that any new head, calibration or
+  vote rule could do with those features. A diagnostic, not a method (it trains a head).
 
-Writes the "refit" section of BENCHMARKS.md.
+Writes the "refit" section of BENCHMARKS.md; parts not run keep their results of an earlier run.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CHECKPOINTS, CIFAR_TAR, machine, write_section  # noqa: E402
+from common import CHECKPOINTS, CIFAR_TAR, RESULTS, machine, write_section  # noqa: E402
 
 from cnnmod import compose, decompose, load_data, load_model  # noqa: E402
 from cnnmod.evaluate import evaluate_scores  # noqa: E402
@@ -38,6 +43,7 @@ from cnnmod.trace import GraphNetwork, trace_graph  # noqa: E402
 from bench_channels import CONFIGS  # noqa: E402
 from bench_reuse import CIFAR_FOUR, restricted  # noqa: E402
 
+PARTS = ["speed", "ten", "pairs", "probe"]
 TEN = ["inner, energy, trunk 1.0, retain 0.9, multiple 8", "inner, energy, trunk 1.0, retain 0.85, multiple 8"]
 PAIR = dict(keep=0.625, score="energy", trunk=1.0, multiple=8)  # every space 40/64 -> 0.39 of the MACs
 PAIR_LABEL = "energy, trunk 1.0, keep 0.625, multiple 8"
@@ -110,15 +116,59 @@ def pairs(model, train_set, val) -> list[dict]:
     return rows
 
 
+def head_inputs(network, x: torch.Tensor) -> torch.Tensor:
+    """What the head (the graph's output layer) reads, for a prepared batch."""
+    seen = {}
+    head = network.graph.output
+
+    def grab(node, xs):
+        if node.name == head:
+            seen["x"] = xs[0].flatten(1)
+    with torch.no_grad():
+        network.run_all(x, keep=False, before=grab)
+    return seen["x"]
+
+
+def probe(model, train_set, val) -> list[dict]:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rows, full = [], GraphNetwork(trace_graph(model), model.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    for a, b in itertools.combinations(CIFAR_FOUR, 2):
+        modules = decompose(model, train_set, strategy="channels", calibration=0, only=[a, b], sample_images=1024,
+                            **PAIR)
+        fit, test = train_set.only([a, b]), val.only([a, b])
+        pick = torch.cat([torch.nonzero(fit.labels == k).flatten()[torch.randperm(int((fit.labels == k).sum()),
+                                                                                   generator=gen)[:1000]]
+                          for k in (0, 1)])
+        row = {"pair": f"{a}/{b}",
+               "parent": 100 * evaluate_scores(restricted(model, [a, b]), test, [a, b])["top1"],
+               "vote": 100 * evaluate_scores(compose(modules, rule="vote").score_images, test,
+                                             [m.class_name for m in modules])["top1"]}
+        for name, net in (("probe_parent", full), ("probe_pruned", modules[0].network)):
+            feats = lambda images: torch.cat([head_inputs(net, model.input_spec.prepare(images[i:i + 500]))
+                                              for i in range(0, len(images), 500)]).numpy()
+            clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+            clf.fit(feats(fit.images[pick]), fit.labels[pick].numpy())
+            row[name] = 100 * float((clf.predict(feats(test.images)) == test.labels.numpy()).mean())
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--parts", default="speed,ten,pairs")
+    parser.add_argument("--parts", default="speed,ten,pairs,probe")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     model = load_model(CHECKPOINTS / "cifar10_resnet20.safetensors")
     train_set, val = load_data(str(CIFAR_TAR), "train"), load_data(str(CIFAR_TAR), "val")
     parts = args.parts.split(",")
-    result = {"parts": parts}
+    earlier = RESULTS / "refit.json"
+    result = json.loads(earlier.read_text()) if earlier.exists() else {}
+    result["parts"] = sorted(set(result.get("parts", [])) | set(parts), key=PARTS.index)
     if "speed" in parts:
         result["speed"] = speed(model, train_set)
         print(result["speed"], flush=True)
@@ -126,6 +176,8 @@ def main(argv=None):
         result["ten"] = ten(model, train_set, val)
     if "pairs" in parts:
         result["pairs"] = pairs(model, train_set, val)
+    if "probe" in parts:
+        result["probe"] = probe(model, train_set, val)
     write_section("refit", render(result), result)
 
 
@@ -160,6 +212,15 @@ def render(r: dict) -> str:
             within = sum(g <= 1.0 for g in gaps)
             lines.append(f"\n{n} sample images: {sum(gaps) / len(gaps):.2f} points below the parent on average, worst "
                          f"{max(gaps):.2f}; {within} of {len(gaps)} pairs within 1 point.")
+    if "probe" in r:
+        lines += ["", f"Where a pair's loss lies (`{PAIR_LABEL}`, 1,024 re-fitting images): a logistic regression "
+                  "fitted on 1,000 labelled training images per class on the features the head reads, of the "
+                  "parent and of the pruned pair network; the best any new head, calibration or vote rule could do "
+                  "with those features (a diagnostic that trains a head, not a method we ship).", "",
+                  "| pair | parent restricted | pruned, vote | probe on the parent's features | "
+                  "probe on the pruned features |", "|---|---|---|---|---|"]
+        lines += [f"| {x['pair']} | {x['parent']:.2f} | {x['vote']:.2f} | {x['probe_parent']:.2f} | "
+                  f"{x['probe_pruned']:.2f} |" for x in r["probe"]]
     return "\n".join(lines)
 
 
