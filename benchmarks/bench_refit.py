@@ -221,6 +221,12 @@ def render(r: dict) -> str:
                   "probe on the pruned features |", "|---|---|---|---|---|"]
         lines += [f"| {x['pair']} | {x['parent']:.2f} | {x['vote']:.2f} | {x['probe_parent']:.2f} | "
                   f"{x['probe_pruned']:.2f} |" for x in r["probe"]]
+        mean = lambda key, base: sum(x[base] - x[key] for x in r["probe"]) / len(r["probe"])  # noqa: E731
+        lines += ["", f"On average the probe on the pruned features is {mean('probe_pruned', 'probe_parent'):.2f} "
+                  f"points below the probe on the parent's, and the shipped vote {mean('vote', 'parent'):.2f} below "
+                  f"the parent; the head trained on the pruned features differs from the vote by "
+                  f"{-mean('probe_pruned', 'vote'):+.2f} points. A new head cannot win back what the pair loses: it "
+                  "is lost in the pruned convolutions' features."]
     return "\n".join(lines)
 
 
