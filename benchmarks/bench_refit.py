@@ -103,7 +103,7 @@ def pairs(model, train_set, val) -> list[dict]:
     for a, b in itertools.combinations(CIFAR_FOUR, 2):
         pair = val.only([a, b])
         parent = evaluate_scores(restricted(model, [a, b]), pair, [a, b])["top1"]
-        for n in (256, 1024):
+        for n in (256, 1024, 2048):
             start = time.perf_counter()
             modules = decompose(model, train_set, strategy="channels", calibration=0, only=[a, b], sample_images=n,
                                 **PAIR)
