@@ -75,8 +75,8 @@ def measure(name: str, model, train_set, test_set, four: list[str], done: dict) 
         for rule in ("vote", "calibrated"):
             row[f"top1_{rule}"] = evaluate_scores(compose(modules, rule=rule).score_images, test_set,
                                                   test_set.classes)["top1"]
-        for key in ("params_fraction", "flops_fraction"):
-            row[key] = sum(m.meta[key] for m in modules) / len(modules)
+        for key, meta_key in (("params_fraction", "params_fraction"), ("flops_fraction", "macs_fraction")):
+            row[key] = sum(m.meta[meta_key] for m in modules) / len(modules)  # stored rows keep their key
         row["composed_macs_fraction"] = compose(modules).cost()["macs"] / model_macs
         row.update(latency(model, modules, test_set.images[:256]))
         pairs = []

@@ -93,7 +93,7 @@ def ten(model, train_set, val) -> list[dict]:
             clf = compose(modules, rule="vote")
             top1 = evaluate_scores(clf.score_images, val, val.classes)["top1"]
             rows.append({"config": label, "images": n, "top1": 100 * top1, "model": 100 * base,
-                         "macs": modules[0].meta["flops_fraction"], "seconds": seconds})
+                         "macs": modules[0].meta["macs_fraction"], "seconds": seconds})
             print(rows[-1], flush=True)
     return rows
 

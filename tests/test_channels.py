@@ -108,7 +108,7 @@ def test_channel_modules_are_small_and_their_files_round_trip(tmp_path):
     model = load_model(tmp_path / "m.safetensors")
     modules = decompose(model, data, strategy="channels", keep=0.5)
     m = modules[4]
-    assert 0.3 < m.meta["params_fraction"] < 0.6 and m.meta["flops_fraction"] < 0.4
+    assert 0.3 < m.meta["params_fraction"] < 0.6 and m.meta["macs_fraction"] < 0.4
     assert m.network.weight("features.0.weight").shape[0] == round(0.5 * 16)  # physically smaller
     save_module(m, tmp_path / "4.safetensors")
     again = load_module(tmp_path / "4.safetensors")
@@ -129,12 +129,12 @@ def test_cli_decompose_channels_reports_sizes_and_inspect_shows_them(tmp_path, c
                  "--strategy", "channels", "--keep", "0.5"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["strategy"] == "channels"
-    assert all(m["params_fraction"] < 0.6 and m["flops_fraction"] < 0.4 for m in summary["modules"].values())
+    assert all(m["params_fraction"] < 0.6 and m["macs_fraction"] < 0.4 for m in summary["modules"].values())
     assert main(["inspect", str(tmp_path / "m" / "7.safetensors")]) == 0
     assert "multiply-accumulates" in capsys.readouterr().out
     assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "x"),
                  "--strategy", "channels", "--keep", "1.5"]) == 2
-    assert "expected --keep in (0, 1]" in capsys.readouterr().err
+    assert "argument --keep: expected a share > 0.0 and <= 1.0, found 1.5" in capsys.readouterr().err
 
 
 def test_modules_with_a_trunk_share_it_and_compose_runs_it_once(tmp_path):
@@ -183,7 +183,7 @@ def test_cli_compose_and_inspect_report_the_shared_trunk(tmp_path, capsys):
     assert cost["macs"] == cost["separate_macs"] - 9 * cost["trunk_macs"]
     assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "x"),
                  "--strategy", "channels", "--trunk", "2"]) == 2
-    assert "expected --trunk in [0, 1]" in capsys.readouterr().err
+    assert "argument --trunk: expected a share >= 0.0 and <= 1.0, found 2" in capsys.readouterr().err
 
 
 def test_shared_trunk_of_resnets_gives_each_network_its_own_output():
@@ -247,7 +247,7 @@ def test_multiple_must_be_a_whole_number(tmp_path, capsys):
     assert main(["train", "--model", "smallcnn", "--data", "digits", "--out", str(ckpt), "--epochs", "1"]) == 0
     assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "x"),
                  "--strategy", "channels", "--multiple", "0"]) == 2
-    assert "expected --multiple to be a whole number >= 1, found 0" in capsys.readouterr().err
+    assert "argument --multiple: expected a whole number >= 1, found 0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -323,5 +323,5 @@ def test_only_builds_the_named_classes_on_their_images(tmp_path, capsys):
     capsys.readouterr()
     assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "y"), "--strategy", "channels",
                  "--sample-images", "0"]) == 2
-    assert "expected --sample-images to be a whole number >= 1, found 0" in capsys.readouterr().err
+    assert "argument --sample-images: expected a whole number >= 1, found 0" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()

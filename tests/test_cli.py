@@ -18,7 +18,7 @@ def test_train_then_evaluate_json(digits_ckpt, capsys):
     capsys.readouterr()
     assert main(["evaluate", str(digits_ckpt), "--data", "digits", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"top1", "top5", "n", "per_class"}
+    assert set(result) == {"top1", "top5", "n", "per_class", "kind", "classes"} and result["kind"] == "model"
     assert result["n"] == len(load_data("digits", "test")) == 364  # the default split of evaluate
     assert 0.5 < result["top1"] <= result["top5"] <= 1.0
     assert set(result["per_class"]) == {str(d) for d in range(10)}
@@ -42,7 +42,7 @@ def test_evaluate_matches_classes_by_name(digits_ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["evaluate", "nope.safetensors", "--data", "digits"], "no such file"),
-    (["train", "--model", "vgg99", "--data", "digits", "--out", "x.safetensors"], "expected a model name"),
+    (["train", "--model", "vgg99", "--data", "digits", "--out", "x.safetensors"], "invalid choice: 'vgg99'"),
     (["train", "--model", "smallcnn", "--data", "imagenet", "--out", "x.safetensors"], "expected a data set name"),
 ])
 def test_bad_input_is_one_sentence_and_nonzero(argv, message, capsys, tmp_path, monkeypatch):

@@ -31,7 +31,8 @@ def test_modules_evaluate_like_the_model(decomposed, capsys):
     model = _json(capsys)
     assert main(["evaluate", str(mods), "--data", "digits", "--json"]) == 0
     composed = _json(capsys)
-    assert set(composed) == {"top1", "top5", "n", "per_class"} and composed["n"] == model["n"]
+    assert {"top1", "top5", "n", "per_class"} <= set(composed) and composed["n"] == model["n"]
+    assert composed["rule"] == "vote" and composed["left_out"] == 0
     assert abs(composed["top1"] - model["top1"]) <= 0.02
 
 
@@ -70,10 +71,14 @@ def test_bad_input(decomposed, tmp_path, capsys):
     assert main(["compose", str(mods / "3.safetensors"), str(mods / "3.safetensors"), "--out", str(tmp_path / "c")]) == 2
     _one_line_error(capsys, "found class '3' more than once")
     assert main(["compose", str(mods / "3.safetensors"), str(mods / "8.safetensors"), "--out", str(tmp_path / "p")]) == 0
-    assert main(["evaluate", str(tmp_path / "p"), "--data", "digits"]) == 2
-    _one_line_error(capsys, "found unknown class(es) '0'")
+    capsys.readouterr()  # a composition is evaluated on its own classes' images; the rest are left out
+    assert main(["evaluate", str(tmp_path / "p"), "--data", "digits", "--json"]) == 0
+    result = _json(capsys)
+    assert set(result["per_class"]) == {"3", "8"} and result["left_out"] == 364 - result["n"] > 0
+    assert main(["evaluate", str(tmp_path / "p"), "--data", "digits", "--classes", "3,zebra"]) == 2
+    _one_line_error(capsys, "expected --classes among the composition's classes (3, 8), found 'zebra'")
     assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "x"), "--strategy", "magic"]) == 2
-    _one_line_error(capsys, "expected a strategy among paper")
+    _one_line_error(capsys, "argument --strategy: invalid choice: 'magic' (choose from 'paper', 'channels')")
     assert main(["evaluate", str(ckpt), str(mods / "3.safetensors"), "--data", "digits"]) == 2
     _one_line_error(capsys, "expected a module file among several files")
 

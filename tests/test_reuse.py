@@ -123,7 +123,7 @@ def test_joint_fit_mends_a_module_that_claims_everything(decomposed, tmp_path, c
     assert mended >= good - 0.02
     from cnnmod import Dataset
 
-    with pytest.raises(CnnmodError, match="expected images of the composed classes"):
+    with pytest.raises(CnnmodError, match="expected images of every composed class in the fitting data, found none of 0, 1, 2"):
         fit_composed_(modules, Dataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 0]), ["cat"]))
     # The command line: --fit-data fits, the composed file keeps the fitted scalars.
     out = tmp_path / "c.safetensors"

@@ -27,8 +27,11 @@ def test_sample_follows_the_paper_budgets():
     assert not torch.equal(select_sample(labels, 10, seed=1).rest, s.rest)
     small = select_sample(torch.arange(3).repeat_interleave(40), 3)  # fewer than the budget
     assert small.positives == 40 and small.negatives_per_class == 20
-    with pytest.raises(CnnmodError, match="found none of class index"):
-        select_sample(torch.tensor([0, 0, 2]), 3)
+    with pytest.raises(CnnmodError, match="found none of bee"):  # classes are named, never indexed
+        select_sample(torch.tensor([0, 0, 2]), 3, names=["ant", "bee", "cat"])
+    # a reuse needs only its own classes' images; the classes present serve as negatives, 1:1
+    only = select_sample(torch.tensor([0] * 30 + [2] * 30), 3, required=[0, 2])
+    assert only.positives == 30 and only.negatives_per_class == 30  # 30 // (2 present - 1)
 
 
 def _per_class_loop_oracle(model, dataset, sample, num_classes, layers):

@@ -1,126 +1,225 @@
-"""The command line: a thin shell over the library, ``main(argv) -> exit code``."""
+"""The command line: a thin shell over the library, ``main(argv) -> exit code``.
+
+Every numeric option is checked here, at the edge, by its argparse type: a bad value is one
+line naming the option, exit code 2, before anything is loaded or written.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 
+from . import __version__
 from .errors import CnnmodError
 
+DESCRIPTION = (
+    "Decompose a trained CNN image classifier into one module per class (a small binary classifier: "
+    "this class or not), then reuse modules (compose some into a new classifier, even across models) "
+    "or replace a weak class's module with a better model's, without retraining.")
+EPILOG = """a first session:
+  cnnmod train --model smallcnn --data mnist5k --out model.safetensors
+  cnnmod decompose model.safetensors --data mnist5k --out modules/
+  cnnmod evaluate modules/ --data mnist5k
+  cnnmod compose modules/3.safetensors modules/8.safetensors --out pair.safetensors
+  cnnmod evaluate pair.safetensors --data mnist5k
+run "cnnmod COMMAND --help" for the options of a command."""
+RULES = {"vote": "the paper's vote: argmax of the module margins",
+         "calibrated": "calibrated scores: argmax of each module's calibrated log-odds"}
 
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="mnist5k, digits, an image folder, a .tar(.gz) or a CIFAR folder")
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (the usage itself is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except where there is none to show (None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _number(kind, *, low=None, high=None, low_open=False, high_open=False, what="a number"):
+    """An argparse type: ``kind`` (int or float) within [low, high] (open ends where asked)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, found {text!r}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high or value != value:  # value != value: NaN
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+            raise argparse.ArgumentTypeError(f"expected {what} {' and '.join(x for x in (lo, hi) if x)}, found {text}")
+        return value
+    return parse
+
+
+COUNT = _number(int, low=1, what="a whole number")
+COUNT0 = _number(int, low=0, what="a whole number")
+SHARE = _number(float, low=0.0, high=1.0, low_open=True, what="a share")
+SHARE0 = _number(float, low=0.0, high=1.0, what="a share")
+POSITIVE = _number(float, low=0.0, low_open=True, what="a number")
+PROBABILITY = _number(float, low=0.0, high=1.0, low_open=True, high_open=True, what="a probability")
+
+
+def _data_args(p: argparse.ArgumentParser, *, size: bool = False) -> None:
+    p.add_argument("--data", required=True,
+                   help="mnist5k, digits, an image folder (one sub-folder per class), a .tar(.gz) of one, "
+                        "or a CIFAR-10/100 python folder")
     p.add_argument("--split", choices=["train", "test", "val", "all"], default=None,
-                   help="which part of the data (named sets: train/test; folders: all, or train/val)")
+                   help="which part of the data (named sets: train/test; folders: all, or train/val, the last "
+                        "10%% of each class by file name)")
+    if size:
+        p.add_argument("--size", type=COUNT, nargs=2, metavar=("H", "W"), default=None,
+                       help="image folders and archives: resize every image to H x W pixels while decoding (needed for "
+                            "photos of mixed sizes)")
+
+
+def _strategy_default(strategy: str, option: str):
+    from .modules.strategies import STRATEGIES
+
+    return inspect.signature(STRATEGIES[strategy]).parameters[option].default
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnmod", description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from .models import list_models
 
-    p = sub.add_parser("train", help="train a registered model and write a checkpoint")
-    p.add_argument("--model", required=True)
-    _data_args(p)
-    p.add_argument("--val-split", default=None, help="also report accuracy on this split each epoch")
-    p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=0, help="epochs of linear learning-rate warm-up")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--augment", default="auto", choices=["auto", "crop-flip", "crop", "none"])
+    parser = _Parser(prog="cnnmod", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"cnnmod {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help_text):
+        return sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                              formatter_class=_Help)
+
+    p = command("train", "train a built-in architecture and write a checkpoint")
+    p.add_argument("--model", required=True, choices=list_models(), help="the architecture")
+    _data_args(p, size=True)
+    p.add_argument("--val-split", default=None, help="also report accuracy on this split after each epoch")
+    p.add_argument("--out", required=True, help="the checkpoint file to write (.safetensors)")
+    p.add_argument("--epochs", type=COUNT, default=10, help="passes over the training images")
+    p.add_argument("--batch-size", type=COUNT, default=128, help="images per step")
+    p.add_argument("--lr", type=POSITIVE, default=0.1, help="peak learning rate (SGD, cosine schedule)")
+    p.add_argument("--warmup", type=COUNT0, default=0, help="epochs of linear learning-rate warm-up")
+    p.add_argument("--seed", type=int, default=0, help="fixes weights, batch order and augmentation")
+    p.add_argument("--augment", default="auto", choices=["auto", "crop-flip", "crop", "none"],
+                   help="auto: crop-flip for colour images, none for grey")
     p.add_argument("--no-bn", action="store_true", help="the BatchNorm-free variant (ResNets)")
     p.add_argument("--resume", action="store_true", help="continue from the last saved epoch")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
 
-    p = sub.add_parser("evaluate", help="top-1, top-5 and per-class accuracy")
-    p.add_argument("file", nargs="+", help="a checkpoint, a composed file, a module directory or module files")
+    p = command("evaluate", "accuracy of a model, a composition or a single module on labelled images")
+    p.add_argument("file", nargs="+",
+                   help="a checkpoint, a composed file, a module folder, module files, or one module file "
+                        "(judged alone: precision, recall, F1)")
     _data_args(p)
-    p.add_argument("--classes", default=None, help="comma-separated data classes to evaluate on (default: all)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--classes", default=None,
+                   help="comma-separated classes: evaluate as a classifier of these classes only (a model: argmax "
+                        "over their logits, the fair baseline of a reuse; modules: these modules composed)")
+    p.add_argument("--confusion", action="store_true", help="also print the confusion matrix (and put it in --json)")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw per-class accuracy and the confusion matrix into this PNG (needs matplotlib)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the model")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("decompose", help="write one module file per class")
-    p.add_argument("checkpoint")
+    p = command("decompose", "write one module file per class of a checkpoint")
+    p.add_argument("checkpoint", help="a cnnmod checkpoint (.safetensors)")
     _data_args(p)
-    p.add_argument("--out", required=True, help="directory for <class>.safetensors files")
-    p.add_argument("--strategy", default="paper",
-                   help="paper: Pan & Rajan's masks; channels: whole channels, physically smaller modules")
-    p.add_argument("--keep", type=float, default=0.5,
-                   help="channels strategy: share of each channel space a module keeps")
-    p.add_argument("--trunk", type=float, default=0.0,
-                   help="channels strategy: share of the parent's MACs, from the input, pruned alike for every "
-                        "class, so that composed modules run it once")
-    p.add_argument("--trunk-keep", type=float, default=None,
-                   help="channels strategy: share of each trunk channel space kept (default: --keep)")
-    p.add_argument("--keep-streams", action="store_true",
-                   help="channels strategy: keep residual streams whole, prune only inside blocks")
-    p.add_argument("--score", default="rate", choices=["rate", "energy"],
-                   help="channels strategy: rank channels by firing rate per class or by the error removing them causes")
-    p.add_argument("--retain", type=float, default=None,
-                   help="channels strategy: instead of --keep, keep per space the best channels holding this share "
-                        "of the space's total score")
-    p.add_argument("--multiple", type=int, default=1,
-                   help="channels strategy: round each space's kept channels to a multiple of this (8: the block "
-                        "size of CPU convolution kernels, so that every removed channel saves time)")
-    p.add_argument("--sample-images", type=int, default=256,
-                   help="channels strategy: images of the observed sample that channels are scored and layers "
-                        "re-fitted on (more: closer re-fits, slower)")
+    p.add_argument("--out", required=True,
+                   help="folder for <class>.safetensors files: new, empty, or a module folder (modules of other "
+                        "classes in it are kept, those of this run's classes replaced)")
+    p.add_argument("--strategy", default="paper", choices=["paper", "channels"],
+                   help="paper: Pan & Rajan's masks on the whole model; channels: whole channels removed, "
+                        "physically smaller modules")
     p.add_argument("--only", default=None,
-                   help="comma-separated classes: build only their modules (channels strategy: scored, trunk "
-                        "chosen and re-fitted on their images alone, for a reuse of these classes)")
-    p.add_argument("--positives", type=int, default=1000, help="images per class observed (paper: 1000)")
-    p.add_argument("--negatives-per-class", type=int, default=None,
+                   help="comma-separated classes: build only their modules; the data needs only their images "
+                        "(other classes present serve as negatives)")
+    p.add_argument("--positives", type=COUNT, default=1000, help="images per class observed (paper: 1000)")
+    p.add_argument("--negatives-per-class", type=COUNT0, default=None,
                    help="negatives of each other class (default: positives // (classes - 1), 1:1)")
-    p.add_argument("--delta", type=float, default=0.5, help="MC-BLN threshold (paper: 0.5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--delta", type=POSITIVE, default=None,
+                   help=f"paper strategy: MC-BLN threshold (default: {_strategy_default('paper', 'delta')})")
+    ch = "channels strategy: "
+    p.add_argument("--keep", type=SHARE, default=None,
+                   help=ch + f"share of each channel space a module keeps (default: {_strategy_default('channels', 'keep')})")
+    p.add_argument("--trunk", type=SHARE0, default=None,
+                   help=ch + "share of the parent's MACs, from the input, pruned alike for every class, so that "
+                             "composed modules run it once (default: 0, no trunk)")
+    p.add_argument("--trunk-keep", type=SHARE, default=None,
+                   help=ch + "share of each trunk channel space kept (default: --keep, or --retain)")
+    p.add_argument("--keep-streams", action="store_true", default=None,
+                   help=ch + "keep residual streams whole, prune only inside blocks")
+    p.add_argument("--score", default=None, choices=["rate", "energy"],
+                   help=ch + "rank channels by firing rate per class or by the error removing them causes "
+                             f"(default: {_strategy_default('channels', 'score')})")
+    p.add_argument("--retain", type=SHARE, default=None,
+                   help=ch + "instead of --keep, keep per space the best channels holding this share of the "
+                             "space's total score")
+    p.add_argument("--multiple", type=COUNT, default=None,
+                   help=ch + "round each space's kept channels to a multiple of this (8: the block size of CPU "
+                             "convolution kernels, so that every removed channel saves time; default: 1)")
+    p.add_argument("--sample-images", type=COUNT, default=None,
+                   help=ch + "images of the observed sample that channels are scored and layers re-fitted on "
+                             "(more: closer re-fits, slower; default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="fixes which images are observed")
+    p.add_argument("--batch-size", type=COUNT, default=256, help="images per batch of the statistics pass")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run's statistics")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (torchrun: one process per device)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run the statistics pass (torchrun: one process per device)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: autocast statistics pass (faster on GPUs; may change masks, see BENCHMARKS.md)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("export", help="write a module, composed classifier or checkpoint as ONNX")
-    p.add_argument("file", nargs="+", help="a module file, a composed file, a module directory or a checkpoint")
+    p = command("export", "write a module, composed classifier or checkpoint as ONNX")
+    p.add_argument("file", nargs="+", help="a module file, a composed file, a module folder or a checkpoint")
     p.add_argument("--onnx", required=True, help="the ONNX file to write")
 
-    p = sub.add_parser("inspect", help="show what a checkpoint, module or composed file holds")
-    p.add_argument("file")
-    p.add_argument("--json", action="store_true")
+    p = command("inspect", "show what a checkpoint, module or composed file, or a module folder holds")
+    p.add_argument("file", help="a cnnmod file, or a folder of module files (one row per module)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("compose", help="compose module files into one classifier file")
-    p.add_argument("files", nargs="+", help="module files or module directories")
-    p.add_argument("--out", required=True)
+    p = command("compose", "compose two or more modules into one classifier file")
+    p.add_argument("files", nargs="+", help="module files or module folders")
+    p.add_argument("--out", required=True, help="the composed file to write (.safetensors)")
     p.add_argument("--rule", choices=["auto", "vote", "calibrated"], default="auto",
-                   help="vote: the paper's rule; calibrated: calibrated scores (auto: calibrated when possible)")
-    p.add_argument("--unknown-below", type=float, default=None,
+                   help="vote: the paper's rule; calibrated: calibrated scores (auto: vote for modules of one "
+                        "parent, calibrated otherwise)")
+    p.add_argument("--unknown-below", type=PROBABILITY, default=None,
                    help="answer 'unknown' when no module's calibrated probability reaches this")
     p.add_argument("--adapt-data", default=None,
-                   help="continuous learning: re-run TI of each module with this data's other classes")
-    p.add_argument("--adapt-split", default=None)
+                   help="continuous learning: re-run tangling identification of each module with this data's "
+                        "other classes")
+    p.add_argument("--adapt-split", default=None, choices=["train", "test", "val", "all"])
     p.add_argument("--fit-data", default=None,
                    help="fit the modules' calibrations jointly on this data's images of the composed classes "
                         "(2 scalars per module, no network training); implies the calibrated rule")
-    p.add_argument("--fit-split", default=None)
-    p.add_argument("--fit-per-class", type=int, default=100, help="images per class for --fit-data")
+    p.add_argument("--fit-split", default=None, choices=["train", "test", "val", "all"])
+    p.add_argument("--fit-per-class", type=COUNT, default=100, help="images per class for --fit-data")
 
-    p = sub.add_parser("replace", help="swap the module of one class in a module directory")
-    p.add_argument("directory")
-    p.add_argument("--with", dest="new", required=True, help="the new module file")
-    p.add_argument("--out", required=True, help="the new module directory")
+    p = command("replace", "swap the module of one class in a module folder")
+    p.add_argument("directory", help="the module folder")
+    p.add_argument("--with", dest="new", required=True, help="the new module file (same class, any parent)")
+    p.add_argument("--out", required=True,
+                   help="the module folder to write (new, empty, a module folder, or the input folder itself)")
 
-    p = sub.add_parser("import", help="turn a .pt/.pth state dict into a checkpoint (weights_only loading)")
-    p.add_argument("state_dict")
-    p.add_argument("--model", required=True, help="the registered architecture the weights belong to")
-    _data_args(p)
-    p.add_argument("--no-bn", action="store_true")
-    p.add_argument("--out", required=True)
+    p = command("import", "turn a .pt/.pth state dict of a built-in architecture into a checkpoint")
+    p.add_argument("state_dict", help="the .pt/.pth file (read with weights_only=True: nothing is unpickled)")
+    p.add_argument("--model", required=True, choices=list_models(), help="the architecture the weights belong to")
+    _data_args(p, size=True)
+    p.add_argument("--no-bn", action="store_true", help="the BatchNorm-free variant (ResNets)")
+    p.add_argument("--out", required=True, help="the checkpoint file to write (.safetensors)")
 
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded MNIST digits")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--epochs", type=int, default=4)
+    p = command("demo", "the whole pipeline on the embedded MNIST digits")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--epochs", type=COUNT, default=4, help="training epochs of the demo's model")
     return parser
 
 
@@ -129,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse already printed its one-line usage error
+    except SystemExit as e:  # argparse already printed its one-line usage error (or --help, --version)
         return int(e.code or 0)
     try:
         return COMMANDS[args.command](args)
@@ -147,12 +246,45 @@ def run() -> None:
     sys.exit(main())
 
 
+def _plural(n: int, word: str) -> str:
+    """"1 module", "2 modules", "3 classes"."""
+    return f"{n:,} {word}{'' if n == 1 else 'es' if word.endswith('s') else 's'}"
+
+
+def _names(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise CnnmodError(f"expected comma-separated class names, found {text!r}.")
+    return names
+
+
+def _rounded(value, digits: int = 6):
+    """JSON numbers as they mean: floats to ``digits`` significant digits (0.98, not 0.9800000190734863)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(_rounded(obj), sort_keys=True))
+
+
+def _size(args):
+    return tuple(args.size) if getattr(args, "size", None) else None
+
+
 def cmd_train(args) -> int:
     from .data import load_data
     from .training import TrainConfig, train
 
-    data = load_data(args.data, args.split, default_split="train")
-    val = load_data(args.data, args.val_split) if args.val_split else None
+    data = load_data(args.data, args.split, default_split="train", size=_size(args))
+    val = load_data(args.data, args.val_split, size=_size(args)) if args.val_split else None
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          warmup=args.warmup, augment=args.augment)
     meta = train(args.model, data, args.out, config, val=val, resume=args.resume,
@@ -163,28 +295,120 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .compose import load_classifier
-    from .data import load_data
-    from .evaluate import evaluate_model, evaluate_scores
-
+    from .compose import compose, load_classifier
+    from .data import load_data_for
     from .distributed import resolve_device
+    from .evaluate import evaluate_model, evaluate_module, evaluate_scores
 
     device = resolve_device(args.device)
+    wanted = _names(args.classes)
     kind, clf = load_classifier(args.file)
-    specs = {clf.input_spec} if kind == "model" else {m.input_spec for m in clf.modules_}
-    only = specs.pop() if len(specs) == 1 else None  # decode straight to the one input size
-    data = load_data(args.data, args.split, default_split="test",
-                     channels=only.channels if only else None, size=only.size if only else None)
-    if args.classes:
-        data = data.only(args.classes.split(","))
-    clf.to(device)
+    if kind == "module":
+        if args.confusion or args.plot:
+            raise CnnmodError("expected a classifier for --confusion or --plot, found a single module (judged by "
+                              "precision and recall; compose modules to see a confusion matrix).")
+        data = load_data_for(args.data, args.split, [clf.input_spec], default_split="test")
+        result = evaluate_module(clf, data.only(wanted) if wanted else data)
+        if args.json:
+            _print_json(dict(result, kind="module"))
+        else:
+            c = result["counts"]
+            print(f"module {result['class']!r} alone, its class against the other {_plural(c['fp'] + c['tn'], 'image')}:")
+            print(f"precision {result['precision']:.4f}  recall {result['recall']:.4f}  F1 {result['f1']:.4f}  "
+                  f"accuracy {result['accuracy']:.4f}  n={result['n']} ({result['positives']} of its class)")
+        return 0
+
+    confusion = args.confusion or args.plot is not None
     if kind == "model":
-        result = evaluate_model(clf, data, device=device)
+        classes = clf.cnnmod_meta["classes"]
+        _check_known(wanted, classes, "the model's")
+        data = load_data_for(args.data, args.split, [clf.input_spec], default_split="test")
+        if wanted:
+            data = data.only(wanted)
+        clf.to(device)
+        result = evaluate_model(clf, data, device=device, restrict=wanted, confusion=confusion)
+        what = (f"the model restricted to {', '.join(wanted)} (argmax over their logits)" if wanted else
+                f"the model ({_plural(len(classes), 'class')})")
+        result.update(kind="model", classes=wanted or classes)
     else:
-        result = evaluate_scores(lambda x: clf.score_images(x.to(device)).cpu(), data, clf.classes,
-                                 reject_below=clf.reject_below())
-    _print_result(result, args.json)
+        if wanted:
+            _check_known(wanted, clf.classes, "the composition's")
+            clf = compose([m for m in clf.modules_ if m.class_name in wanted], rule=clf.rule,
+                          unknown_below=clf.unknown_below)
+        data = load_data_for(args.data, args.split, [m.input_spec for m in clf.modules_], default_split="test")
+        known = [c for c in data.classes if c in clf.classes]
+        if not known:
+            raise CnnmodError(f"expected images of the composed classes ({', '.join(clf.classes[:12])}) in the data, "
+                              f"found only {', '.join(data.classes[:12])}.")
+        left_out = 0
+        if len(known) < len(data.classes):  # images of classes no module knows: not this classifier's task
+            kept = data.only(known)
+            left_out, data = len(data) - len(kept), kept
+        clf.to(device)
+        result = evaluate_scores(lambda x: clf.score_images(_to(x, device)).cpu(), data, clf.classes,
+                                 reject_below=clf.reject_below(), confusion=confusion)
+        what = f"{_plural(len(clf.classes), 'module')} composed, rule {clf.rule} ({RULES[clf.rule]})"
+        result.update(kind="composed", classes=clf.classes, rule=clf.rule, left_out=left_out)
+    if args.plot:
+        from .plot import plot_evaluation
+
+        plot_evaluation(result, args.plot, title=f"{' '.join(args.file)}: {what}")
+    if not args.confusion:
+        result.pop("confusion", None)
+    if args.json:
+        _print_json(result)
+    else:
+        _print_result(result, what)
     return 0
+
+
+def _to(x, device):
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
+def _check_known(wanted: list[str] | None, classes: list[str], whose: str) -> None:
+    unknown = [c for c in wanted or [] if c not in classes]
+    if unknown:
+        raise CnnmodError(f"expected --classes among {whose} classes ({', '.join(classes[:12])}"
+                          f"{', ...' if len(classes) > 12 else ''}), found {', '.join(map(repr, unknown[:5]))}.")
+
+
+def _print_result(result: dict, what: str) -> None:
+    print(what)
+    print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  n={result['n']}"
+          + (f"  unknown {result['unknown']:.4f}" if "unknown" in result else ""))
+    if result.get("left_out"):
+        print(f"({_plural(result['left_out'], 'image')} of classes no module knows left out)")
+    width = max(len(c) for c in result["per_class"])
+    for name, acc in result["per_class"].items():
+        print(f"  {name:<{width}}  {acc:.4f}")
+    if "confusion" in result:
+        c = result["confusion"]
+        print("confusion matrix (rows: true class, columns: answer)")
+        cols = [max(len(p), *(len(str(row[j])) for row in c["matrix"])) for j, p in enumerate(c["predicted"])]
+        rw = max(len(t) for t in c["true"])
+        print(" " * (rw + 2) + "  ".join(f"{p:>{w}}" for p, w in zip(c["predicted"], cols)))
+        for t, row in zip(c["true"], c["matrix"]):
+            print(f"  {t:<{rw}}" + "".join(f"  {v:>{w}}" for v, w in zip(row, cols)))
+
+
+CHANNELS_OPTIONS = ("keep", "trunk", "trunk_keep", "keep_streams", "score", "retain", "multiple", "sample_images")
+
+
+def _strategy_options(args) -> dict:
+    """The options of the chosen strategy; an option of the other strategy is an error, not ignored."""
+    given = [k for k in CHANNELS_OPTIONS if getattr(args, k) is not None]
+    if args.strategy == "paper":
+        if given:
+            raise CnnmodError(f"expected --{given[0].replace('_', '-')} only with --strategy channels, found it with "
+                              "--strategy paper (which keeps whole layers and masks elements).")
+        return {} if args.delta is None else {"delta": args.delta}
+    if args.delta is not None:
+        raise CnnmodError("expected --delta only with --strategy paper, found it with --strategy channels.")
+    options = {k: getattr(args, k) for k in given if k != "keep_streams"}
+    if args.keep_streams:
+        options["streams"] = False
+    return options
 
 
 def cmd_decompose(args) -> int:
@@ -193,27 +417,29 @@ def cmd_decompose(args) -> int:
     summary = decompose_to_directory(args.checkpoint, args.data, args.out, split=args.split,
                                      strategy=args.strategy, positives=args.positives,
                                      negatives_per_class=args.negatives_per_class, seed=args.seed,
-                                     batch_size=args.batch_size, progress=not args.json,
-                                     **({"delta": args.delta} if args.strategy == "paper" else
-                                        {"keep": args.keep, "trunk": args.trunk, "trunk_keep": args.trunk_keep,
-                                         "streams": not args.keep_streams, "score": args.score,
-                                         "retain": args.retain, "multiple": args.multiple,
-                                         "sample_images": args.sample_images}),
-                                     only=None if args.only is None else [c.strip() for c in args.only.split(",")],
-                                     resume=args.resume, device=args.device, precision=args.precision)
+                                     batch_size=args.batch_size, progress=not args.json, only=_names(args.only),
+                                     resume=args.resume, device=args.device, precision=args.precision,
+                                     **_strategy_options(args))
     if summary["rank"] != 0:
         return 0  # rank 0 reports for the group
     if args.json:
-        print(json.dumps(summary, sort_keys=True))
-    else:
-        print(f"wrote {len(summary['modules'])} modules to {args.out} in {summary['seconds']:.1f} s "
-              f"({summary['images']} images observed)")
-        for name, m in summary["modules"].items():
-            if "params_fraction" in m:  # the channels strategy
-                print(f"  {name:<12} keeps {m['share_kept']:.4f} of the prunable channels: "
-                      f"{m['params_fraction']:.3f} of the parameters, {m['flops_fraction']:.3f} of the MACs")
-            else:
-                print(f"  {name:<12} keeps {m['share_kept']:.4f} of the observed elements")
+        _print_json(summary)
+        return 0
+    kept = f"; kept {_plural(len(summary['kept']), 'other module')} already there" if summary["kept"] else ""
+    print(f"wrote {_plural(len(summary['modules']), 'module')} to {args.out} in {summary['seconds']:.1f} s "
+          f"({_plural(summary['images'], 'image')} observed{kept})")
+    if args.only:
+        neg = summary["negatives_from"]
+        others = {c: n for c, n in neg.items() if c not in summary["modules"]}
+        print(f"  negatives: {_plural(sum(neg.values()), 'image')}, of which {sum(others.values()):,} from "
+              f"{_plural(len(others), 'other class')}"
+              + (f" ({', '.join(others)})" if 0 < len(others) <= 12 else ""))
+    for name, m in summary["modules"].items():
+        if "params_fraction" in m:  # the channels strategy
+            print(f"  {name:<12} keeps {m['share_kept']:.4f} of the prunable channels: "
+                  f"{m['params_fraction']:.3f} of the parameters, {m['macs_fraction']:.3f} of the MACs")
+        else:
+            print(f"  {name:<12} keeps {m['share_kept']:.4f} of the observed elements")
     return 0
 
 
@@ -221,8 +447,8 @@ def cmd_export(args) -> int:
     from .export import export_onnx
 
     info = export_onnx(args.file, args.onnx)
-    print(f"wrote {args.onnx}: {info['kind']} ({len(info['classes'])} class(es)), input uint8 "
-          f"{info['input']['channels']}x{info['input']['size'][0]}x{info['input']['size'][1]}")
+    print(f"wrote {args.onnx}: {info['kind']} ({_plural(len(info['classes']), 'class')}), "
+          f"input uint8 {info['input']['channels']}x{info['input']['size'][0]}x{info['input']['size'][1]}")
     return 0
 
 
@@ -230,7 +456,10 @@ def cmd_inspect(args) -> int:
     from .inspect import describe
 
     text, meta = describe(args.file)
-    print(json.dumps(meta, sort_keys=True) if args.json else text)
+    if args.json:
+        _print_json(meta)
+    else:
+        print(text)
     return 0
 
 
@@ -240,34 +469,36 @@ def cmd_compose(args) -> int:
     import torch
 
     from .compose import compose, load_modules, save_composed
+    from .data import load_data_for
     from .modules import load_module
 
     modules = []
     for f in args.files:
         modules.extend(load_modules(f) if Path(f).is_dir() else [load_module(f)])
+    if len(modules) < 2:
+        raise CnnmodError(f"expected at least two modules to compose, found {len(modules)} (evaluate a single "
+                          "module directly: cnnmod evaluate FILE --data ...).")
+    if args.fit_data and args.rule == "vote":
+        raise CnnmodError("expected the calibrated rule with --fit-data (it fits calibrations), found --rule vote.")
+    inputs = [m.input_spec for m in modules]
     if args.adapt_data:
-        from .data import load_data
         from .modules.adapt import adapt_
 
-        data = load_data(args.adapt_data, args.adapt_split, default_split="train")
+        data = load_data_for(args.adapt_data, args.adapt_split, inputs, default_split="train")
         for m in modules:
             foreign = torch.tensor([c != m.class_name for c in data.classes])[data.labels]
-            adapt_(m, data.images[foreign])
+            adapt_(m, data.images_for(m.input_spec)[foreign])
     if args.fit_data:
         from .compose.fit import fit_composed_
-        from .data import load_data
 
-        if args.fit_per_class < 1:
-            raise CnnmodError(f"expected --fit-per-class >= 1, found {args.fit_per_class}.")
-        if args.rule == "vote":
-            raise CnnmodError("expected the calibrated rule with --fit-data (it fits calibrations), found --rule vote.")
-        used = fit_composed_(modules, load_data(args.fit_data, args.fit_split, default_split="train"),
+        used = fit_composed_(modules, load_data_for(args.fit_data, args.fit_split, inputs, default_split="train"),
                              per_class=args.fit_per_class)
-        print(f"fitted the {len(modules)} modules' calibrations jointly on {used} images of {args.fit_data}")
+        print(f"fitted the {len(modules)} modules' calibrations jointly on {used:,} images of {args.fit_data}")
     rule = "calibrated" if args.fit_data else args.rule
     clf = compose(modules, rule=rule, unknown_below=args.unknown_below)
     save_composed(clf, args.out)
-    print(f"wrote {args.out}: {len(clf.classes)} classes ({', '.join(clf.classes)}), rule {clf.rule}")
+    print(f"wrote {args.out}: {len(clf.classes)} classes ({', '.join(clf.classes)}), rule {clf.rule} "
+          f"({RULES[clf.rule]}), {Path(args.out).stat().st_size:,} bytes")
     c = clf.cost()
     if c["trunk_macs"]:
         print(f"  one shared trunk per parent: {c['trunk_params']:,} parameters, {c['trunk_macs']:,} MACs per image; "
@@ -287,21 +518,11 @@ def cmd_replace(args) -> int:
     return 0
 
 
-def _print_result(result: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result, sort_keys=True))
-        return
-    print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  n={result['n']}")
-    width = max(len(c) for c in result["per_class"])
-    for name, acc in result["per_class"].items():
-        print(f"  {name:<{width}}  {acc:.4f}")
-
-
 def cmd_import(args) -> int:
     from .data import load_data
     from .importing import import_state_dict
 
-    data = load_data(args.data, args.split, default_split="train")
+    data = load_data(args.data, args.split, default_split="train", size=_size(args))
     meta = import_state_dict(args.state_dict, args.model, data, args.out,
                              arch_args={"bn": False} if args.no_bn else None)
     print(f"wrote {args.out}: top-1 {meta['accuracy']['top1']:.4f} on the given data (n={meta['accuracy']['n']})")

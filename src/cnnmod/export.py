@@ -48,6 +48,24 @@ class _Composed(nn.Module):
         return self.clf.score_images(images)
 
 
+def check_replaceable_onnx(path: str | os.PathLike) -> None:
+    """Refuse to overwrite anything but an ONNX file that cnnmod exported (it carries key ``cnnmod``)."""
+    import onnx
+
+    path = Path(path)
+    if path.is_dir():
+        raise CnnmodError(f"{path}: expected an ONNX file name to write, found a folder.")
+    if not path.exists():
+        return
+    try:
+        props = {p.key for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # not ONNX at all: protobuf raises its own error types
+        props = set()
+    if "cnnmod" not in props:
+        raise CnnmodError(f"{path}: exists and is not an ONNX file cnnmod exported; cnnmod never overwrites a file "
+                          "it did not write (choose another name, or remove the file yourself).")
+
+
 def export_onnx(paths: list[str], out: str | os.PathLike) -> dict:
     """Write ``out`` (ONNX) for a module file, a composed file or module set, or a checkpoint."""
     from .compose.io import load_classifier
@@ -73,6 +91,11 @@ def export_onnx(paths: list[str], out: str | os.PathLike) -> dict:
             net, spec, output = _Composed(obj), obj.modules_[0].input_spec, "scores"
             info = {"kind": "composed", "classes": obj.classes, "rule": obj.rule,
                     "unknown_below_score": obj.reject_below()}
+    specs = [m.input_spec for m in obj.modules_] if info["kind"] == "composed" else [spec]
+    if any(s.prepared for s in specs):
+        raise CnnmodError("expected modules that prepare raw images (the exported graph takes uint8 images), found "
+                          "a module decomposed from prepared tensors without input_spec=.")
+    check_replaceable_onnx(out)
     info["input"] = {"dtype": "uint8", "channels": spec.channels, "size": list(spec.size)}
     example = torch.zeros(1, spec.channels, *spec.size, dtype=torch.uint8)
     buffer = io.BytesIO()

@@ -65,8 +65,32 @@ def _umask() -> int:
     return mask
 
 
+def check_replaceable(path: str | os.PathLike, fmt: str) -> None:
+    """Refuse to write ``path`` over anything but a cnnmod file of format ``fmt``.
+
+    cnnmod never overwrites a file it did not write: a folder, a foreign file, or a cnnmod file
+    of another kind (a module where a checkpoint is written) at ``path`` is an error.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CnnmodError(f"{path}: expected a file name to write, found a folder.")
+    if not path.exists():
+        return
+    try:
+        found = read_metadata(path).get("format")
+    except CnnmodError:
+        raise CnnmodError(f"{path}: exists and is not a cnnmod file; cnnmod never overwrites a file it did not "
+                          "write (choose another name, or remove the file yourself).") from None
+    if found != fmt:
+        raise CnnmodError(f"{path}: expected to replace a {fmt} file, found a {found} file; choose another name.")
+
+
 def write_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Save ``tensors`` and JSON ``meta`` (plus a checksum of both) to ``path``."""
+    """Save ``tensors`` and JSON ``meta`` (plus a checksum of both) to ``path``.
+
+    An existing file at ``path`` is replaced only if it is a cnnmod file of the same format.
+    """
+    check_replaceable(path, meta["format"])
     # clone: modules of one parent share its weight tensors, which safetensors refuses to store twice
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
     meta = dict(meta, checksum=file_checksum(tensors, meta))
@@ -102,10 +126,16 @@ def read_file(path: str | os.PathLike, *, expect: str | None = None) -> tuple[di
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """Return the metadata of a cnnmod file without checking its tensors."""
+    """Return the metadata of a cnnmod file without reading or checking its tensors."""
     path = Path(path)
     try:
-        blob = path.read_bytes()
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            # only the header; a length beyond the file is reported by _read_metadata
+            blob = head + f.read(n if 0 < n <= 100_000_000 else 8)
+            if len(blob) < 8 + n:
+                blob += f.read()
     except OSError as e:
         raise CnnmodError(f"{path}: cannot be read ({e.strerror}).") from None
     return _read_metadata(path, blob)

@@ -1,20 +1,26 @@
-"""``cnnmod inspect``: say what a checkpoint, module or composed file holds."""
+"""``cnnmod inspect``: say what a checkpoint, module or composed file, or a module folder holds."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from .errors import CnnmodError
 from .files import read_file
 
 
 def describe(path: str) -> tuple[str, dict]:
-    """Return (readable text, metadata without the layer graph) of a cnnmod file."""
+    """Return (readable text, metadata without the layer graph) of a cnnmod file or module folder."""
+    if Path(path).is_dir():
+        return describe_folder(path)
     tensors, meta = read_file(path)
     shown = {k: v for k, v in meta.items() if k != "graph"}
     if meta["format"] == "cnnmod.composed":
         shown["modules"] = [{k: v for k, v in m.items() if k != "graph"} for m in meta["modules"]]
-    n_params = sum(t.numel() for t in tensors.values())
+    n_values = sum(t.numel() for t in tensors.values())
+    shown["file_bytes"] = Path(path).stat().st_size
     kind = meta["format"].split(".")[-1]
-    lines = [f"{path}: cnnmod {kind} (format version {meta['format_version']}), "
-             f"{len(tensors)} tensors, {n_params:,} values"]
+    lines = [f"{path}: cnnmod {kind} (format version {meta['format_version']}), {shown['file_bytes']:,} bytes on disk, "
+             f"{len(tensors)} tensors, {n_values:,} values"]
     if kind == "checkpoint":
         acc = meta.get("accuracy", {})
         lines += [f"  architecture {meta['architecture']} {meta['arch_args']}",
@@ -22,6 +28,8 @@ def describe(path: str) -> tuple[str, dict]:
                   f"  input {meta['input']}",
                   f"  accuracy on {acc.get('split')}: top-1 {acc.get('top1', float('nan')):.4f}"]
     elif kind == "module":
+        row = module_row(path)
+        shown["cost"] = {"params": row["params"], "macs": row["macs"]}
         lines += [f"  class {meta['class_name']!r} (index {meta['class_index']} of {len(meta['parent_classes'])} "
                   f"in parent {meta['parent_fingerprint']}, {meta.get('parent_architecture')})",
                   f"  strategy {meta['strategy']} {meta['options']}",
@@ -29,10 +37,10 @@ def describe(path: str) -> tuple[str, dict]:
                    f"{meta['elements_total']:,} observed elements" if "elements_total" in meta else
                    f"  observed {meta['observed_images']} images; keeps {meta['channels_kept']} of "
                    f"{meta['channels_prunable']} prunable channels"),
-                  f"  input {meta['input']}"]
-        if "params_fraction" in meta:
-            lines.append(f"  parameters {meta['params_fraction']:.3f} and multiply-accumulates "
-                         f"{meta['flops_fraction']:.3f} of the parent's")
+                  f"  input {meta['input']}",
+                  f"  {row['params']:,} parameters, {row['macs']:,} multiply-accumulates per image"
+                  + (f" ({meta['params_fraction']:.3f} and {_macs_fraction(meta):.3f} of the parent's)"
+                     if "params_fraction" in meta else "")]
     else:
         from .compose.io import load_composed
 
@@ -43,3 +51,44 @@ def describe(path: str) -> tuple[str, dict]:
                   f"(shared trunk: {c['trunk_params']:,} parameters, {c['trunk_macs']:,} MACs, run once; "
                   f"the modules one by one: {c['separate_macs']:,} MACs)"]
     return "\n".join(lines), shown
+
+
+def _macs_fraction(meta: dict) -> float:
+    return meta.get("macs_fraction", meta.get("flops_fraction", float("nan")))  # files before 0.1 said "flops"
+
+
+def module_row(path) -> dict:
+    """One module file's row: class, strategy, parameters, MACs, bytes on disk, calibration, parent."""
+    from .modules.extract import cost
+    from .modules.io import load_module
+
+    m = load_module(path)
+    spec = m.input_spec
+    c = cost(m.network, (spec.channels, *spec.size))
+    cal = m.meta.get("calibration")
+    return {"file": Path(path).name, "class": m.class_name, "strategy": m.meta.get("strategy"),
+            "params": c["params"], "macs": c["macs"], "file_bytes": Path(path).stat().st_size,
+            "calibration": None if cal is None else {"a": cal["a"], "b": cal["b"]},
+            "parent": m.meta.get("parent_fingerprint"), "parent_architecture": m.meta.get("parent_architecture")}
+
+
+def describe_folder(path: str) -> tuple[str, dict]:
+    """One table row per module file of a folder (other files are named and left alone)."""
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CnnmodError(f"{folder}: expected module files (*.safetensors), found none.")
+    rows = [module_row(f) for f in files]
+    header = ("class", "strategy", "parameters", "MACs", "bytes on disk", "calibration a, b", "parent")
+    table = [header] + [(r["class"], r["strategy"], f"{r['params']:,}", f"{r['macs']:,}", f"{r['file_bytes']:,}",
+                         "none" if r["calibration"] is None else f"{r['calibration']['a']:.4g}, {r['calibration']['b']:.4g}",
+                         r["parent"]) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    right = {2, 3, 4}
+    lines = [f"{folder}: {len(rows)} module file{'s' if len(rows) != 1 else ''}, "
+             f"{sum(r['file_bytes'] for r in rows):,} bytes on disk, "
+             f"{len({r['parent'] for r in rows})} parent model{'s' if len({r['parent'] for r in rows}) != 1 else ''}"]
+    for row in table:
+        lines.append("  " + "  ".join(f"{str(v):>{w}}" if i in right else f"{str(v):<{w}}"
+                                      for i, (v, w) in enumerate(zip(row, widths))))
+    return "\n".join(lines), {"folder": str(folder), "modules": rows}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +37,17 @@ class TrainConfig:
     seed: int = 0
     augment: str = "auto"  # "crop-flip", "crop", "none"; auto: crop-flip for colour, none for grey
     warmup: int = 0  # epochs of linear learning-rate warm-up before the cosine schedule
+
+    def __post_init__(self):
+        for name, low in (("epochs", 1), ("batch_size", 1), ("warmup", 0)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= low):
+                raise CnnmodError(f"expected {name} to be a whole number >= {low}, found {value!r}.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise CnnmodError(f"expected a learning rate lr > 0, found {self.lr}.")
+        if not (0 <= self.momentum < 1 and self.weight_decay >= 0):
+            raise CnnmodError(f"expected momentum in [0, 1) and weight_decay >= 0, found {self.momentum} and "
+                              f"{self.weight_decay}.")
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, mode: str, pad: int = 4) -> torch.Tensor:
@@ -129,7 +141,7 @@ def _train_epoch(model: nn.Module, opt, images: torch.Tensor, labels: torch.Tens
     order = torch.randperm(len(images), generator=gen)
     batches = [b for b in order.split(batch_size) if len(b) > 1]  # BatchNorm needs 2+ images
     total = torch.zeros((), dtype=torch.float64, device=images.device)  # summed on the device: no sync per step
-    for idx in tqdm(batches, desc=desc, disable=desc is None, leave=False, unit="batch"):
+    for idx in tqdm(batches, desc=desc, disable=desc is None or not sys.stderr.isatty(), leave=False, unit="batch"):
         idx = idx.to(images.device)
         x = spec.prepare(augment_batch(images[idx], gen, mode))
         loss = F.cross_entropy(model(x), labels[idx])

@@ -70,13 +70,18 @@ class ComposedClassifier(nn.Module):
         return self._scores(self._margins(lambda spec: x))
 
     @torch.no_grad()
-    def score_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Score raw uint8 images (B, C, H, W): each module gets its own input preparation."""
+    def score_images(self, images: torch.Tensor | dict) -> torch.Tensor:
+        """Score raw uint8 images (B, C, H, W): each module gets its own input preparation.
+
+        ``images`` may also map (channels, (height, width)) to the same images decoded for each
+        module's input (``Views.batch``: a folder of mixed sizes).
+        """
         prepared: dict = {}
 
         def prepare(spec):
             if spec not in prepared:
-                prepared[spec] = spec.prepare(images)
+                raw = images[(spec.channels, tuple(spec.size))] if isinstance(images, dict) else images
+                prepared[spec] = spec.prepare(raw)
             return prepared[spec]
         return self._scores(self._margins(prepare))
 

@@ -54,15 +54,19 @@ def fit_composition(margins: torch.Tensor, labels: torch.Tensor, a0: torch.Tenso
 @torch.no_grad()
 def fit_composed_(modules: list, data, *, per_class: int = 100, seed: int = 0, batch_size: int = 256) -> int:
     """Fit the calibration of ``modules`` jointly on up to ``per_class`` images of each of their
-    classes in ``data`` (a ``cnnmod.Dataset``, classes matched by name); store it in each module's
+    classes in ``data`` (a ``cnnmod.Dataset`` or ``Views``, classes matched by name; every composed class
+    must have images there); store it in each module's
     ``meta["calibration"]``. Returns how many images were used."""
     if len(modules) < 2:
         raise CnnmodError(f"expected at least two modules to fit their composition, found {len(modules)}.")
     names = [m.class_name for m in modules]
-    found = [c for c in data.classes if c in names]
-    if not found:
-        raise CnnmodError(f"expected images of the composed classes ({', '.join(names[:8])}) in the fitting data, "
-                          f"found only classes {', '.join(data.classes[:8])}.")
+    present = {data.classes[c] for c in torch.unique(data.labels).tolist()}
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise CnnmodError(f"expected images of every composed class in the fitting data, found none of "
+                          f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''} (the data holds "
+                          f"{', '.join(sorted(present)[:8])}).")
+    found = [c for c in data.classes if c in names]  # in the data's order, as the draws always were
     gen = torch.Generator().manual_seed(seed)
     chosen, labels = [], []
     for name in found:
@@ -71,7 +75,7 @@ def fit_composed_(modules: list, data, *, per_class: int = 100, seed: int = 0, b
         chosen.append(pick)
         labels.append(torch.full((len(pick),), names.index(name)))
     index, labels = torch.cat(chosen), torch.cat(labels)
-    columns = [margins64(m, (m.input_spec.prepare(data.images[i]) for i in index.split(batch_size)))
+    columns = [margins64(m, (m.input_spec.prepare(data.images_for(m.input_spec)[i]) for i in index.split(batch_size)))
                for m in modules]
     own = [m.meta.get("calibration") or {"a": 1.0, "b": 0.0} for m in modules]
     a, b = fit_composition(torch.stack(columns, 1), labels, torch.tensor([c["a"] for c in own]),

@@ -24,8 +24,9 @@ def channel_scores(stats: ActivationStats, spaces, c: int) -> dict[int, torch.Te
     the space's ReLUs. Channels that fire alike for every class score low: a constant (their
     mean) replaces them well.
     """
-    n = (stats.seen_neg + stats.seen_rest).double().clamp_min(1)  # (K,) images per class
-    others = torch.arange(stats.num_classes) != c
+    seen = stats.seen_neg + stats.seen_rest  # (K,) images per class
+    n = seen.double().clamp_min(1)
+    others = (torch.arange(stats.num_classes) != c) & (seen > 0)  # classes the data lacks (--only) do not count
     scores = {}
     for space in sorted(spaces.prunable):
         total = None

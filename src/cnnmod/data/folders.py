@@ -102,7 +102,8 @@ def _unify(path: Path, names: list[str], arrays: list[np.ndarray]) -> list[np.nd
     for name, a in zip(names, arrays):
         if a.shape[:2] != shape:
             raise CnnmodError(f"{path}: expected all images to be {shape[0]}x{shape[1]} (as {names[0]}), "
-                              f"found {a.shape[0]}x{a.shape[1]} in {name}; pass --size H W to resize.")
+                              f"found {a.shape[0]}x{a.shape[1]} in {name}; pass --size H W to resize them "
+                              "(size=(H, W) in load_data).")
     if any(a.shape[2] == 3 for a in arrays):
         arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
     return arrays

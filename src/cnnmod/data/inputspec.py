@@ -12,23 +12,39 @@ from ..errors import CnnmodError
 
 @dataclass(frozen=True)
 class InputSpec:
-    """Channels, size and per-channel normalisation of a model's input."""
+    """Channels, size and per-channel normalisation of a model's input.
+
+    ``prepared=True`` marks a module decomposed from tensors already prepared for its model, with
+    no ``input_spec=`` to say how: cnnmod cannot know how raw images become such tensors, so it
+    refuses raw images for it instead of guessing (it takes float tensors as they are).
+    """
 
     channels: int
     size: tuple[int, int]  # (height, width)
     mean: tuple[float, ...]  # per channel, on the [0, 1] scale
     std: tuple[float, ...]
+    prepared: bool = False
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.prepared:
+            del d["prepared"]  # files of raw-image modules stay as they were
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputSpec":
         try:
             return cls(int(d["channels"]), tuple(int(s) for s in d["size"]),
-                       tuple(float(m) for m in d["mean"]), tuple(float(s) for s in d["std"]))
-        except (KeyError, TypeError, ValueError):
+                       tuple(float(m) for m in d["mean"]), tuple(float(s) for s in d["std"]),
+                       bool(d.get("prepared", False)))
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise CnnmodError(f"expected an input specification (channels, size, mean, std), found {d!r}.") from None
+
+    @classmethod
+    def of_prepared(cls, example: torch.Tensor) -> "InputSpec":
+        """The specification of tensors shaped like ``example`` (1, C, H, W), already prepared."""
+        c = int(example.shape[1])
+        return cls(c, (int(example.shape[2]), int(example.shape[3])), (0.0,) * c, (1.0,) * c, True)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Convert a uint8 batch (B, C, H, W) into the normalised float batch the model expects.
@@ -38,6 +54,8 @@ class InputSpec:
         """
         if images.dim() != 4:
             raise CnnmodError(f"expected a batch of images (B, C, H, W), found shape {tuple(images.shape)}.")
+        if self.prepared:
+            return self._as_prepared(images)
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         c = x.shape[1]
         if c != self.channels:
@@ -54,6 +72,18 @@ class InputSpec:
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
+
+
+    def _as_prepared(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            raise CnnmodError("expected tensors already prepared for this module's model, found raw uint8 images: "
+                              "the module was decomposed from prepared tensors without input_spec=, so cnnmod "
+                              "cannot know how to prepare images for it (decompose again with "
+                              "input_spec=cnnmod.InputSpec(channels, (height, width), mean, std)).")
+        if tuple(x.shape[1:]) != (self.channels, *self.size):
+            raise CnnmodError(f"expected prepared tensors of shape (B, {self.channels}, {self.size[0]}, "
+                              f"{self.size[1]}), found {tuple(x.shape)}.")
+        return x.float()
 
 
 def measure_spec(images: torch.Tensor) -> InputSpec:

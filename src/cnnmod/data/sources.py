@@ -55,12 +55,72 @@ class Dataset:
         keep = torch.nonzero(remap[self.labels] >= 0).flatten()
         return Dataset(self.images[keep], remap[self.labels[keep]], list(names), self.name)
 
+    def images_for(self, spec) -> torch.Tensor:
+        """The images to prepare for a module of input specification ``spec`` (all of them, here)."""
+        return self.images
+
+    def batch(self, index) -> torch.Tensor:
+        """The raw images at ``index`` (a slice or indices), as a composed classifier scores them."""
+        return self.images[index]
+
     def fingerprint(self) -> str:
         """Return a short sha256 of the class names, labels and pixels."""
         h = hashlib.sha256("\n".join(self.classes).encode())
         h.update(self.labels.numpy().tobytes())
         h.update(self.images.contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+@dataclass
+class Views:
+    """One image folder decoded once per input (channels, size) that the modules scoring it need.
+
+    A folder of 28x28 grey digits and 32x32 colour photos cannot be one uint8 tensor; each
+    module's view holds every image decoded and converted as that module's input wants. Labels,
+    classes and image order are the same in every view (the files are read in sorted order).
+    """
+
+    views: dict[tuple[int, tuple[int, int]], Dataset]  # (channels, (height, width)) -> decoded data
+
+    @property
+    def _first(self) -> Dataset:
+        return next(iter(self.views.values()))
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self._first.labels
+
+    @property
+    def classes(self) -> list[str]:
+        return self._first.classes
+
+    @property
+    def name(self) -> str:
+        return self._first.name
+
+    def __len__(self) -> int:
+        return len(self._first)
+
+    def only(self, names: list[str]) -> "Views":
+        return Views({k: v.only(names) for k, v in self.views.items()})
+
+    def images_for(self, spec) -> torch.Tensor:
+        return self.views[(spec.channels, tuple(spec.size))].images
+
+    def batch(self, index) -> dict:
+        return {k: v.images[index] for k, v in self.views.items()}
+
+
+def load_data_for(spec: str, split: str | None, inputs: list, *, default_split: str) -> "Dataset | Views":
+    """Load ``spec`` for models or modules of the input specifications ``inputs``.
+
+    Files are decoded straight to each input's channels and size (photos of mixed sizes included);
+    with several distinct inputs, once per input (``Views``).
+    """
+    keys = sorted({(s.channels, tuple(s.size)) for s in inputs})
+    if len(keys) == 1:
+        return load_data(spec, split, default_split=default_split, channels=keys[0][0], size=keys[0][1])
+    return Views({k: load_data(spec, split, default_split=default_split, channels=k[0], size=k[1]) for k in keys})
 
 
 def load_data(spec: str, split: str | None = None, *, default_split: str = "train",

@@ -33,7 +33,10 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
 
     ``dataset`` is a ``cnnmod.Dataset`` (raw images, prepared by the model's input
     specification; classes matched by name) or any sequence of ``(input_tensor, label)`` pairs
-    already prepared for the model. ``options`` go to the strategy (``paper``: ``delta``).
+    already prepared for the model. ``input_spec`` says how raw uint8 images are prepared
+    (default: the model's, as ``load_model`` sets it); the modules record it and prepare raw
+    images themselves. Prepared pairs with no specification give modules that take prepared
+    tensors only and refuse raw images (cnnmod cannot guess how they were prepared). ``options`` go to the strategy (``paper``: ``delta``).
     With ``progress_file`` the statistics are saved there as they are collected, and with
     ``resume=True`` a saved state of the same run is continued. ``calibration`` images per
     class, held out from the statistics sample where the data has them, fit each module's
@@ -64,11 +67,12 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
         raise CnnmodError(f"expected {num_classes} class names (the model's outputs), found {len(classes)}.")
 
     focus = _focus(only, classes)
-    if not (isinstance(sample_images, int) and sample_images >= 1):
-        raise CnnmodError(f"expected --sample-images to be a whole number >= 1, found {sample_images}.")
+    for option, value in (("sample_images", sample_images), ("batch_size", batch_size)):
+        if not (isinstance(value, int) and value >= 1):
+            raise CnnmodError(f"expected {option} to be a whole number >= 1, found {value}.")
     labels, fetch = _adapt(dataset, classes, spec)
-    sample = select_sample(labels, num_classes, positives=positives,
-                           negatives_per_class=negatives_per_class, seed=seed)
+    sample = select_sample(labels, num_classes, positives=positives, negatives_per_class=negatives_per_class,
+                           seed=seed, required=focus, names=classes)
     batches = sample_batches(fetch, labels, sample, batch_size)
     fingerprint = tensors_checksum(weights)[:16]
     saver = None
@@ -93,8 +97,7 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     parent = Parent(graph, weights, stats, GraphNetwork(graph, weights).shapes(input_shape), head, input_shape,
                     sample=fetch(pick) if needs_sums else None, sample_labels=labels[pick],
                     focus=None if only is None else focus)
-    spec = spec or InputSpec(example.shape[1], tuple(example.shape[2:]), (0.0,) * example.shape[1],
-                             (1.0,) * example.shape[1])  # pairs already prepared: identity preparation
+    spec = spec or InputSpec.of_prepared(example)  # pairs prepared by the user, who did not say how
     common = {
         "strategy": strategy, "options": dict(options, positives=positives, seed=seed,
                                               negatives_per_class=sample.negatives_per_class,
@@ -121,9 +124,12 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
         calibrate_(modules, [(fetch(i), labels[i]) for i in index.split(batch_size)], source=source)
     calibration_seconds = time.perf_counter() - built
     total = built - start
+    present = torch.bincount(labels[sample.negatives], minlength=num_classes)
+    negatives_from = {classes[c]: int(present[c]) for c in range(num_classes) if present[c]}
     for m in modules:  # timings stay out of files (they would break byte-identical output)
         m.timing = {"statistics_seconds": stats_seconds, "total_seconds": total,
-                    "calibration_seconds": calibration_seconds, "images": len(sample.negatives) + len(sample.rest)}
+                    "calibration_seconds": calibration_seconds, "images": len(sample.negatives) + len(sample.rest),
+                    "negatives_from": negatives_from}
     return modules
 
 

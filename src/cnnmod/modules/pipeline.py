@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,7 +15,10 @@ from tqdm import tqdm
 from ..checkpoint import load_model
 from ..data import load_data
 from ..distributed import finish, init_from_env, rank_and_world, resolve_device  # noqa: F401
+from ..errors import CnnmodError
+from ..files import read_metadata
 from .decompose import decompose
+from .io import FORMAT as MODULE_FORMAT
 from .io import save_module
 from .module import Module
 
@@ -25,35 +29,68 @@ def module_filename(name: str) -> str:
 
 
 def write_modules(modules: list[Module], out: str | os.PathLike, *, progress: bool = False) -> list[Path]:
-    """Write ``out/<class>.safetensors`` for every module; ``out`` is replaced as a whole.
+    """Write ``out/<class>.safetensors`` for every module; other modules already in ``out`` are kept.
 
-    The files are written into a fresh sibling directory that is renamed into place at the end,
-    so an interrupted run leaves ``out`` as it was and no partial module file behind.
+    ``out`` must be missing, empty, or a module folder (nothing but cnnmod module files): cnnmod
+    never deletes or overwrites a file it did not write, so any other folder is refused before
+    anything is written. A module file of the same class is replaced. All files are first written
+    into a hidden staging folder inside ``out`` and only then renamed into place, so an
+    interrupted run leaves no partial module file behind.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    names = _file_names(modules)
+    existing = module_folder_contents(out)
+    for name, module in zip(names, modules):
+        held = existing.get(f"{name}.safetensors")
+        if held is not None and held != module.class_name:
+            raise CnnmodError(f"{out / (name + '.safetensors')}: expected class {module.class_name!r}'s module "
+                              f"to replace, found class {held!r}'s; choose another folder.")
+    out.mkdir(parents=True, exist_ok=True)  # with the user's umask
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".cnnmod-staging-"))
     try:
-        names, paths = set(), []
-        for m in tqdm(modules, desc="writing modules", unit="module", disable=not progress):
-            name = module_filename(m.class_name)
-            while name in names:
-                name += "_"
-            names.add(name)
-            save_module(m, tmp / f"{name}.safetensors")
+        for name, m in zip(names, tqdm(modules, desc="writing modules", unit="module", disable=not (progress and sys.stderr.isatty()))):
+            save_module(m, staging / f"{name}.safetensors")
+        paths = []
+        for name in names:
+            os.replace(staging / f"{name}.safetensors", out / f"{name}.safetensors")
             paths.append(out / f"{name}.safetensors")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return paths
+
+
+def _file_names(modules: list[Module]) -> list[str]:
+    names: list[str] = []
+    for m in modules:
+        name = module_filename(m.class_name)
+        while name in names:
+            name += "_"
+        names.append(name)
+    return names
+
+
+def module_folder_contents(folder: Path) -> dict[str, str]:
+    """Return {file name: class name} of a module folder ({} if missing or empty); refuse any other folder."""
+    if not folder.exists():
+        return {}
+    if not folder.is_dir():
+        raise CnnmodError(f"{folder}: expected a folder for the module files, found a file.")
+    held = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith(".cnnmod-staging-"):
+            continue  # an interrupted run's leftovers (ours)
+        meta = None
+        if entry.is_file() and entry.suffix == ".safetensors":
+            try:
+                meta = read_metadata(entry)
+            except CnnmodError:
+                pass
+        if meta is None or meta.get("format") != MODULE_FORMAT:
+            raise CnnmodError(f"{folder}: expected an empty folder or a folder of cnnmod module files, found "
+                              f"{entry.name!r}; cnnmod never deletes or overwrites files it did not write "
+                              "(choose another --out).")
+        held[entry.name] = str(meta.get("class_name"))
+    return held
 
 
 def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str | None = None,
@@ -64,28 +101,33 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
     ``resume=True`` continues an interrupted run from there.
     """
     start = time.perf_counter()
+    out = Path(out).resolve()  # "." and "dir/" have no name of their own to put the progress file beside
+    before = module_folder_contents(out)  # a folder we may not write to is refused before the long pass
     model = load_model(checkpoint)
     spec = model.input_spec
     dataset = load_data(data, split, default_split="train", channels=spec.channels, size=spec.size)
     device = resolve_device(options.pop("device", "auto"))
     distributed = init_from_env(device)
     rank = rank_and_world()[0]
-    progress_file = Path(out).with_name(Path(out).name + ".stats-progress.safetensors")
+    progress_file = out.with_name(out.name + ".stats-progress.safetensors")
     try:
         modules = decompose(model, dataset, progress=progress, progress_file=str(progress_file), resume=resume,
                             device=str(device), **options)
-        if rank == 0:  # one writer; every rank built the same modules
-            write_modules(modules, out, progress=progress)
+        paths = write_modules(modules, out, progress=progress) if rank == 0 else []  # one writer
     finally:
         if distributed:
             finish()
+    first = modules[0]
     return {
         "rank": rank,
         "seconds": time.perf_counter() - start,
-        "statistics_seconds": modules[0].timing["statistics_seconds"],
-        "images": modules[0].timing["images"],
-        "strategy": modules[0].meta["strategy"],
+        "statistics_seconds": first.timing["statistics_seconds"],
+        "images": first.timing["images"],
+        "negatives_from": first.timing["negatives_from"],
+        "strategy": first.meta["strategy"],
         "modules": {m.class_name: {k: m.meta[k] for k in ("share_kept", "observed_images", "params_fraction",
-                                                          "flops_fraction") if k in m.meta}
+                                                          "macs_fraction") if k in m.meta}
                     for m in modules},
+        "files": {str(p): p.stat().st_size for p in paths},
+        "kept": sorted(set(before) - {p.name for p in paths}),  # other modules already in the folder
     }

@@ -228,7 +228,7 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     kept = sum(int(k.sum()) for k in keep_channels.values())
     total = sum(k.numel() for k in keep_channels.values())
     summary = {"channels_kept": kept, "channels_prunable": total, "share_kept": kept / max(1, total),
-               "params_fraction": mine["params"] / full["params"], "flops_fraction": mine["macs"] / full["macs"]}
+               "params_fraction": mine["params"] / full["params"], "macs_fraction": mine["macs"] / full["macs"]}
     return network, summary
 
 

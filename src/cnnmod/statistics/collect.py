@@ -16,6 +16,7 @@ batch) rather than hooks on the user's model: functional ReLUs and adds have no 
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -166,7 +167,7 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
             flat.index_add_(0, state["y"], pos.to(dtype))
 
     sizes = [size for _, size, _ in batches]
-    bar = tqdm(total=sum(sizes[rank::world]), initial=sum(sizes[rank:done:world]), disable=not progress,
+    bar = tqdm(total=sum(sizes[rank::world]), initial=sum(sizes[rank:done:world]), disable=not (progress and sys.stderr.isatty()),
                unit="img", unit_scale=True, desc="statistics pass")
     try:
         with observing(network, layers, count):
