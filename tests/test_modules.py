@@ -146,7 +146,7 @@ def test_unknown_format_version_is_refused(tmp_path):
     tensors, meta = read_file(tmp_path / "m.safetensors")
     meta["format_version"] = 99
     write_file(tmp_path / "future.safetensors", tensors, meta)
-    with pytest.raises(CnnmodError, match="expected module format version 1 or 2, found 99"):
+    with pytest.raises(CnnmodError, match="expected module format version 1, 2 or 3, found 99"):
         load_module(tmp_path / "future.safetensors")
 
 

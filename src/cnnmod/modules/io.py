@@ -10,10 +10,15 @@ from ..data.inputspec import InputSpec
 from ..errors import CnnmodError
 from ..files import read_file, write_file
 from ..trace import Graph, GraphNetwork
+from .compact import compact_map, expand_map
 from .module import Module
 
 FORMAT = "cnnmod.module"
-FORMAT_VERSION = 2  # 2 added "fill." and "addmap." tensors (the channels strategy); 1 still loads
+# 2 added "fill." and "addmap." tensors (the channels strategy); 3 stores such a map in its exact
+# compact form where that is smaller ("<kind>_rows." and "<kind>_cols." index it; compact.py).
+# Versions 1 and 2 still load, and a file is written in the lowest version that can hold it.
+FORMAT_VERSION = 3
+MAPS = ("fill", "addmap")
 
 
 def module_record(module: Module) -> tuple[dict, dict]:
@@ -21,10 +26,18 @@ def module_record(module: Module) -> tuple[dict, dict]:
     net = module.network
     tensors = {f"w.{k}": v for k, v in net.weights().items()}
     tensors.update({f"mask.{k}": v for k, v in net.masks().items()})
-    tensors.update({f"fill.{k}": v for k, v in net.fills().items()})
-    tensors.update({f"addmap.{k}": v for k, v in net.addmaps().items()})
-    # Files a version-1 reader can run stay version 1 (the paper strategy's are byte-identical).
-    version = FORMAT_VERSION if net.fill_names or net.addmap_names else 1
+    compacted = False
+    for kind, maps in zip(MAPS, (net.fills(), net.addmaps())):
+        for k, full in maps.items():
+            small = compact_map(full)
+            if small is None:
+                tensors[f"{kind}.{k}"] = full
+            else:
+                tensors[f"{kind}.{k}"], tensors[f"{kind}_rows.{k}"], tensors[f"{kind}_cols.{k}"] = small
+                compacted = True
+    # Files an older reader can run keep its version (the paper strategy's stay version 1, byte
+    # for byte; channels modules whose maps do not compact stay version 2, byte for byte).
+    version = FORMAT_VERSION if compacted else 2 if net.fill_names or net.addmap_names else 1
     meta = dict(module.meta, format=FORMAT, format_version=version, class_index=module.class_index,
                 class_name=module.class_name, input=module.input_spec.to_dict(), graph=net.graph.to_dict())
     return tensors, meta
@@ -32,15 +45,14 @@ def module_record(module: Module) -> tuple[dict, dict]:
 
 def module_from_record(tensors: dict, meta: dict, source: str = "module") -> Module:
     """Rebuild a module from ``module_record``'s output (as read from a file)."""
-    if meta.get("format_version") not in (1, FORMAT_VERSION):
-        raise CnnmodError(f"{source}: expected module format version 1 or {FORMAT_VERSION}, "
+    if meta.get("format_version") not in (1, 2, FORMAT_VERSION):
+        raise CnnmodError(f"{source}: expected module format version 1, 2 or {FORMAT_VERSION}, "
                           f"found {meta.get('format_version')!r} (written by another cnnmod version?).")
+    fills, addmaps = (_full_maps(tensors, kind, source) for kind in MAPS)
     try:
         graph = Graph.from_dict(meta["graph"])
         weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w.")}
         masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
-        fills = {k[5:]: v for k, v in tensors.items() if k.startswith("fill.")}
-        addmaps = {k[7:]: v for k, v in tensors.items() if k.startswith("addmap.")}
         network = GraphNetwork(graph, weights, masks, fills, addmaps)
         module = Module(int(meta["class_index"]), str(meta["class_name"]), network,
                         InputSpec.from_dict(meta["input"]), meta)
@@ -48,6 +60,29 @@ def module_from_record(tensors: dict, meta: dict, source: str = "module") -> Mod
         raise CnnmodError(f"{source}: the module metadata is incomplete ({e}).") from None
     _check_runs(module, source)
     return module
+
+
+def _full_maps(tensors: dict, kind: str, source: str) -> dict[str, torch.Tensor]:
+    """The ``kind`` maps of a module record by layer, each expanded from its compact form if stored so."""
+    prefix, maps = f"{kind}.", {}
+    for key in [k for k in tensors if k.startswith((f"{kind}_rows.", f"{kind}_cols."))]:
+        if prefix + key.split(".", 1)[1] not in tensors:
+            raise CnnmodError(f"{source}: the index {key} belongs to no {kind} tensor (damaged file).")
+    for key, values in tensors.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        rows, cols = tensors.get(f"{kind}_rows.{name}"), tensors.get(f"{kind}_cols.{name}")
+        if rows is None and cols is None:
+            maps[name] = values
+            continue
+        try:
+            if rows is None or cols is None:
+                raise ValueError("expected both a row and a column index, found one")
+            maps[name] = expand_map(values, rows, cols)
+        except ValueError as e:
+            raise CnnmodError(f"{source}: the compact {kind} of layer {name} is damaged ({e}).") from None
+    return maps
 
 
 def _check_runs(module: Module, source: str) -> None:

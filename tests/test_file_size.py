@@ -1,0 +1,114 @@
+"""File sizes (issue #14): constant maps in their exact compact form."""
+
+import json
+
+import pytest
+import torch
+
+from cnnmod import CnnmodError, create_model, decompose, load_module, save_module
+from cnnmod.files import read_file, write_file
+from cnnmod.modules.module import Module
+from cnnmod.trace import GraphNetwork
+
+
+@pytest.fixture(scope="module")
+def trunk_modules():
+    """Three channels modules of a tiny random smallcnn, built with one shared trunk (--trunk 1.0)."""
+    torch.manual_seed(0)
+    model = create_model("smallcnn", num_classes=3, image_size=8).eval()
+    data = torch.utils.data.TensorDataset(torch.randn(60, 1, 8, 8), torch.arange(3).repeat(20))
+    return decompose(model, data, strategy="channels", keep=0.5, trunk=1.0, calibration=0)
+
+
+def _header(path) -> tuple[dict, dict]:
+    """({tensor: (dtype, shape)}, cnnmod metadata) of a file."""
+    blob = path.read_bytes()
+    header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
+    return {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}, \
+        json.loads(header["__metadata__"]["cnnmod"])
+
+
+def _tensor_bytes(path) -> int:
+    blob = path.read_bytes()
+    header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def _old_module_file(module, path) -> None:
+    """Write ``module`` as cnnmod wrote channels modules before issue #14: full maps, version 2."""
+    net = module.network
+    tensors = {f"w.{k}": v for k, v in net.weights().items()}
+    tensors.update({f"addmap.{k}": v for k, v in net.addmaps().items()})
+    meta = dict(module.meta, format="cnnmod.module", format_version=2, class_index=module.class_index,
+                class_name=module.class_name, input=module.input_spec.to_dict(), graph=net.graph.to_dict())
+    write_file(path, tensors, meta)
+
+
+def test_constant_maps_are_stored_compact_and_load_bit_for_bit(trunk_modules, tmp_path):
+    real = trunk_modules[1]
+    # A real module's maps vary over the image (removed channels are replaced by their mean per
+    # element): nothing to compact, so its file is the version-2 file of before, byte for byte.
+    save_module(real, tmp_path / "real.safetensors")
+    _old_module_file(real, tmp_path / "real_old.safetensors")
+    assert (tmp_path / "real.safetensors").read_bytes() == (tmp_path / "real_old.safetensors").read_bytes()
+    # The same network with hand-made maps: a per-channel constant, a 3x3 convolution's padding
+    # pattern (3 distinct rows and columns; 0.0 and -0.0 must stay apart), and a map with no pattern.
+    net = real.network
+    gen = torch.Generator().manual_seed(0)
+    per_channel = torch.randn(8, 1, 1, generator=gen).expand(8, 8, 8).contiguous()
+    border = torch.randn(16, 3, 3, generator=gen)
+    border[:, 0, 0], border[:, 1, 1] = 0.0, -0.0
+    index = torch.tensor([0, 1, 1, 2])
+    padding = border[:, index][:, :, index]  # (16, 4, 4)
+    noise = torch.randn(8, 8, 8, generator=gen)
+    maps = {"features.0": per_channel, "features.2": noise, "features.4": padding, "hidden": net.addmap("hidden")}
+    hand = Module(real.class_index, real.class_name, GraphNetwork(net.graph, net.weights(), addmaps=maps),
+                  real.input_spec, real.meta)
+    save_module(hand, tmp_path / "m.safetensors")
+    shapes, meta = _header(tmp_path / "m.safetensors")
+    assert meta["format_version"] == 3
+    assert shapes["addmap.features.0"] == ("F32", [8, 1, 1])
+    assert shapes["addmap_rows.features.0"] == shapes["addmap_cols.features.0"] == ("I32", [8])
+    assert shapes["addmap.features.4"] == ("F32", [16, 3, 3])
+    assert shapes["addmap.features.2"] == ("F32", [8, 8, 8]) and "addmap_rows.features.2" not in shapes
+    assert shapes["addmap.hidden"] == ("F32", [64])
+    loaded = load_module(tmp_path / "m.safetensors")
+    assert all(torch.equal(_bits(loaded.network.addmap(k)), _bits(m)) for k, m in maps.items())
+    x = torch.randn(5, 1, 8, 8, generator=gen)
+    assert torch.equal(loaded.network(x), hand.network(x))
+    save_module(loaded, tmp_path / "again.safetensors")  # deterministic: same module, same bytes
+    assert (tmp_path / "again.safetensors").read_bytes() == (tmp_path / "m.safetensors").read_bytes()
+    # The full form, as version 2 wrote it, still loads and computes the same.
+    _old_module_file(hand, tmp_path / "old.safetensors")
+    assert _header(tmp_path / "old.safetensors")[0]["addmap.features.0"] == ("F32", [8, 8, 8])
+    assert torch.equal(load_module(tmp_path / "old.safetensors").network(x), hand.network(x))
+    # (8, 8, 8) -> (8, 1, 1) and (16, 4, 4) -> (16, 3, 3) float32, plus two int32 indices each
+    saved = 4 * (8 * 8 * 8 - 8 + 16 * 4 * 4 - 16 * 9) - 4 * (8 + 8 + 4 + 4)
+    assert _tensor_bytes(tmp_path / "old.safetensors") - _tensor_bytes(tmp_path / "m.safetensors") == saved
+
+
+def test_a_damaged_compact_map_is_refused(trunk_modules, tmp_path):
+    real = trunk_modules[0]
+    net = real.network
+    maps = {"features.0": torch.full((8, 8, 8), 0.5), "hidden": net.addmap("hidden")}
+    hand = Module(real.class_index, real.class_name, GraphNetwork(net.graph, net.weights(), addmaps=maps),
+                  real.input_spec, real.meta)
+    save_module(hand, tmp_path / "m.safetensors")
+    tensors, meta = read_file(tmp_path / "m.safetensors")
+    index = torch.zeros(8, dtype=torch.int32)
+    for name, bad, message in [("addmap_rows.features.0", index + 1, r"row indices in \[0, 1\), found 1..1"),
+                               ("addmap_rows.features.0", index.long(), "expected a torch.int32 row index"),
+                               ("addmap_cols.features.0", None, "both a row and a column index"),
+                               ("addmap_rows.features.9", index, "belongs to no addmap tensor")]:
+        crafted = dict(tensors)
+        if bad is None:
+            crafted.pop(name)
+        else:
+            crafted[name] = bad
+        write_file(tmp_path / "bad.safetensors", crafted, meta)  # checksum recomputed: crafted, not damaged
+        with pytest.raises(CnnmodError, match=message):
+            load_module(tmp_path / "bad.safetensors")
