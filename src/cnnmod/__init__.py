@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .checkpoint import load_model, save_checkpoint  # noqa: E402
-from .compose import ComposedClassifier, compose, load_composed, replace, save_composed  # noqa: E402
+from .compose import ComposedClassifier, compose, fit_composed_, load_composed, replace, save_composed  # noqa: E402
 from .data import Dataset, InputSpec, load_data  # noqa: E402
 from .errors import CnnmodError  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
@@ -12,6 +12,6 @@ from .training import TrainConfig, train  # noqa: E402
 
 __all__ = [
     "CnnmodError", "ComposedClassifier", "Dataset", "InputSpec", "Module", "TrainConfig", "compose",
-    "create_model", "decompose", "list_models", "load_composed", "load_data", "load_model", "load_module",
-    "replace", "save_checkpoint", "save_composed", "save_module", "train",
+    "create_model", "decompose", "fit_composed_", "list_models", "load_composed", "load_data", "load_model",
+    "load_module", "replace", "save_checkpoint", "save_composed", "save_module", "train",
 ]
