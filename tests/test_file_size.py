@@ -1,14 +1,17 @@
-"""File sizes (issue #14): constant maps in their exact compact form."""
+"""File sizes (issue #14): constant maps in their exact compact form, each composed tensor once."""
 
 import json
+import signal
 
 import pytest
 import torch
 
-from cnnmod import CnnmodError, create_model, decompose, load_module, save_module
+from cnnmod import CnnmodError, compose, create_model, decompose, load_composed, load_module, save_composed, save_module
 from cnnmod.files import read_file, write_file
 from cnnmod.modules.module import Module
 from cnnmod.trace import GraphNetwork
+
+from fuzzing import mutations
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +115,86 @@ def test_a_damaged_compact_map_is_refused(trunk_modules, tmp_path):
         write_file(tmp_path / "bad.safetensors", crafted, meta)  # checksum recomputed: crafted, not damaged
         with pytest.raises(CnnmodError, match=message):
             load_module(tmp_path / "bad.safetensors")
+
+
+def test_composed_file_stores_each_tensor_once_and_scores_like_the_composition(trunk_modules, tmp_path):
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    clf = compose(trunk_modules, rule="vote")
+    save_composed(clf, tmp_path / "c.safetensors")
+    save_module(trunk_modules[0], tmp_path / "one.safetensors")
+    shapes, meta = _header(tmp_path / "c.safetensors")
+    assert meta["format_version"] == 2
+    # every module holds the same trunk (all layers but the head): one copy of it, one head each
+    one, _ = _header(tmp_path / "one.safetensors")
+    assert len(shapes) == len(one) + 2 * 2  # + two more heads (weight, bias)
+    assert len(meta["aliases"]) == 2 * (len(one) - 2)
+    assert meta["aliases"]["2.w.features.4.weight"] == {"of": "0.w.features.4.weight", "dtype": "float32",
+                                                        "shape": [16, 8, 3, 3]}
+    head = 4 * (2 * 64 + 2)
+    assert _tensor_bytes(tmp_path / "c.safetensors") == _tensor_bytes(tmp_path / "one.safetensors") + 2 * head
+    loaded = load_composed(tmp_path / "c.safetensors")
+    assert torch.equal(loaded(x), clf(x)) and loaded.trunk_layers() == clf.trunk_layers()
+    save_composed(loaded, tmp_path / "again.safetensors")
+    assert (tmp_path / "again.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
+    # A version-1 file (every module's tensors in full, as cnnmod wrote them before) still loads.
+    tensors, metas = {}, []
+    for k, m in enumerate(trunk_modules):
+        net = m.network
+        tensors.update({f"{k}.w.{n}": v for n, v in net.weights().items()})
+        tensors.update({f"{k}.addmap.{n}": v for n, v in net.addmaps().items()})
+        metas.append(dict(m.meta, format="cnnmod.module", format_version=2, class_index=m.class_index,
+                          class_name=m.class_name, input=m.input_spec.to_dict(), graph=net.graph.to_dict()))
+    write_file(tmp_path / "v1.safetensors", tensors, {"format": "cnnmod.composed", "format_version": 1,
+                                                      "modules": metas, "rule": "vote", "unknown_below": None})
+    assert torch.equal(load_composed(tmp_path / "v1.safetensors")(x), clf(x))
+    assert _tensor_bytes(tmp_path / "v1.safetensors") == 3 * _tensor_bytes(tmp_path / "one.safetensors")
+
+
+def test_a_damaged_alias_is_refused(trunk_modules, tmp_path):
+    save_composed(compose(trunk_modules[:2]), tmp_path / "c.safetensors")
+    tensors, meta = read_file(tmp_path / "c.safetensors")
+    name = "1.w.features.4.weight"
+    edits = [({"of": "0.w.nothing", "dtype": "float32", "shape": [16, 8, 3, 3]}, "names no stored tensor"),
+             ({"of": "0.w.features.0.weight", "dtype": "float32", "shape": [16, 8, 3, 3]},
+              r"expects a float32 tensor of shape \[16, 8, 3, 3\], found '0.w.features.0.weight'"),
+             ("0.w.features.4.weight", "names no stored tensor")]
+    for alias, message in edits:
+        crafted = json.loads(json.dumps(meta))
+        crafted["aliases"][name] = alias
+        write_file(tmp_path / "bad.safetensors", tensors, crafted)  # checksum recomputed: crafted, not damaged
+        with pytest.raises(CnnmodError, match=message):
+            load_composed(tmp_path / "bad.safetensors")
+    crafted = dict(meta, aliases=["not", "an", "object"])
+    write_file(tmp_path / "bad.safetensors", tensors, crafted)
+    with pytest.raises(CnnmodError, match="expected the aliases as a JSON object"):
+        load_composed(tmp_path / "bad.safetensors")
+
+
+def _timeout(*_):
+    raise TimeoutError("a load hung")
+
+
+def test_fuzzed_composed_files_load_identically_or_are_refused(trunk_modules, tmp_path):
+    save_composed(compose(trunk_modules[:2], rule="vote"), tmp_path / "c.safetensors")
+    assert len(_header(tmp_path / "c.safetensors")[1]["aliases"]) == 8  # the mutations meet aliases
+    x = torch.randn(3, 1, 8, 8)
+    expected = load_composed(tmp_path / "c.safetensors")(x)
+    refused = same = 0
+    old = signal.signal(signal.SIGALRM, _timeout)
+    try:
+        for i, (kind, blob) in enumerate(mutations((tmp_path / "c.safetensors").read_bytes(), 60, seed=1)):
+            path = tmp_path / f"m{i}.safetensors"
+            path.write_bytes(blob)
+            signal.alarm(10)
+            try:
+                loaded = load_composed(path)
+            except CnnmodError:
+                refused += 1
+                continue
+            finally:
+                signal.alarm(0)
+            assert torch.equal(loaded(x), expected), kind
+            same += 1
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert refused + same == 60 and refused >= 50

@@ -1,9 +1,18 @@
-"""Composed classifier files, module directories, and loading whatever classifier a path names."""
+"""Composed classifier files, module directories, and loading whatever classifier a path names.
+
+A composed file holds each module's record, module k's tensors prefixed ``k.``. Modules of one
+parent hold many identical tensors (the whole parent but the head for the paper strategy, the
+shared trunk for the channels strategy's ``--trunk``), so each distinct tensor (same dtype,
+shape and bytes) is stored once: the metadata's ``aliases`` name, for every other copy, the
+stored tensor it repeats, with its dtype and shape, which loading checks.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import torch
 
 from ..errors import CnnmodError
 from ..files import read_file, read_metadata, write_file
@@ -12,24 +21,69 @@ from ..modules.io import load_module, module_from_record, module_record
 from .composed import ComposedClassifier, compose
 
 FORMAT = "cnnmod.composed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 stores each distinct tensor once ("aliases"); 1 still loads
 
 
 def save_composed(classifier: ComposedClassifier, path: str | os.PathLike) -> None:
-    """Write all modules of ``classifier`` into one file (module k's tensors prefixed ``k.``)."""
+    """Write all modules of ``classifier`` into one file, each distinct tensor once (deterministic)."""
     tensors, metas = {}, []
     for k, module in enumerate(classifier.modules_):
         t, meta = module_record(module)
-        tensors.update({f"{k}.{name}": v for name, v in t.items()})
+        tensors.update({f"{k}.{name}": t[name] for name in sorted(t)})
         metas.append(meta)
-    write_file(path, tensors, {"format": FORMAT, "format_version": FORMAT_VERSION, "modules": metas,
-                               "rule": classifier.rule, "unknown_below": classifier.unknown_below})
+    stored, aliases = _deduplicated(tensors)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION if aliases else 1, "modules": metas,
+            "rule": classifier.rule, "unknown_below": classifier.unknown_below}
+    if aliases:  # a file without repeats stays version 1, readable by an older cnnmod
+        meta["aliases"] = aliases
+    write_file(path, stored, meta)
+
+
+def _deduplicated(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Keep the first tensor (in ``tensors``' order) of each (dtype, shape, bytes); alias the rest."""
+    stored, aliases, first = {}, {}, {}
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        key = (str(t.dtype), tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        if key in first:
+            aliases[name] = {"of": first[key], "dtype": key[0].removeprefix("torch."), "shape": list(key[1])}
+        else:
+            first[key], stored[name] = name, t
+    return stored, aliases
+
+
+def _resolve_aliases(tensors: dict[str, torch.Tensor], aliases, path) -> dict[str, torch.Tensor]:
+    """Add every alias of a version-2 file as its own copy of the tensor it names (checked)."""
+    if not isinstance(aliases, dict):
+        raise CnnmodError(f"{path}: expected the aliases as a JSON object, found {type(aliases).__name__} "
+                          "(damaged file).")
+    resolved = dict(tensors)
+    for name, alias in aliases.items():
+        target = alias.get("of") if isinstance(alias, dict) else None
+        if name in tensors or not isinstance(target, str) or target not in tensors:
+            raise CnnmodError(f"{path}: the alias {name!r} names no stored tensor ({alias!r}; damaged file).")
+        t = tensors[target]
+        found = {"of": target, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        if alias != found:
+            raise CnnmodError(f"{path}: the alias {name!r} expects a {alias.get('dtype')} tensor of shape "
+                              f"{alias.get('shape')}, found {target!r}, a {found['dtype']} tensor of shape "
+                              f"{found['shape']} (damaged file).")
+        resolved[name] = t.clone()  # each module owns its tensors, as when they were saved
+    return resolved
 
 
 def load_composed(path: str | os.PathLike) -> ComposedClassifier:
+    """Load a composed file (format version 1 or 2); damaged files are refused.
+
+    >>> clf = load_composed("pets.safetensors")
+    >>> clf.score_images(images).argmax(1)  # index into clf.classes
+    """
     tensors, meta = read_file(path, expect=FORMAT)
-    if meta["format_version"] != FORMAT_VERSION:
-        raise CnnmodError(f"{path}: expected composed format version {FORMAT_VERSION}, found {meta['format_version']!r}.")
+    if meta["format_version"] not in (1, FORMAT_VERSION):
+        raise CnnmodError(f"{path}: expected composed format version 1 or {FORMAT_VERSION}, "
+                          f"found {meta['format_version']!r}.")
+    if meta["format_version"] == FORMAT_VERSION:
+        tensors = _resolve_aliases(tensors, meta.get("aliases", {}), path)
     modules = []
     for k, m_meta in enumerate(meta.get("modules", [])):
         prefix = f"{k}."
