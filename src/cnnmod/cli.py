@@ -10,6 +10,7 @@ import argparse
 import inspect
 import json
 import sys
+import textwrap
 
 from . import __version__
 from .errors import CnnmodError
@@ -92,7 +93,7 @@ def _strategy_default(strategy: str, option: str):
 def build_parser() -> argparse.ArgumentParser:
     from .models import list_models
 
-    parser = _Parser(prog="cnnmod", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Help)
+    parser = _Parser(prog="cnnmod", description=textwrap.fill(DESCRIPTION, 78), epilog=EPILOG, formatter_class=_Help)
     parser.add_argument("--version", action="version", version=f"cnnmod {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: crop-flip for colour images, none for grey")
     p.add_argument("--no-bn", action="store_true", help="the BatchNorm-free variant (ResNets)")
     p.add_argument("--resume", action="store_true", help="continue from the last saved epoch")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    p.add_argument("--device", default="auto", help="where to train: auto, cpu, cuda or cuda:N")
 
     p = command("evaluate", "accuracy of a model, a composition or a single module on labelled images")
     p.add_argument("file", nargs="+",
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confusion", action="store_true", help="also print the confusion matrix (and put it in --json)")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw per-class accuracy and the confusion matrix into this PNG (needs matplotlib)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run the model")
+    p.add_argument("--device", default="auto", help="where to run: auto, cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("decompose", "write one module file per class of a checkpoint")
@@ -172,8 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="fixes which images are observed")
     p.add_argument("--batch-size", type=COUNT, default=256, help="images per batch of the statistics pass")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run's statistics")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where to run the statistics pass (torchrun: one process per device)")
+    p.add_argument("--device", default="auto", help="where to run the statistics pass: auto, cpu, cuda or cuda:N (torchrun: one process per device)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: autocast statistics pass (faster on GPUs; may change masks, see BENCHMARKS.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -89,6 +89,6 @@ def describe_folder(path: str) -> tuple[str, dict]:
              f"{sum(r['file_bytes'] for r in rows):,} bytes on disk, "
              f"{len({r['parent'] for r in rows})} parent model{'s' if len({r['parent'] for r in rows}) != 1 else ''}"]
     for row in table:
-        lines.append("  " + "  ".join(f"{str(v):>{w}}" if i in right else f"{str(v):<{w}}"
-                                      for i, (v, w) in enumerate(zip(row, widths))))
+        lines.append(("  " + "  ".join(f"{str(v):>{w}}" if i in right else f"{str(v):<{w}}"
+                                       for i, (v, w) in enumerate(zip(row, widths)))).rstrip())
     return "\n".join(lines), {"folder": str(folder), "modules": rows}
