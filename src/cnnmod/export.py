@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CnnmodError
-from .files import atomic_write_bytes, read_metadata
+from .files import atomic_write_bytes, read_metadata, refuse_unless_ours
 
 
 class _FromRaw(nn.Module):
@@ -48,22 +48,13 @@ class _Composed(nn.Module):
         return self.clf.score_images(images)
 
 
-def check_replaceable_onnx(path: str | os.PathLike) -> None:
-    """Refuse to overwrite anything but an ONNX file that cnnmod exported (it carries key ``cnnmod``)."""
+def _exported_by_cnnmod(path: Path) -> bool:
     import onnx
 
-    path = Path(path)
-    if path.is_dir():
-        raise CnnmodError(f"{path}: expected an ONNX file name to write, found a folder.")
-    if not path.exists():
-        return
     try:
-        props = {p.key for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        return "cnnmod" in {p.key for p in onnx.load(str(path), load_external_data=False).metadata_props}
     except Exception:  # not ONNX at all: protobuf raises its own error types
-        props = set()
-    if "cnnmod" not in props:
-        raise CnnmodError(f"{path}: exists and is not an ONNX file cnnmod exported; cnnmod never overwrites a file "
-                          "it did not write (choose another name, or remove the file yourself).")
+        return False
 
 
 def export_onnx(paths: list[str], out: str | os.PathLike) -> dict:
@@ -95,7 +86,7 @@ def export_onnx(paths: list[str], out: str | os.PathLike) -> dict:
     if any(s.prepared for s in specs):
         raise CnnmodError("expected modules that prepare raw images (the exported graph takes uint8 images), found "
                           "a module decomposed from prepared tensors without input_spec=.")
-    check_replaceable_onnx(out)
+    refuse_unless_ours(out, _exported_by_cnnmod, "an ONNX file cnnmod exported")
     info["input"] = {"dtype": "uint8", "channels": spec.channels, "size": list(spec.size)}
     example = torch.zeros(1, spec.channels, *spec.size, dtype=torch.uint8)
     buffer = io.BytesIO()

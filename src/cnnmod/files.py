@@ -65,6 +65,19 @@ def _umask() -> int:
     return mask
 
 
+def refuse_unless_ours(path: str | os.PathLike, ours, what: str) -> None:
+    """Refuse to write ``path`` if it is a folder, or an existing file for which ``ours(path)`` is False.
+
+    ``what`` names the kind of file cnnmod may replace there ("a plot cnnmod drew").
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CnnmodError(f"{path}: expected a file name to write, found a folder.")
+    if path.exists() and not ours(path):
+        raise CnnmodError(f"{path}: exists and is not {what}; cnnmod never overwrites a file it did not write "
+                          "(choose another name, or remove the file yourself).")
+
+
 def check_replaceable(path: str | os.PathLike, fmt: str) -> None:
     """Refuse to write ``path`` over anything but a cnnmod file of format ``fmt``.
 

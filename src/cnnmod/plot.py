@@ -7,27 +7,19 @@ import os
 from pathlib import Path
 
 from .errors import CnnmodError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, refuse_unless_ours
 
 SOFTWARE = "cnnmod"  # written into the PNG's text chunk, so that cnnmod knows which PNGs it may replace
 
 
-def check_replaceable_png(path: Path) -> None:
-    """Refuse to overwrite anything but a PNG that cnnmod drew."""
-    if path.is_dir():
-        raise CnnmodError(f"{path}: expected a PNG file name to write, found a folder.")
-    if not path.exists():
-        return
+def _drawn_by_cnnmod(path: Path) -> bool:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            ours = img.format == "PNG" and img.info.get("Software") == SOFTWARE
+            return img.format == "PNG" and img.info.get("Software") == SOFTWARE
     except (UnidentifiedImageError, OSError):
-        ours = False
-    if not ours:
-        raise CnnmodError(f"{path}: exists and is not a plot cnnmod drew; cnnmod never overwrites a file it did not "
-                          "write (choose another name, or remove the file yourself).")
+        return False
 
 
 def plot_evaluation(result: dict, path: str | os.PathLike, *, title: str = "") -> None:
@@ -43,7 +35,7 @@ def plot_evaluation(result: dict, path: str | os.PathLike, *, title: str = "") -
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise CnnmodError(f"{path}: expected a .png file name for --plot, found {path.suffix or 'no suffix'}.")
-    check_replaceable_png(path)
+    refuse_unless_ours(path, _drawn_by_cnnmod, "a plot cnnmod drew")
     names = list(result["per_class"])
     conf = result["confusion"]
     k = len(names)
