@@ -68,7 +68,8 @@ def measure(label: str, modules: list, x: torch.Tensor, tmp: Path, checkpoint_by
         write_file(tmp / "m_old.safetensors", *old_record(m))
         row["module_after"].append(share(tmp / "m.safetensors"))
         row["module_before"].append(share(tmp / "m_old.safetensors"))
-        row["module_files_unchanged"] += (tmp / "m.safetensors").read_bytes() == (tmp / "m_old.safetensors").read_bytes()
+        same = (tmp / "m.safetensors").read_bytes() == (tmp / "m_old.safetensors").read_bytes()
+        row["module_files_unchanged"] += same
     net = modules[0].network
     row["addmap_bytes"] = sum(4 * a.numel() for a in net.addmaps().values()) / checkpoint_bytes
     row["weight_bytes"] = sum(w.numel() * w.element_size() for w in net.weights().values()) / checkpoint_bytes
@@ -77,7 +78,8 @@ def measure(label: str, modules: list, x: torch.Tensor, tmp: Path, checkpoint_by
         clf = compose(modules[:n], rule="vote")
         save_composed(clf, tmp / "c.safetensors")
         save_old_composed(clf, tmp / "c_old.safetensors")
-        row[f"composed{n}_after"], row[f"composed{n}_before"] = share(tmp / "c.safetensors"), share(tmp / "c_old.safetensors")
+        row[f"composed{n}_after"] = share(tmp / "c.safetensors")
+        row[f"composed{n}_before"] = share(tmp / "c_old.safetensors")
         row["identical_scores"] &= bool(torch.equal(load_composed(tmp / "c.safetensors")(x), clf(x)))
         row["identical_scores"] &= bool(torch.equal(load_composed(tmp / "c_old.safetensors")(x), clf(x)))
         row[f"composed{n}_trunk_layers"] = len(clf.trunk_layers()[0])
