@@ -437,9 +437,10 @@ def cmd_decompose(args) -> int:
     for name, m in summary["modules"].items():
         if "params_fraction" in m:  # the channels strategy
             print(f"  {name:<12} keeps {m['share_kept']:.4f} of the prunable channels: "
-                  f"{m['params_fraction']:.3f} of the parameters, {m['macs_fraction']:.3f} of the MACs")
+                  f"{m['params_fraction']:.3f} of the parameters, {m['macs_fraction']:.3f} of the MACs, "
+                  f"{m['file_bytes']:,} bytes on disk")
         else:
-            print(f"  {name:<12} keeps {m['share_kept']:.4f} of the observed elements")
+            print(f"  {name:<12} keeps {m['share_kept']:.4f} of the observed elements, {m['file_bytes']:,} bytes on disk")
     return 0
 
 

@@ -103,8 +103,8 @@ def load_modules(path: str | os.PathLike) -> list:
 
 
 def load_classifier(paths: list[str]):
-    """Return ("model", model) or ("composed", classifier) for a checkpoint, a composed file,
-    a module directory, or a list of module files."""
+    """Return ("model", model), ("module", module) or ("composed", classifier) for a checkpoint, a
+    single module file, a composed file, a module directory, or a list of module files."""
     from ..checkpoint import FORMAT as CHECKPOINT_FORMAT
     from ..checkpoint import load_model
 
@@ -116,6 +116,8 @@ def load_classifier(paths: list[str]):
             return "model", load_model(paths[0])  # load_model reports a missing/foreign file
         if kind == FORMAT:
             return "composed", load_composed(paths[0])
+        if kind == MODULE_FORMAT:
+            return "module", load_module(paths[0])
     kinds = {p: read_metadata(p).get("format") for p in paths}
     wrong = [p for p, k in kinds.items() if k != MODULE_FORMAT]
     if wrong:

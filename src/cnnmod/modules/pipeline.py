@@ -125,9 +125,10 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
         "images": first.timing["images"],
         "negatives_from": first.timing["negatives_from"],
         "strategy": first.meta["strategy"],
-        "modules": {m.class_name: {k: m.meta[k] for k in ("share_kept", "observed_images", "params_fraction",
-                                                          "macs_fraction") if k in m.meta}
-                    for m in modules},
+        "modules": {m.class_name: dict({k: m.meta[k] for k in ("share_kept", "observed_images", "params_fraction",
+                                                               "macs_fraction") if k in m.meta},
+                                       **({"file_bytes": p.stat().st_size} if paths else {}))
+                    for m, p in zip(modules, paths or [None] * len(modules))},
         "files": {str(p): p.stat().st_size for p in paths},
         "kept": sorted(set(before) - {p.name for p in paths}),  # other modules already in the folder
     }
