@@ -53,8 +53,8 @@ def test_untraceable_model_names_the_module():
 
 
 def test_unsupported_layer_is_named():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU(), nn.Flatten(), nn.LazyLinear(2))
-    with pytest.raises(CnnmodError, match=r"module '1': unsupported layer type GELU"):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.PReLU(), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(CnnmodError, match=r"module '1': unsupported layer type PReLU"):
         trace_graph(model)
 
 

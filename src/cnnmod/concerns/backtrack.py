@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ..trace.graph import Graph
+from ..trace.ops import ops_where
 
-PASS_THROUGH = {"relu", "identity", "bn"}
+PASS_THROUGH = {"identity", "bn"} | ops_where(activation=True)  # an observed activation stops it first
 
 
 def backtrack_removed(graph: Graph, start: str, removed: torch.Tensor, observed: set[str],

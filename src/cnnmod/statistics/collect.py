@@ -1,14 +1,14 @@
-"""Count, per class, how often each observed element is > 0: all classes in one pass.
+"""Count, per class, how often each observed element is non-zero: all classes in one pass.
 
 Observed elements (the paper's "nodes"): every element (channel x height x width, or unit of a
-hidden dense layer) that a ReLU receives. The paper observes convolution outputs assuming a
-ReLU follows; with BatchNorm the value that decides is the one after BN and before the ReLU
-(ALGORITHM.md 2.1), and in a residual block the ReLU receives the sum of the branch and the
-shortcut, so that sum is what is observed there. An element <= 0 on every observed input is
-zeroed by the ReLU anyway, so masking it changes nothing on those inputs (tested), whereas
-zeroing a negative value that is *not* followed by a ReLU (a pre-add BN output, a depthwise
-conv feeding a pointwise one) would change the network. ReLU input > 0 iff ReLU output > 0,
-so the ReLU's output is observed and masked.
+hidden dense layer) of every activation's output (ReLU, ReLU6, Hardswish, SiLU, ...: the
+registry's ``activation`` ops). The paper observes convolution outputs assuming a ReLU follows;
+with BatchNorm the value that decides is the one after BN and before the ReLU (ALGORITHM.md
+2.1), and in a residual block the ReLU receives the sum of the branch and the shortcut. An
+element that is exactly 0 on every observed input is masked: masking a zero changes nothing on
+those inputs (tested), whatever the activation, whereas zeroing a negative value that is *not*
+an activation's output (a pre-add BN output, a depthwise conv feeding a pointwise one) would
+change the network. For ReLU, output != 0 iff input > 0 (the paper's rule).
 
 The pass runs the traced graph (``GraphNetwork``, checked equal to the model on the first
 batch) rather than hooks on the user's model: functional ReLUs and adds have no module to hook.
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..errors import CnnmodError
 from ..trace.graph import Graph
 from ..trace.network import GraphNetwork
+from ..trace.ops import REGISTRY
 from ..distributed import all_reduce_sum_, rank_and_world
 from .progress import ProgressSaver
 
@@ -49,9 +50,9 @@ def head_layer(graph: Graph) -> str:
 
 
 def observed_layers(graph: Graph) -> list[str]:
-    """Return the layers whose output elements are observed and masked (the ReLUs), in order."""
+    """Return the layers whose output elements are observed and masked (the activations), in order."""
     head_layer(graph)  # a model without a Linear head cannot be decomposed: say so first
-    return [node.name for node in graph.nodes if node.op == "relu"]
+    return [node.name for node in graph.nodes if REGISTRY[node.op].activation]
 
 
 # Values are summed in fixed point (int64, 2**-16 resolution): integer sums do not depend on the
@@ -154,7 +155,7 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
         table = counts[state["part"]]
         if name not in table:
             table[name] = torch.zeros((num_classes, *out.shape[1:]), dtype=dtype, device=out.device)
-        pos = (out > 0).view(torch.uint8).flatten(1)  # (B, E) 0/1, no copy
+        pos = (out != 0).view(torch.uint8).flatten(1)  # (B, E) 0/1, no copy; ReLU: != 0 iff > 0
         flat = table[name].view(num_classes, -1)  # (K, E)
         labels, lengths = state["runs"]
         if len(labels) <= 8:

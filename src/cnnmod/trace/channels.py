@@ -17,15 +17,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .graph import Graph
+from .ops import ops_where
 
-_SAME_CHANNELS = {"bn", "relu", "identity", "maxpool", "avgpool", "adaptive_avgpool", "mean", "flatten"}
+_SAME_CHANNELS = ops_where(channels="same")  # BatchNorm, activations, pooling, flatten, identity
+_TIED = ops_where(channels="tied")  # add, mul: both inputs' channels are one space
+_ACTIVATIONS = ops_where(activation=True)
 
 
 @dataclass
 class Spaces:
     of: dict[str, int]  # node -> space id
     prunable: set[int]
-    relus: dict[int, list[str]]  # space -> its ReLU nodes (where removed channels get their constant)
+    relus: dict[int, list[str]]  # space -> its activations (where removed channels get their constant)
     streams: set[int] = field(default_factory=set)  # spaces tied by a residual add (a stage's stream)
 
     def members(self, space: int) -> list[str]:
@@ -47,12 +50,14 @@ def channel_spaces(graph: Graph) -> Spaces:
     whole: set[str] = set()  # nodes whose space must be kept whole
     for node in graph.nodes:
         parent[node.name] = node.name
-        if node.op in _SAME_CHANNELS or node.op == "add":
+        if node.op in _SAME_CHANNELS or node.op in _TIED:
             for i in node.inputs:
                 union(node.name, i)
         if node.op == "input" or node.op == "linear":
             whole.add(node.name)
-        if node.op == "cat" or (node.op == "conv" and node.attrs.get("groups", 1) != 1):
+        if node.op in ("cat", "mul") or (node.op == "conv" and node.attrs.get("groups", 1) != 1):
+            # mul (squeeze-excitation's x * gate) is kept whole for now: the gate's constant times
+            # x's is a constant, but the extraction has not been checked on it yet.
             whole.update([node.name, *node.inputs])
     whole.add(graph.output)
 
@@ -61,14 +66,14 @@ def channel_spaces(graph: Graph) -> Spaces:
     of = {n.name: ids[find(n.name)] for n in graph.nodes}
     relus: dict[int, list[str]] = {}
     for node in graph.nodes:
-        if node.op == "relu":
+        if node.op in _ACTIVATIONS:
             relus.setdefault(of[node.name], []).append(node.name)
 
     # After the fill: a space's ReLUs, and nodes of the space all of whose inputs are after it.
     after: set[str] = set()
     for node in graph.nodes:
-        if node.op == "relu" or (node.op in _SAME_CHANNELS | {"add"} and node.inputs
-                                 and all(i in after for i in node.inputs)):
+        if node.op in _ACTIVATIONS or (node.op in _SAME_CHANNELS | _TIED and node.inputs
+                                       and all(i in after for i in node.inputs)):
             after.add(node.name)
     prunable = {s for s in relus} - {of[n] for n in whole}
     for node in graph.nodes:

@@ -18,20 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CnnmodError
+from .ops import PARAMS, REGISTRY  # noqa: F401  (PARAMS is re-exported for the pipeline)
 
-# Operations a graph may hold, and the tensors each keeps in the state dict.
-PARAMS = {
-    "conv": ("weight", "bias"), "bn": ("weight", "bias", "running_mean", "running_var"),
-    "linear": ("weight", "bias"),
-}
-OPS = {"input", "conv", "bn", "relu", "add", "cat", "maxpool", "avgpool", "adaptive_avgpool", "mean",
-       "flatten", "linear", "identity"}
-
-
+# Operations a graph may hold, and the tensors each keeps in the state dict: the registry's.
+OPS = set(REGISTRY)
 @dataclass
 class Node:
     name: str
-    op: str  # input, conv, bn, relu, add, cat, maxpool, avgpool, adaptive_avgpool, mean, flatten, linear, identity
+    op: str  # a name in the registry (ops.py): input, conv, bn, relu, add, cat, linear, ...
     inputs: list[str]
     attrs: dict = field(default_factory=dict)
 
@@ -98,7 +92,7 @@ def trace_graph(model: nn.Module) -> Graph:
                           f"{type(e).__name__}: {str(e).splitlines()[0]} (data-dependent control "
                           "flow is not traceable).") from None
     modules = dict(model.named_modules())
-    nodes, output = [], None
+    nodes, output, owned = [], None, {}
     for n in fx_graph.nodes:
         if n.op == "placeholder":
             if nodes:
@@ -110,10 +104,13 @@ def trace_graph(model: nn.Module) -> Graph:
             output = n.args[0].name
         elif n.op == "call_module":
             nodes.append(_module_node(n, modules[n.target]))
-        elif n.op in ("call_function", "call_method") and n.target in ("size", getattr):
-            continue  # a shape query, as in x.view(x.size(0), -1): only the view uses it
+        elif n.op == "get_attr" or (n.op in ("call_function", "call_method") and n.target in _SKIPPED):
+            continue  # a weight read by the call that uses it, a shape query or a shape assertion
         elif n.op in ("call_function", "call_method"):
-            nodes.append(_function_node(n))
+            node = _function_node(n, modules)
+            if node.name.startswith("@"):  # a functional call on a module's weights: named after the module
+                owned[n.name], node.name = node.name[1:], n.name
+            nodes.append(node)
         else:
             raise CnnmodError(f"unsupported operation {n.op} {n.target!r} in the traced model.")
     # Modules are keyed by qualified name; a stateless module called again (one ReLU used twice
@@ -126,6 +123,11 @@ def trace_graph(model: nn.Module) -> Graph:
                 raise CnnmodError(f"module {n.target!r} has weights and is called {calls[n.target]} times; "
                                   "expected each layer with weights to be called once.")
             rename[n.name] = n.target if calls[n.target] == 1 else f"{n.target}:{calls[n.target]}"
+    for fx_name, owner in owned.items():
+        if owner in rename.values() or owner in list(owned.values())[:list(owned).index(fx_name)]:
+            raise CnnmodError(f"the weights of module {owner!r} are used more than once; expected each layer "
+                              "with weights to be called once.")
+        rename[fx_name] = owner
     for node in nodes:
         node.name = rename.get(node.name, node.name)
         node.inputs = [rename.get(i, i) for i in node.inputs]
@@ -144,35 +146,49 @@ def _args(n: fx.Node) -> list[str]:
     return [a.name for a in n.all_input_nodes]
 
 
+_BY_MODULE = {t: o.name for o in REGISTRY.values() for t in o.modules}
+_BY_CALL = {c: o.name for o in REGISTRY.values() for c in o.calls}
+# Shape queries (x.size(0) for a view), timm's shape assertions (torch._assert(x.ndim == 4)):
+# they compute nothing the network's output depends on.
+_SKIPPED = {"size", getattr, torch._assert, operator.eq, "dim"}
+
+
 def _module_node(n: fx.Node, m: nn.Module) -> Node:
     # The node keeps its fx name here; trace_graph renames it to the qualified name ``where``.
     name, where, inputs = n.name, n.target, _args(n)
-    if isinstance(m, nn.Conv2d):
+    op = next((_BY_MODULE[t] for t in type(m).__mro__ if t in _BY_MODULE), None)
+    if op == "conv":
         if m.padding_mode != "zeros":
             raise CnnmodError(f"module {where!r}: expected zero padding, found padding_mode={m.padding_mode!r}.")
-        return Node(name, "conv", inputs, dict(stride=list(m.stride), dilation=list(m.dilation), groups=m.groups,
-                                               padding=m.padding if isinstance(m.padding, str) else list(m.padding),
-                                               bias=m.bias is not None))
-    if isinstance(m, nn.BatchNorm2d):
+        return Node(name, "conv", inputs, _conv_attrs(m.stride, m.padding, m.dilation, m.groups, m.bias is not None))
+    if op == "bn":
         return Node(name, "bn", inputs, dict(eps=m.eps, affine=m.affine))
-    if isinstance(m, nn.Linear):
+    if op == "linear":
         return Node(name, "linear", inputs, dict(bias=m.bias is not None))
-    if isinstance(m, nn.ReLU):
-        return Node(name, "relu", inputs)
-    if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout2d)):
-        return Node(name, "identity", inputs)
-    if isinstance(m, nn.MaxPool2d):
+    if op == "maxpool":
         return Node(name, "maxpool", inputs, _pool_attrs(m.kernel_size, m.stride, m.padding, m.ceil_mode,
                                                         dilation=m.dilation))
-    if isinstance(m, nn.AvgPool2d):
+    if op == "avgpool":
         return Node(name, "avgpool", inputs, _pool_attrs(m.kernel_size, m.stride, m.padding, m.ceil_mode,
                                                         count_include_pad=m.count_include_pad))
-    if isinstance(m, nn.AdaptiveAvgPool2d):
+    if op == "adaptive_avgpool":
         return Node(name, "adaptive_avgpool", inputs, dict(output_size=_pair(m.output_size)))
-    if isinstance(m, nn.Flatten):
+    if op == "flatten":
         return Node(name, "flatten", inputs, dict(start_dim=m.start_dim, end_dim=m.end_dim))
-    raise CnnmodError(f"module {where!r}: unsupported layer type {type(m).__name__} (supported: Conv2d, "
-                      "BatchNorm2d, ReLU, Linear, Max/Avg/AdaptiveAvgPool2d, Flatten, Identity, Dropout).")
+    if op == "gelu":
+        return Node(name, "gelu", inputs, dict(approximate=m.approximate))
+    if op == "leaky_relu":
+        return Node(name, "leaky_relu", inputs, dict(negative_slope=float(m.negative_slope)))
+    if op is not None and op in ("identity",) or (op is not None and REGISTRY[op].activation):
+        return Node(name, op, inputs)
+    supported = sorted({t.__name__ for t in _BY_MODULE})
+    raise CnnmodError(f"module {where!r}: unsupported layer type {type(m).__name__} (supported: "
+                      f"{', '.join(supported)}).")
+
+
+def _conv_attrs(stride, padding, dilation, groups, bias: bool) -> dict:
+    return dict(stride=_pair(stride), dilation=_pair(dilation), groups=int(groups),
+                padding=padding if isinstance(padding, str) else _pair(padding), bias=bias)
 
 
 def _pair(v) -> list:
@@ -185,26 +201,35 @@ def _pool_attrs(kernel, stride, padding, ceil_mode, **extra) -> dict:
                                                                       for k, v in extra.items()})
 
 
-_RELU = {F.relu, torch.relu, "relu"}
-_ADD = {operator.add, operator.iadd, torch.add, "add", "add_"}
-_FLATTEN = {torch.flatten, "flatten"}
-
-
-def _function_node(n: fx.Node) -> Node:
+def _function_node(n: fx.Node, modules: dict) -> Node:
     t, inputs = n.target, _args(n)
     kwargs = dict(n.kwargs)
-    if t in _RELU:
-        return Node(n.name, "relu", inputs[:1])
-    if t in _ADD:
-        if len(inputs) != 2 or kwargs.get("alpha", 1) != 1:
-            raise CnnmodError(f"operation {n.name!r}: expected the sum of two tensors, found {n.format_node()}.")
-        return Node(n.name, "add", inputs)
+    op = _BY_CALL.get(t) if _hashable(t) else None
+    if t is _stochastic_depth():  # torchvision's, wrapped by fx: in eval mode the identity
+        if n.args[3] if len(n.args) > 3 else kwargs.get("training", True):
+            raise CnnmodError(f"operation {n.name!r}: expected the model in eval mode, found stochastic depth "
+                              "training (call model.eval()).")
+        return Node(n.name, "identity", inputs[:1])
+    if op in ("bn", "linear", "conv"):
+        return _weighted_call(n, op, modules)
+    if op in ("add", "mul"):
+        if len(inputs) != 2 or len(n.args) != 2 or kwargs.get("alpha", 1) != 1:
+            raise CnnmodError(f"operation {n.name!r}: expected the {'sum' if op == 'add' else 'product'} of two "
+                              f"tensors, found {n.format_node()}.")
+        return Node(n.name, op, inputs)
+    if op == "gelu":
+        return Node(n.name, "gelu", inputs[:1], dict(approximate=kwargs.get("approximate", "none")))
+    if op == "leaky_relu":
+        slope = n.args[1] if len(n.args) > 1 else kwargs.get("negative_slope", 0.01)
+        return Node(n.name, "leaky_relu", inputs[:1], dict(negative_slope=float(slope)))
+    if op is not None and (REGISTRY[op].activation or op == "identity"):
+        return Node(n.name, op, inputs[:1])
     if t in (torch.cat, torch.concat):
         dim = n.args[1] if len(n.args) > 1 else kwargs.get("dim", 0)
         if dim not in (1, -3):
             raise CnnmodError(f"operation {n.name!r}: expected a concat along channels (dim=1), found dim={dim}.")
         return Node(n.name, "cat", inputs, dict(dim=1))
-    if t in _FLATTEN:
+    if op == "flatten":
         start = n.args[1] if len(n.args) > 1 else kwargs.get("start_dim", 0)
         end = n.args[2] if len(n.args) > 2 else kwargs.get("end_dim", -1)
         return Node(n.name, "flatten", inputs, dict(start_dim=start, end_dim=end))
@@ -229,5 +254,61 @@ def _function_node(n: fx.Node) -> Node:
             raise CnnmodError(f"operation {n.name!r}: expected a spatial mean over dims (2, 3), found {dims}.")
         return Node(n.name, "mean", inputs, dict(keepdim=bool(keep)))
     name = getattr(t, "__name__", str(t))
-    raise CnnmodError(f"operation {n.name!r}: unsupported function {name!r} (supported: relu, add, cat, "
-                      "flatten, view(B, -1), pooling, spatial mean).")
+    raise CnnmodError(f"operation {n.name!r}: unsupported function {name!r} (supported: the activations, add, "
+                      "mul, cat, flatten, view(B, -1), pooling, spatial mean, batch_norm, linear, conv2d).")
+
+
+def _hashable(t) -> bool:
+    try:
+        hash(t)
+    except TypeError:
+        return False
+    return True
+
+
+def _stochastic_depth():
+    """torchvision's stochastic_depth function, if torchvision is imported (never imported here)."""
+    import sys
+
+    ops = sys.modules.get("torchvision.ops.stochastic_depth")
+    return getattr(ops, "stochastic_depth", None)
+
+
+# The weights of a functional batch_norm / linear / conv2d call (timm's BatchNormAct2d), in the
+# order of the function's arguments; the node is named after the module that holds them.
+_WEIGHT_ARGS = {"bn": ("input", "running_mean", "running_var", "weight", "bias"),
+                "linear": ("input", "weight", "bias"), "conv": ("input", "weight", "bias")}
+
+
+def _weighted_call(n: fx.Node, op: str, modules: dict) -> Node:
+    names = _WEIGHT_ARGS[op]
+    args = dict(zip(names, n.args))
+    args.update({k: v for k, v in n.kwargs.items() if k in names})
+    data = args.get("input")
+    owners = set()
+    for p in names[1:]:
+        a = args.get(p)
+        if a is None:
+            continue
+        if not (isinstance(a, fx.Node) and a.op == "get_attr" and a.target.rsplit(".", 1)[-1] == p):
+            raise CnnmodError(f"operation {n.name!r}: expected {op}'s {p} to be a weight of a module, "
+                              f"found {a!r}.")
+        owners.add(a.target.rsplit(".", 1)[0] if "." in a.target else "")
+    if not isinstance(data, fx.Node) or len(owners) != 1 or "" in owners:
+        raise CnnmodError(f"operation {n.name!r}: expected a {op} call on one module's weights, found {n.format_node()}.")
+    owner = owners.pop()
+    if op == "bn":
+        eps = n.args[7] if len(n.args) > 7 else n.kwargs.get("eps", 1e-5)
+        training = n.args[5] if len(n.args) > 5 else n.kwargs.get("training", False)
+        if training:
+            raise CnnmodError(f"operation {n.name!r}: expected the model in eval mode, found batch_norm "
+                              "training (call model.eval()).")
+        attrs = dict(eps=float(eps), affine=args.get("weight") is not None)
+    elif op == "linear":
+        attrs = dict(bias=args.get("bias") is not None)
+    else:
+        a = list(n.args[3:]) + [None] * 4
+        attrs = _conv_attrs(n.kwargs.get("stride", a[0] or 1), n.kwargs.get("padding", a[1] or 0),
+                            n.kwargs.get("dilation", a[2] or 1), n.kwargs.get("groups", a[3] or 1),
+                            args.get("bias") is not None)
+    return Node(f"@{owner}", op, [data.name], attrs)  # "@": renamed to the owner after tracing

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .graph import PARAMS, Graph
+from .ops import REGISTRY
 
 
 def _key(name: str) -> str:
@@ -19,9 +19,7 @@ def _key(name: str) -> str:
 
 def conv2d(node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """A ``conv`` node's convolution, with the given weights."""
-    a = node.attrs
-    return F.conv2d(x, weight, bias, a["stride"], a["padding"] if isinstance(a["padding"], str) else list(a["padding"]),
-                    a["dilation"], a["groups"])
+    return REGISTRY["conv"].run(node, [x], {"weight": weight, "bias": bias}.get)
 
 
 class GraphNetwork(nn.Module):
@@ -138,32 +136,4 @@ class GraphNetwork(nn.Module):
         return out
 
     def _run(self, node, xs: list[torch.Tensor]) -> torch.Tensor:
-        a, w = node.attrs, lambda p: self.weight(f"{node.name}.{p}")
-        op = node.op
-        if op == "conv":
-            return conv2d(node, xs[0], w("weight"), w("bias"))
-        if op == "bn":
-            return F.batch_norm(xs[0], w("running_mean"), w("running_var"), w("weight"), w("bias"),
-                                False, 0.0, a["eps"])
-        if op == "linear":
-            return F.linear(xs[0], w("weight"), w("bias"))
-        if op == "relu":
-            return F.relu(xs[0])
-        if op == "add":
-            return xs[0] + xs[1]
-        if op == "cat":
-            return torch.cat(xs, dim=1)
-        if op == "identity":
-            return xs[0]
-        if op == "flatten":
-            return torch.flatten(xs[0], a["start_dim"], a["end_dim"])
-        if op == "maxpool":
-            return F.max_pool2d(xs[0], a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
-        if op == "avgpool":
-            return F.avg_pool2d(xs[0], a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
-                                a["count_include_pad"])
-        if op == "adaptive_avgpool":
-            return F.adaptive_avg_pool2d(xs[0], a["output_size"])
-        if op == "mean":
-            return xs[0].mean(dim=(2, 3), keepdim=a["keepdim"])
-        raise ValueError(f"unknown operation {op!r}")  # a Graph is validated when traced or loaded
+        return REGISTRY[node.op].run(node, xs, lambda p: self.weight(f"{node.name}.{p}"))

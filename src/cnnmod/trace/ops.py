@@ -1,0 +1,121 @@
+"""The registry of operations: everything the pipeline needs to know about each op, in one entry.
+
+An entry says how the op is recognised when a model is traced (its ``nn.Module`` types, its
+functions and tensor-method names), which state-dict tensors it holds, how to run it (plain
+torch calls, so graphs export to ONNX), how channels flow through it, and whether it is an
+*activation*: a layer whose output elements the paper strategy observes and may mask.
+
+Channel flow (``channels``), read by ``channels.py``, ``backtrack.py`` and the strategies:
+- ``same``: output channel c is computed from input channel c alone (BatchNorm, activations,
+  pooling, dropout); a removed channel's constant stays a constant.
+- ``new``: the op mixes its input channels into new ones (convolution, linear): a space ends.
+- ``tied``: an element-wise op of two tensors (add, multiply): their channels are one space.
+- ``concat``: channels are the inputs' channels side by side.
+- ``whole``: anything else; the space it touches is kept whole by the channels strategy.
+
+Masking rule of the paper strategy, for every activation: an element is *inactive* for a class
+when it is exactly zero on every image the class's module observed, and only inactive elements
+are masked. Masking a value that was zero changes nothing, so a module's outputs on its observed
+images are exactly the model's, whatever the activation. Activations with an exact zero region
+(``zero_region``: ReLU and ReLU6 below 0, Hardswish and Hardsigmoid below -3) have many inactive
+elements; those without one (SiLU, GELU, Sigmoid, Tanh, LeakyReLU) have almost none, so their
+elements are kept (no loss, and no masking there).
+
+Adding an activation is one ``_activation(...)`` line below and a test.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    run: Callable  # (node, inputs: list[Tensor], weight: name -> Tensor | None) -> Tensor
+    channels: str = "same"  # same | new | tied | concat | whole (module docstring)
+    params: tuple[str, ...] = ()  # state-dict tensors, keyed "<node name>.<param>"
+    activation: bool = False  # the paper strategy observes (and may mask) its output elements
+    zero_region: str = ""  # where an activation's output is exactly 0 ("x <= 0"); "" if nowhere
+    modules: tuple[type, ...] = ()  # nn.Module types traced as this op
+    calls: tuple = ()  # functions and tensor-method names traced as this op
+
+
+REGISTRY: dict[str, Op] = {}
+
+
+def register(op: Op) -> Op:
+    REGISTRY[op.name] = op
+    return op
+
+
+def _activation(name: str, fn: Callable, modules: tuple, calls: tuple, zero_region: str = "") -> None:
+    register(Op(name, lambda node, xs, w: fn(xs[0]), activation=True, zero_region=zero_region,
+                modules=modules, calls=calls))
+
+
+def _conv(node, xs, w):
+    a = node.attrs
+    padding = a["padding"] if isinstance(a["padding"], str) else list(a["padding"])
+    return F.conv2d(xs[0], w("weight"), w("bias"), a["stride"], padding, a["dilation"], a["groups"])
+
+
+register(Op("input", lambda node, xs, w: xs[0], channels="whole"))
+register(Op("conv", _conv, channels="new", params=("weight", "bias"), modules=(nn.Conv2d,), calls=(F.conv2d,)))
+register(Op("bn", lambda node, xs, w: F.batch_norm(xs[0], w("running_mean"), w("running_var"), w("weight"), w("bias"),
+                                                   False, 0.0, node.attrs["eps"]),
+            params=("weight", "bias", "running_mean", "running_var"), modules=(nn.BatchNorm2d,), calls=(F.batch_norm,)))
+register(Op("linear", lambda node, xs, w: F.linear(xs[0], w("weight"), w("bias")), channels="new",
+            params=("weight", "bias"), modules=(nn.Linear,), calls=(F.linear,)))
+register(Op("add", lambda node, xs, w: xs[0] + xs[1], channels="tied",
+            calls=(operator.add, operator.iadd, torch.add, "add", "add_")))
+register(Op("mul", lambda node, xs, w: xs[0] * xs[1], channels="tied",
+            calls=(operator.mul, operator.imul, torch.mul, "mul", "mul_")))
+register(Op("cat", lambda node, xs, w: torch.cat(xs, dim=1), channels="concat", calls=(torch.cat, torch.concat)))
+register(Op("identity", lambda node, xs, w: xs[0],
+            modules=(nn.Identity, nn.Dropout, nn.Dropout2d), calls=("contiguous",)))
+register(Op("flatten", lambda node, xs, w: torch.flatten(xs[0], node.attrs["start_dim"], node.attrs["end_dim"]),
+            modules=(nn.Flatten,), calls=(torch.flatten, "flatten")))
+register(Op("maxpool", lambda node, xs, w: F.max_pool2d(xs[0], node.attrs["kernel_size"], node.attrs["stride"],
+                                                        node.attrs["padding"], node.attrs["dilation"],
+                                                        node.attrs["ceil_mode"]),
+            modules=(nn.MaxPool2d,), calls=(F.max_pool2d,)))
+register(Op("avgpool", lambda node, xs, w: F.avg_pool2d(xs[0], node.attrs["kernel_size"], node.attrs["stride"],
+                                                        node.attrs["padding"], node.attrs["ceil_mode"],
+                                                        node.attrs["count_include_pad"]),
+            modules=(nn.AvgPool2d,), calls=(F.avg_pool2d,)))
+register(Op("adaptive_avgpool", lambda node, xs, w: F.adaptive_avg_pool2d(xs[0], node.attrs["output_size"]),
+            modules=(nn.AdaptiveAvgPool2d,), calls=(F.adaptive_avg_pool2d,)))
+register(Op("mean", lambda node, xs, w: xs[0].mean(dim=(2, 3), keepdim=node.attrs["keepdim"]), calls=("mean",)))
+
+_activation("relu", F.relu, (nn.ReLU,), (F.relu, torch.relu, "relu", "relu_"), zero_region="x <= 0")
+_activation("relu6", F.relu6, (nn.ReLU6,), (F.relu6,), zero_region="x <= 0")
+_activation("hardswish", F.hardswish, (nn.Hardswish,), (F.hardswish,), zero_region="x <= -3")
+_activation("hardsigmoid", F.hardsigmoid, (nn.Hardsigmoid,), (F.hardsigmoid,), zero_region="x <= -3")
+_activation("silu", F.silu, (nn.SiLU,), (F.silu,))
+_activation("sigmoid", torch.sigmoid, (nn.Sigmoid,), (torch.sigmoid, F.sigmoid, "sigmoid"))
+_activation("tanh", torch.tanh, (nn.Tanh,), (torch.tanh, F.tanh, "tanh"))
+register(Op("gelu", lambda node, xs, w: F.gelu(xs[0], approximate=node.attrs["approximate"]), activation=True,
+            modules=(nn.GELU,), calls=(F.gelu,)))
+
+# GELU and LeakyReLU carry an attribute (the approximation, the slope): registered in full.
+register(Op("leaky_relu", lambda node, xs, w: F.leaky_relu(xs[0], node.attrs["negative_slope"]), activation=True,
+            modules=(nn.LeakyReLU,), calls=(F.leaky_relu,)))
+
+
+def op_of(name: str) -> Op:
+    return REGISTRY[name]
+
+
+def ops_where(**wanted) -> set[str]:
+    """The names of the ops whose fields equal ``wanted`` (``ops_where(channels="same")``)."""
+    return {o.name for o in REGISTRY.values() if all(getattr(o, k) == v for k, v in wanted.items())}
+
+
+PARAMS = {o.name: o.params for o in REGISTRY.values() if o.params}
