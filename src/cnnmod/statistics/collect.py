@@ -42,8 +42,13 @@ def _check_equal(expected: torch.Tensor, got: torch.Tensor, tolerance: float = 1
 
 
 def head_layer(graph: Graph) -> str:
-    """Return the final Linear layer (the classifier head), which must produce the output."""
+    """Return the final Linear layer (the classifier head), which must produce the output.
+
+    Identity and flatten layers after it (timm's classifier heads end in one) change nothing.
+    """
     node = graph.by_name[graph.output]
+    while node.op in ("identity", "flatten"):  # of (B, K) logits: both leave them as they are
+        node = graph.by_name[node.inputs[0]]
     if node.op != "linear":
         raise CnnmodError(f"expected the model to end in a Linear layer, found {node.op} {node.name!r}.")
     return node.name
