@@ -1,0 +1,171 @@
+"""Benchmark of issue #15: torchvision/timm architectures trained briefly on CIFAR-10, decomposed.
+
+    .venv/bin/python benchmarks/bench_zoo.py            # train what is not cached yet, then decompose
+    .venv/bin/python benchmarks/bench_zoo.py --train    # only the training stage (run it in the background)
+
+Each architecture is trained here from random weights for a CPU budget (the first 1,000 training
+images of each class, 32x32, SGD with a cosine schedule, crop and flip), and its weights are
+cached in benchmarks/.cache/zoo/ (not committed). Then, on the validation split (the last 10% of
+each class by file name, 5,000 images): model top-1; the paper strategy's 10 modules composed
+(vote); the channels strategy with a shared trunk (``--trunk 1.0 --retain 0.9 --multiple 8``)
+composed, with its multiply-accumulates per image against the model's; and the decomposition time
+of each strategy against one plain inference pass over the same images, in the same run.
+Targets (issue #15): paper within 0.5 points of the model, channels within 1.5 points at <= 1.0x
+the model's MACs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common import CIFAR_TAR, ROOT, machine, write_section  # noqa: E402
+from zoo import create  # noqa: E402  (random-weight models and the torchvision import of the tests)
+
+from cnnmod import compose, decompose, load_data  # noqa: E402
+from cnnmod.data.inputspec import measure_spec  # noqa: E402
+from cnnmod.evaluate import evaluate_model, evaluate_scores  # noqa: E402
+from cnnmod.modules.extract import cost  # noqa: E402
+from cnnmod.statistics import plain_pass, select_sample  # noqa: E402
+from cnnmod.trace import GraphNetwork, trace_graph  # noqa: E402
+from cnnmod.training import augment_batch  # noqa: E402
+
+CACHE = ROOT / "benchmarks" / ".cache" / "zoo"
+ARCHS = [("torchvision", "resnet18"), ("torchvision", "mobilenet_v2"), ("torchvision", "mobilenet_v3_small"),
+         ("torchvision", "efficientnet_b0"), ("torchvision", "regnet_y_400mf"), ("torchvision", "densenet121"),
+         ("torchvision", "googlenet"), ("torchvision", "mnasnet0_5"), ("timm", "resnet18d")]
+PER_CLASS, EPOCHS, BATCH, LR = 1000, 6, 128, 0.05
+CHANNELS = dict(trunk=1.0, retain=0.9, multiple=8)
+
+
+def first_per_class(data, n: int):
+    keep = torch.cat([torch.nonzero(data.labels == c).flatten()[:n] for c in range(len(data.classes))])
+    return data.subset(keep.sort().values)
+
+
+def train_one(library: str, name: str, data, spec) -> dict:
+    """Train from random weights (seeded) and cache the weights; returns the recipe and its time."""
+    model = create(library, name, num_classes=10).train()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    gen = torch.Generator().manual_seed(0)
+    steps = EPOCHS * math.ceil(len(data) / BATCH)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.15)
+    start = time.perf_counter()
+    for _ in range(EPOCHS):
+        for idx in torch.randperm(len(data), generator=gen).split(BATCH):
+            x = spec.prepare(augment_batch(data.images[idx], gen, "crop-flip"))
+            loss = F.cross_entropy(model(x), data.labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, CACHE / f"{library}_{name}.safetensors")
+    return {"seconds": time.perf_counter() - start, "epochs": EPOCHS, "images": len(data)}
+
+
+def trained(library: str, name: str):
+    model = create(library, name, num_classes=10)
+    model.load_state_dict(load_file(CACHE / f"{library}_{name}.safetensors"))
+    return model.eval()
+
+
+def measure(library: str, name: str, train_set, val, spec) -> dict:
+    model = trained(library, name)
+    classes = train_set.classes
+    row = {"arch": f"{library}:{name}", "model_top1": evaluate_model(model, val, spec, classes)["top1"]}
+    sample = select_sample(train_set.labels, 10)
+    start = time.perf_counter()
+    plain_pass(model, spec, train_set, sample)
+    row["inference_seconds"] = time.perf_counter() - start
+    shape = (3, 32, 32)
+    model_macs = cost(GraphNetwork(trace_graph(model), model.state_dict()), shape)["macs"]
+    for strategy, options in (("paper", {}), ("channels", CHANNELS)):
+        start = time.perf_counter()
+        try:
+            modules = decompose(model, train_set, input_spec=spec, classes=classes, strategy=strategy, **options)
+        except Exception as e:  # a row that says why, not a crashed benchmark
+            row[f"{strategy}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            continue
+        row[f"{strategy}_seconds"] = time.perf_counter() - start
+        clf = compose(modules, rule="vote")
+        row[f"{strategy}_top1"] = evaluate_scores(clf.score_images, val, clf.classes)["top1"]
+        row[f"{strategy}_macs_fraction"] = clf.cost()["macs"] / model_macs
+        if strategy == "paper":
+            row["paper_share_kept"] = sum(m.meta["share_kept"] for m in modules) / len(modules)
+        print(row, flush=True)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", action="store_true", help="only train (and cache) what is missing")
+    parser.add_argument("--only", default=None, help="comma-separated architecture names")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    archs = [a for a in ARCHS if args.only is None or a[1] in args.only.split(",")]
+    train_all = load_data(str(CIFAR_TAR), "train")
+    train_set, val = first_per_class(train_all, PER_CLASS), load_data(str(CIFAR_TAR), "val")
+    spec = measure_spec(train_set.images)
+    recipes = {}
+    for library, name in archs:
+        if not (CACHE / f"{library}_{name}.safetensors").exists():
+            recipes[f"{library}:{name}"] = train_one(library, name, train_set, spec)
+            print(f"trained {library}:{name}: {recipes[f'{library}:{name}']}", flush=True)
+    if args.train:
+        return 0
+    rows = [measure(library, name, train_set, val, spec) for library, name in archs]
+    write_section("zoo", render(rows), {"machine": machine(), "rows": rows, "recipes": recipes,
+                                        "per_class": PER_CLASS, "epochs": EPOCHS, "channels": CHANNELS})
+    return 0
+
+
+def _cell(r: dict, strategy: str, key: str, fmt: str) -> str:
+    if f"{strategy}_error" in r:
+        return "refused" if key == "top1" else "-"
+    return format(r[f"{strategy}_{key}"], fmt)
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "## Model zoo (issue #15): torchvision/timm architectures trained briefly, decomposed",
+        "",
+        f"Command: `.venv/bin/python benchmarks/bench_zoo.py` ({machine()}). Each architecture trained here from "
+        f"random weights on the first {PER_CLASS:,} CIFAR-10 training images of each class (32x32, {EPOCHS} epochs, "
+        "SGD one-cycle, crop and flip): a CPU budget, so the models are far from their papers' accuracy; what "
+        "matters is the modules against their own model. Validation: the last 10% of each class (5,000 images). "
+        "Channels: `--trunk 1.0 --retain 0.9 --multiple 8`. Times: the whole decomposition (statistics pass, "
+        "modules, calibration) against one plain inference pass over the statistics sample, same run.",
+        "",
+        "| architecture | model top-1 | paper composed | paper - model | channels composed | channels - model | "
+        "channels MACs vs model | paper time / inference | channels time / inference |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        def diff(s):
+            return "-" if f"{s}_error" in r else f"{100 * (r[f'{s}_top1'] - r['model_top1']):+.2f}"
+
+        def ratio(s):
+            return "-" if f"{s}_error" in r else f"{r[f'{s}_seconds'] / r['inference_seconds']:.1f}x"
+        lines.append(f"| {r['arch']} | {r['model_top1']:.4f} | {_cell(r, 'paper', 'top1', '.4f')} | {diff('paper')} | "
+                     f"{_cell(r, 'channels', 'top1', '.4f')} | {diff('channels')} | "
+                     f"{_cell(r, 'channels', 'macs_fraction', '.3f')} | {ratio('paper')} | {ratio('channels')} |")
+    lines.append("")
+    for r in rows:
+        for s in ("paper", "channels"):
+            if f"{s}_error" in r:
+                lines.append(f"- {r['arch']}, {s}: refused: {r[f'{s}_error']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
