@@ -1,30 +1,74 @@
-"""Model checkpoints: weights plus everything needed to rebuild and feed the model."""
+"""Model checkpoints: weights plus everything needed to rebuild and feed the model.
+
+Two kinds, one format:
+- a *registered* architecture (``resnet20``, ``smallcnn``, ...): its name and arguments, rebuilt
+  with ``create_model`` (format version 1);
+- *any other* model cnnmod can trace (a torchvision or timm network, your own): its layer graph,
+  stored as data as module files store theirs, and the weights the graph uses (format version 2).
+  Loading never runs the model's code: the graph runs on cnnmod's executor (``GraphNetwork``).
+"""
 
 from __future__ import annotations
 
 import os
 
+import torch
 import torch.nn as nn
 
 from . import __version__
 from .data.inputspec import InputSpec
 from .errors import CnnmodError
 from .files import read_file, write_file
-from .models import create_model
+from .models import create_model, list_models
 
 FORMAT = "cnnmod.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added graph checkpoints (any traceable model); version 1 files still load
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, architecture: str, arch_args: dict,
-                    classes: list[str], input_spec: InputSpec, **provenance) -> None:
-    """Write ``model``'s weights and metadata (architecture, classes, input, provenance) to ``path``."""
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": __version__,
-        "architecture": architecture, "arch_args": arch_args, "classes": list(classes),
-        "input": input_spec.to_dict(), **provenance,
-    }
-    write_file(path, dict(model.state_dict()), meta)
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, classes: list[str], input_spec: InputSpec,
+                    architecture: str | None = None, arch_args: dict | None = None, **provenance) -> None:
+    """Write ``model``'s weights and metadata (classes, input, provenance) to ``path``.
+
+    A registered ``architecture`` (with its ``arch_args``) is rebuilt by name on loading; any other
+    model is traced and stored as its layer graph (``architecture`` then only describes it,
+    for example ``"torchvision:resnet50"``).
+
+    >>> save_checkpoint(torchvision.models.resnet18(num_classes=10).eval(), "r18.safetensors",
+    ...                 classes=[str(i) for i in range(10)], input_spec=InputSpec(3, (32, 32), MEAN, STD))
+    """
+    meta = {"format": FORMAT, "library_version": __version__, "classes": list(classes),
+            "input": input_spec.to_dict(), **provenance}
+    if architecture in list_models():
+        tensors = dict(model.state_dict())
+        meta.update(format_version=1, architecture=architecture, arch_args=arch_args or {})
+    else:
+        from .trace import trace_graph, weights_of
+        from .trace.ops import PARAMS
+
+        graph = trace_graph(model.eval())
+        everything = weights_of(model)
+        tensors = {f"{n.name}.{p}": everything[f"{n.name}.{p}"] for n in graph.nodes for p in PARAMS.get(n.op, ())
+                   if f"{n.name}.{p}" in everything}
+        meta.update(format_version=2, architecture=architecture or type(model).__name__, arch_args={},
+                    graph=graph.to_dict())
+    outputs = _outputs(model, input_spec)
+    if outputs != len(classes):
+        raise CnnmodError(f"expected {outputs} class names (the model's outputs), found {len(classes)}.")
+    write_file(path, tensors, meta)
+
+
+def _outputs(model: nn.Module, spec: InputSpec) -> int:
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        try:
+            return int(model(torch.zeros(1, spec.channels, *spec.size)).shape[1])
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise CnnmodError(f"expected the model to take inputs of {spec.channels} x {spec.size[0]} x {spec.size[1]} "
+                              f"(its input specification), found that it does not ({str(e).splitlines()[0][:160]})."
+                              ) from None
+        finally:
+            model.train(was)
 
 
 def load_model(path: str | os.PathLike) -> nn.Module:
@@ -35,16 +79,37 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     ['airplane', 'automobile']
     """
     tensors, meta = read_file(path, expect=FORMAT)
-    if meta["format_version"] != FORMAT_VERSION:
-        raise CnnmodError(f"{path}: expected checkpoint format version {FORMAT_VERSION}, "
+    if meta["format_version"] not in (1, FORMAT_VERSION):
+        raise CnnmodError(f"{path}: expected checkpoint format version 1 or {FORMAT_VERSION}, "
                           f"found {meta['format_version']!r} (written by a newer cnnmod?).")
-    try:
-        model = create_model(meta["architecture"], **meta["arch_args"])
-        model.load_state_dict(tensors)
-    except (KeyError, RuntimeError) as e:
-        raise CnnmodError(f"{path}: the weights do not fit architecture "
-                          f"{meta.get('architecture')!r} ({str(e).splitlines()[0]}).") from None
+    if "graph" in meta:
+        model = _graph_model(path, tensors, meta)
+    else:
+        try:
+            model = create_model(meta["architecture"], **meta["arch_args"])
+            model.load_state_dict(tensors)
+        except (KeyError, RuntimeError) as e:
+            raise CnnmodError(f"{path}: the weights do not fit architecture "
+                              f"{meta.get('architecture')!r} ({str(e).splitlines()[0]}).") from None
     model.eval()
     model.cnnmod_meta = meta
     model.input_spec = InputSpec.from_dict(meta["input"])
     return model
+
+
+def _graph_model(path, tensors: dict, meta: dict) -> nn.Module:
+    """A graph checkpoint's network, run once on a blank input so that layers that do not fit are refused now."""
+    from .trace import Graph, GraphNetwork
+
+    graph = Graph.from_dict(meta["graph"])
+    net = GraphNetwork(graph, tensors)
+    spec = InputSpec.from_dict(meta["input"])
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(1, spec.channels, *spec.size))
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+        raise CnnmodError(f"{path}: the checkpoint's layers do not fit together "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
+    if tuple(out.shape) != (1, len(meta["classes"])):
+        raise CnnmodError(f"{path}: expected {len(meta['classes'])} outputs (its classes), found {tuple(out.shape)[1:]}.")
+    return net

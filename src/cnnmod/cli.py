@@ -210,10 +210,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="the module folder to write (new, empty, a module folder, or the input folder itself)")
 
-    p = command("import", "turn a .pt/.pth state dict of a built-in architecture into a checkpoint")
+    p = command("import", "turn a .pt/.pth state dict into a checkpoint (any architecture cnnmod can trace)")
     p.add_argument("state_dict", help="the .pt/.pth file (read with weights_only=True: nothing is unpickled)")
-    p.add_argument("--model", required=True, choices=list_models(), help="the architecture the weights belong to")
-    _data_args(p, size=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", choices=list_models(), help="a built-in architecture the weights belong to")
+    which.add_argument("--arch", metavar="LIBRARY:NAME",
+                       help="torchvision:NAME or timm:NAME (needs that package); the checkpoint stores the layer "
+                            "graph, so loading it needs neither the package nor its code")
+    p.add_argument("--data", default=None,
+                   help="labelled images: class names and the accuracy to report (needed with --model, which "
+                        "also measures the input normalisation on them)")
+    p.add_argument("--split", choices=["train", "test", "val", "all"], default=None, help="which part of --data")
+    p.add_argument("--size", type=COUNT, nargs=2, metavar=("H", "W"), default=None,
+                   help="--model: resize folder images while decoding; --arch: the model's input size (default: "
+                        "timm's pretrained configuration, 224 x 224 for torchvision)")
+    p.add_argument("--mean", type=float, nargs="+", default=None,
+                   help="--arch: per-channel mean of the input normalisation, on the 0-1 scale (default: timm's "
+                        "configuration, ImageNet's for torchvision)")
+    p.add_argument("--std", type=POSITIVE, nargs="+", default=None, help="--arch: per-channel standard deviation")
+    p.add_argument("--classes", default=None,
+                   help="--arch: comma-separated class names, in the model's output order (default: --data's "
+                        "classes when they are as many, else 0..K-1)")
     p.add_argument("--no-bn", action="store_true", help="the BatchNorm-free variant (ResNets)")
     p.add_argument("--out", required=True, help="the checkpoint file to write (.safetensors)")
 
@@ -521,12 +538,25 @@ def cmd_replace(args) -> int:
 
 def cmd_import(args) -> int:
     from .data import load_data
-    from .importing import import_state_dict
+    from .importing import import_library_model, import_state_dict
 
-    data = load_data(args.data, args.split, default_split="train", size=_size(args))
-    meta = import_state_dict(args.state_dict, args.model, data, args.out,
-                             arch_args={"bn": False} if args.no_bn else None)
-    print(f"wrote {args.out}: top-1 {meta['accuracy']['top1']:.4f} on the given data (n={meta['accuracy']['n']})")
+    if args.model:
+        if args.data is None:
+            raise CnnmodError("expected --data with --model (its classes and input normalisation), found none.")
+        data = load_data(args.data, args.split, default_split="train", size=_size(args))
+        meta = import_state_dict(args.state_dict, args.model, data, args.out,
+                                 arch_args={"bn": False} if args.no_bn else None)
+    else:
+        from .data import load_data_for
+
+        def data(spec):  # decoded to the model's own input, known once the model is built
+            return load_data_for(args.data, args.split, [spec], default_split="train")
+        meta = import_library_model(args.state_dict, args.arch, args.out, data=data if args.data else None,
+                                    size=_size(args),
+                                    mean=tuple(args.mean) if args.mean else None,
+                                    std=tuple(args.std) if args.std else None, classes=_names(args.classes))
+    acc = meta.get("accuracy")
+    print(f"wrote {args.out}" + (f": top-1 {acc['top1']:.4f} on the given data (n={acc['n']})" if acc else ""))
     return 0
 
 

@@ -19,13 +19,13 @@ CIFAR_MARKERS = ("data_batch_1", "train")
 
 
 def load_archive_or_folder(path: Path, split: str | None, default_split: str, *,
-                           channels: int | None, size: tuple[int, int] | None) -> Dataset:
+                           channels: int | None, size: tuple[int, int] | None, crop_pct: float | None = None) -> Dataset:
     """Read ``path`` (a folder or .tar/.tar.gz) holding an ImageFolder tree or CIFAR pickles."""
     files = _list_files(path)  # relative posix path -> zero-argument reader of the bytes
     cifar = _cifar_root(files)
     if cifar is not None:
         return _load_cifar(path, files, cifar, split or default_split)
-    ds = _load_image_folder(path, files, channels=channels, size=size)
+    ds = _load_image_folder(path, files, channels=channels, size=size, crop_pct=crop_pct)
     return choose_split(ds, split or "all", lambda n: -(-n // 10), names=("train", "val"))
 
 
@@ -44,7 +44,7 @@ def _list_files(path: Path) -> dict[str, "callable[[], bytes]"]:
     return {name: (lambda b=blob: b) for name, blob in sorted(blobs.items())}
 
 
-def _load_image_folder(path: Path, files: dict, *, channels: int | None, size) -> Dataset:
+def _load_image_folder(path: Path, files: dict, *, channels: int | None, size, crop_pct: float | None) -> Dataset:
     images = sorted(n for n in files if PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise CnnmodError(f"{path}: expected images in class sub-folders, found no image files.")
@@ -60,7 +60,7 @@ def _load_image_folder(path: Path, files: dict, *, channels: int | None, size) -
     index = {c: i for i, c in enumerate(classes)}
     arrays, labels = [], []
     for name in images:
-        arrays.append(_decode(path, name, files[name](), channels, size))
+        arrays.append(_decode(path, name, files[name](), channels, size, crop_pct))
         labels.append(index[class_of[name]])
     arrays = _unify(path, images, arrays)
     return Dataset(stack_images(arrays), torch.tensor(labels, dtype=torch.int64), classes, str(path))
@@ -80,7 +80,7 @@ def _common_root(names: list[str]) -> PurePosixPath:
     return PurePosixPath(*common) if common else PurePosixPath(".")
 
 
-def _decode(path: Path, name: str, blob: bytes, channels: int | None, size) -> np.ndarray:
+def _decode(path: Path, name: str, blob: bytes, channels: int | None, size, crop_pct: float | None = None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(blob)) as img:
             img.load()
@@ -89,11 +89,21 @@ def _decode(path: Path, name: str, blob: bytes, channels: int | None, size) -> n
             elif img.mode not in ("L", "RGB"):
                 img = img.convert("RGB")  # palette, CMYK, alpha: documented conversion to RGB
             if size is not None and img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.BILINEAR)
+                img = _fit(img, size, crop_pct)
             arr = np.asarray(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise CnnmodError(f"{path}: cannot decode image {name} ({e}).") from None
     return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _fit(img, size: tuple[int, int], crop_pct: float | None):
+    """Resize to ``size``; with ``crop_pct`` keep the aspect ratio and crop the centre (InputSpec.resized)."""
+    from .inputspec import InputSpec
+
+    h, w = InputSpec(1, tuple(size), (0.0,), (1.0,), crop_pct=crop_pct).resized(img.size[1], img.size[0])
+    img = img.resize((w, h), Image.BILINEAR)
+    top, left = (h - size[0]) // 2, (w - size[1]) // 2
+    return img.crop((left, top, left + size[1], top + size[0])) if (h, w) != tuple(size) else img
 
 
 def _unify(path: Path, names: list[str], arrays: list[np.ndarray]) -> list[np.ndarray]:

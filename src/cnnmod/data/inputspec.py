@@ -24,19 +24,34 @@ class InputSpec:
     mean: tuple[float, ...]  # per channel, on the [0, 1] scale
     std: tuple[float, ...]
     prepared: bool = False
+    # Photos of another size: None resizes them to ``size`` (a data set of one size, as CIFAR);
+    # a share (timm's crop_pct, 0.875 for ImageNet) resizes the shorter side to size / crop_pct,
+    # keeping the aspect ratio, then crops the centre ``size``.
+    crop_pct: float | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         if not self.prepared:
             del d["prepared"]  # files of raw-image modules stay as they were
+        if self.crop_pct is None:
+            del d["crop_pct"]
         return d
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """The size an image of ``height`` x ``width`` is resized to before its centre is cropped."""
+        if self.crop_pct is None:
+            return self.size
+        short = int(min(self.size) / self.crop_pct)
+        scale = short / min(height, width)
+        return max(self.size[0], round(height * scale)), max(self.size[1], round(width * scale))
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputSpec":
         try:
+            crop = d.get("crop_pct")
             return cls(int(d["channels"]), tuple(int(s) for s in d["size"]),
                        tuple(float(m) for m in d["mean"]), tuple(float(s) for s in d["std"]),
-                       bool(d.get("prepared", False)))
+                       bool(d.get("prepared", False)), None if crop is None else float(crop))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise CnnmodError(f"expected an input specification (channels, size, mean, std), found {d!r}.") from None
 
@@ -50,7 +65,8 @@ class InputSpec:
         """Convert a uint8 batch (B, C, H, W) into the normalised float batch the model expects.
 
         Conversions are documented and fixed: grey is repeated to RGB, RGB becomes grey by the
-        ITU-R 601 luma weights, a different size is resized bilinearly (with antialiasing).
+        ITU-R 601 luma weights, a different size is resized bilinearly (with antialiasing): to
+        ``size``, or with ``crop_pct`` the shorter side to size / crop_pct and the centre cropped.
         """
         if images.dim() != 4:
             raise CnnmodError(f"expected a batch of images (B, C, H, W), found shape {tuple(images.shape)}.")
@@ -68,7 +84,10 @@ class InputSpec:
                 raise CnnmodError(f"expected images with {self.channels} channel(s) (or 1 or 3, which are "
                                   f"converted), found {c} channels.")
         if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=self.resized(*x.shape[-2:]), mode="bilinear", align_corners=False,
+                              antialias=True)
+            top, left = (x.shape[-2] - self.size[0]) // 2, (x.shape[-1] - self.size[1]) // 2
+            x = x[..., top:top + self.size[0], left:left + self.size[1]]  # the centre (all of it without crop_pct)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std

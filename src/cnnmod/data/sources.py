@@ -117,18 +117,22 @@ def load_data_for(spec: str, split: str | None, inputs: list, *, default_split: 
     Files are decoded straight to each input's channels and size (photos of mixed sizes included);
     with several distinct inputs, once per input (``Views``).
     """
-    keys = sorted({(s.channels, tuple(s.size)) for s in inputs})
-    if len(keys) == 1:
-        return load_data(spec, split, default_split=default_split, channels=keys[0][0], size=keys[0][1])
-    return Views({k: load_data(spec, split, default_split=default_split, channels=k[0], size=k[1]) for k in keys})
+    crops = {(s.channels, tuple(s.size)): s.crop_pct for s in inputs}
+    keys = sorted(crops)
+
+    def one(key):
+        return load_data(spec, split, default_split=default_split, channels=key[0], size=key[1], crop_pct=crops[key])
+    return one(keys[0]) if len(keys) == 1 else Views({k: one(k) for k in keys})
 
 
 def load_data(spec: str, split: str | None = None, *, default_split: str = "train",
-              channels: int | None = None, size: tuple[int, int] | None = None) -> Dataset:
+              channels: int | None = None, size: tuple[int, int] | None = None,
+              crop_pct: float | None = None) -> Dataset:
     """Load the data set named by ``spec``; see the module docstring for the split rules.
 
     ``channels`` and ``size`` convert images while decoding files (folders and archives of
-    images of mixed sizes need ``size``).
+    images of mixed sizes need ``size``); with ``crop_pct`` a photo keeps its aspect ratio, its
+    shorter side resized to size / crop_pct and its centre cropped (``InputSpec.crop_pct``).
 
     >>> ds = load_data("mnist5k", "test")   # 1,000 images, 100 per class
     """
@@ -145,7 +149,7 @@ def load_data(spec: str, split: str | None = None, *, default_split: str = "trai
             raise CnnmodError(f"expected a data set name ({', '.join(BUILTIN)}), an image folder, "
                               f"a .tar/.tar.gz archive or a CIFAR pickle folder; found {spec!r}, "
                               "which is none of these and does not exist.")
-        ds = load_archive_or_folder(path, split, default_split, channels=channels, size=size)
+        ds = load_archive_or_folder(path, split, default_split, channels=channels, size=size, crop_pct=crop_pct)
     if len(ds) == 0:
         raise CnnmodError(f"{spec}: the {split or default_split} split holds no images.")
     return ds

@@ -17,7 +17,7 @@ from ..files import tensors_checksum
 from ..statistics import collect_statistics, select_sample
 from ..statistics.progress import ProgressSaver
 from ..statistics.collect import head_layer
-from ..trace import GraphNetwork, trace_graph
+from ..trace import GraphNetwork, trace_graph, weights_of
 from .calibration import calibrate_
 from .module import Module
 from .strategies import STRATEGIES, Parent
@@ -60,7 +60,7 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     spec = input_spec or getattr(model, "input_spec", None)
     graph = trace_graph(model)
     head = head_layer(graph)
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().cpu() for k, v in weights_of(model).items()}
     num_classes = weights[f"{head}.weight"].shape[0]
     classes = list(classes or meta.get("classes") or [str(i) for i in range(num_classes)])
     if len(classes) != num_classes:

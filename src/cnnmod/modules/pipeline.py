@@ -105,7 +105,8 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
     before = module_folder_contents(out)  # a folder we may not write to is refused before the long pass
     model = load_model(checkpoint)
     spec = model.input_spec
-    dataset = load_data(data, split, default_split="train", channels=spec.channels, size=spec.size)
+    dataset = load_data(data, split, default_split="train", channels=spec.channels, size=spec.size,
+                        crop_pct=spec.crop_pct)
     device = resolve_device(options.pop("device", "auto"))
     distributed = init_from_env(device)
     rank = rank_and_world()[0]

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ..errors import CnnmodError
 from ..trace.graph import Graph
-from ..trace.network import GraphNetwork
+from ..trace.network import GraphNetwork, weights_of
 from ..trace.ops import REGISTRY
 from ..distributed import all_reduce_sum_, rank_and_world
 from .progress import ProgressSaver
@@ -146,7 +146,7 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
     layers = observed_layers(graph)
     was_training = model.training
     model.eval()
-    network = GraphNetwork(graph, model.state_dict()).to(device)
+    network = GraphNetwork(graph, weights_of(model)).to(device)
     counts = {"neg": {}, "rest": {}, **({"sum": {}} if sums else {})}
     seen = {"neg": torch.zeros(num_classes, dtype=torch.int64), "rest": torch.zeros(num_classes, dtype=torch.int64)}
     done = saver.load(counts, seen) if saver is not None else 0

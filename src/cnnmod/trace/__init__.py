@@ -1,6 +1,6 @@
 """Step 1 of the pipeline: trace a model into a plain graph of layers, and run such a graph."""
 
 from .graph import Graph, Node, trace_graph
-from .network import GraphNetwork
+from .network import GraphNetwork, weights_of
 
-__all__ = ["Graph", "GraphNetwork", "Node", "trace_graph"]
+__all__ = ["Graph", "GraphNetwork", "Node", "trace_graph", "weights_of"]

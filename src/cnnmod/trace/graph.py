@@ -84,6 +84,10 @@ def trace_graph(model: nn.Module) -> Graph:
     >>> graph.by_name["blocks.0.branch.0"].op
     'conv'
     """
+    from .network import GraphNetwork
+
+    if isinstance(model, GraphNetwork):  # a model loaded from a graph checkpoint: already a graph
+        return model.graph
     tracer = _NamingTracer()
     try:
         fx_graph = tracer.trace(model)

@@ -22,6 +22,11 @@ def conv2d(node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return REGISTRY["conv"].run(node, [x], {"weight": weight, "bias": bias}.get)
 
 
+def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A model's tensors keyed like its state dict (a ``GraphNetwork`` stores them under other keys)."""
+    return model.weights() if isinstance(model, GraphNetwork) else dict(model.state_dict())
+
+
 class GraphNetwork(nn.Module):
     """Execute ``graph`` with ``weights`` (keyed like a state dict), masking ``masks``' layers."""
 
