@@ -4,6 +4,22 @@ from __future__ import annotations
 
 import torch
 
+from ..trace.graph import Graph, Node
+
+LOGITS_HEAD = "cnnmod.logits"  # the head appended after a classifier that is not a Linear layer
+
+
+def append_logits_head(graph: Graph, weights: dict[str, torch.Tensor], num_outputs: int) -> tuple[Graph, dict]:
+    """Append an identity Linear layer over the model's K logits (SqueezeNet ends in conv, ReLU, pooling).
+
+    Channeling this head gives z_c and the mean of the other logits, the paper's two logits as a
+    fixed combination of the model's own; MC-BLN does not apply to it (its "features" are logits).
+    """
+    node = Node(LOGITS_HEAD, "linear", [graph.output], {"bias": True, "logits": True})
+    eye = torch.eye(num_outputs)
+    return Graph([*graph.nodes, node], LOGITS_HEAD), dict(weights, **{f"{LOGITS_HEAD}.weight": eye,
+                                                                      f"{LOGITS_HEAD}.bias": torch.zeros(num_outputs)})
+
 
 def channel_head(weight: torch.Tensor, bias: torch.Tensor | None, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the 2-logit head of class ``c``: row 0 not-concern (mean of the others), row 1 concern.

@@ -9,14 +9,15 @@ import torch
 import torch.nn as nn
 
 from .. import __version__
+from ..concerns.channeling import append_logits_head
 from ..data.inputspec import InputSpec
 from ..data.sources import Dataset
 from ..distributed import check_resume_alone, rank_and_world, resolve_device
 from ..errors import CnnmodError
 from ..files import tensors_checksum
 from ..statistics import collect_statistics, select_sample
+from ..statistics.collect import ends_in_linear, head_layer
 from ..statistics.progress import ProgressSaver
-from ..statistics.collect import head_layer
 from ..trace import GraphNetwork, trace_graph, weights_of
 from .calibration import calibrate_
 from .module import Module
@@ -59,8 +60,13 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     meta = getattr(model, "cnnmod_meta", {})
     spec = input_spec or getattr(model, "input_spec", None)
     graph = trace_graph(model)
-    head = head_layer(graph)
     weights = {k: v.detach().cpu() for k, v in weights_of(model).items()}
+    if not ends_in_linear(graph):  # SqueezeNet: conv, ReLU, pooling; its K logits get an identity Linear head
+        shape = GraphNetwork(graph, weights).shapes(_input_shape(dataset, spec))[graph.output]
+        if len(shape) != 1:
+            raise CnnmodError(f"expected the model to output (batch, classes) logits, found shape {shape}.")
+        graph, weights = append_logits_head(graph, weights, shape[0])
+    head = head_layer(graph)
     num_classes = weights[f"{head}.weight"].shape[0]
     classes = list(classes or meta.get("classes") or [str(i) for i in range(num_classes)])
     if len(classes) != num_classes:
@@ -85,7 +91,7 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     per_class = int(torch.bincount(labels[torch.cat([sample.negatives, sample.rest])], minlength=num_classes).max())
     stats = collect_statistics(model, graph, batches, num_classes, progress=progress and rank_and_world()[0] == 0,
                                saver=saver, max_per_class=per_class, device=resolve_device(device),
-                               precision=precision, sums=needs_sums)
+                               precision=precision, sums=needs_sums, weights=weights)
     stats_seconds = time.perf_counter() - start
 
     example = fetch(sample.rest[:1] if len(sample.rest) else sample.negatives[:1])
@@ -157,6 +163,18 @@ def _calibration_index(labels: torch.Tensor, sample, per_class: int, seed: int) 
         chosen.append(pool[torch.randperm(len(pool), generator=gen)[:per_class]])
     source = "held out from the statistics sample" if held_out else "statistics sample (no held-out images left)"
     return torch.cat(chosen), source
+
+
+def _input_shape(dataset, spec: InputSpec | None) -> tuple[int, ...]:
+    """One prepared input's shape, without the batch."""
+    if isinstance(dataset, Dataset) and spec is not None:
+        return (spec.channels, *spec.size)
+    if hasattr(dataset, "tensors"):
+        return tuple(dataset.tensors[0].shape[1:])
+    try:
+        return tuple(dataset[0][0].shape)
+    except (TypeError, IndexError, AttributeError):
+        raise CnnmodError("expected a dataset of (input_tensor, label) pairs or a cnnmod.Dataset.") from None
 
 
 def _adapt(dataset, classes: list[str], spec: InputSpec | None):

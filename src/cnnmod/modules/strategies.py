@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..concerns import active_masks, backtrack_removed, channel_head, channel_scores, mc_bln_features
+from ..concerns.channeling import LOGITS_HEAD
 from ..errors import CnnmodError
 from ..statistics import ActivationStats
 from ..trace.channels import Spaces, channel_spaces
@@ -136,7 +137,8 @@ def paper_strategy(parent: Parent, c: int, *, delta: float = 0.5) -> tuple[Graph
     keep = active_masks(parent.stats, c)
     w, b = parent.weights[f"{parent.head}.weight"], parent.weights.get(f"{parent.head}.bias")
     w2, b2 = channel_head(w, b, c)
-    removed = mc_bln_features(w2, delta)
+    # MC-BLN applies where the head is the model's Linear layer, not over the logits of another classifier
+    removed = mc_bln_features(w2, delta) if parent.head != LOGITS_HEAD else torch.zeros(w2.shape[1], dtype=torch.bool)
     head_input = parent.graph.by_name[parent.head].inputs[0]
     for layer, gone in backtrack_removed(parent.graph, head_input, removed, set(keep), parent.shapes).items():
         keep[layer] = keep[layer] & ~gone

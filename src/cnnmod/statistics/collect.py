@@ -54,6 +54,14 @@ def head_layer(graph: Graph) -> str:
     return node.name
 
 
+def ends_in_linear(graph: Graph) -> bool:
+    """Whether the logits come from a Linear layer (identity and flatten after it aside)."""
+    node = graph.by_name[graph.output]
+    while node.op in ("identity", "flatten"):
+        node = graph.by_name[node.inputs[0]]
+    return node.op == "linear"
+
+
 def observed_layers(graph: Graph) -> list[str]:
     """Return the layers whose output elements are observed and masked (the activations), in order."""
     head_layer(graph)  # a model without a Linear head cannot be decomposed: say so first
@@ -123,8 +131,11 @@ Batch = tuple[str, int, Callable[[], tuple[torch.Tensor, torch.Tensor]]]
 def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num_classes: int,
                        *, progress: bool = False, saver: "ProgressSaver | None" = None,
                        max_per_class: int = 32767, device: torch.device | str = "cpu",
-                       precision: str = "fp32", sums: bool = False) -> ActivationStats:
+                       precision: str = "fp32", sums: bool = False,
+                       weights: dict[str, torch.Tensor] | None = None) -> ActivationStats:
     """Run ``model`` once over ``batches`` (in order) and count.
+
+    ``weights``: the graph's tensors when they are not all the model's (a head cnnmod appended).
 
     One pass for all classes: each batch adds its positives per label (per run of one label,
     or with ``index_add_``), never one pass per class and never a loop over examples. With a
@@ -146,7 +157,7 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
     layers = observed_layers(graph)
     was_training = model.training
     model.eval()
-    network = GraphNetwork(graph, weights_of(model)).to(device)
+    network = GraphNetwork(graph, weights if weights is not None else weights_of(model)).to(device)
     counts = {"neg": {}, "rest": {}, **({"sum": {}} if sums else {})}
     seen = {"neg": torch.zeros(num_classes, dtype=torch.int64), "rest": torch.zeros(num_classes, dtype=torch.int64)}
     done = saver.load(counts, seen) if saver is not None else 0

@@ -55,6 +55,8 @@ def channel_spaces(graph: Graph) -> Spaces:
                 union(node.name, i)
         if node.op == "input" or node.op == "linear":
             whole.add(node.name)
+        if node.attrs.get("logits"):  # a head over the model's logits: each channel is a class's logit
+            whole.update(node.inputs)
         if node.op in ("cat", "mul") or (node.op == "conv" and node.attrs.get("groups", 1) != 1):
             # mul (squeeze-excitation's x * gate) is kept whole for now: the gate's constant times
             # x's is a constant, but the extraction has not been checked on it yet.
