@@ -43,12 +43,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, classes: list[
         meta.update(format_version=1, architecture=architecture, arch_args=arch_args or {})
     else:
         from .trace import trace_graph, weights_of
-        from .trace.ops import PARAMS
+        from .trace.ops import weight_keys
 
         graph = trace_graph(model.eval())
         everything = weights_of(model)
-        tensors = {f"{n.name}.{p}": everything[f"{n.name}.{p}"] for n in graph.nodes for p in PARAMS.get(n.op, ())
-                   if f"{n.name}.{p}" in everything}
+        tensors = {k: everything[k] for n in graph.nodes for k in weight_keys(n).values() if k in everything}
         meta.update(format_version=2, architecture=architecture or type(model).__name__, arch_args={},
                     graph=graph.to_dict())
     outputs = _outputs(model, input_spec)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..trace.graph import PARAMS
+from ..trace.ops import REGISTRY, weight_keys
 from ..trace.network import GraphNetwork
 
 
@@ -36,7 +36,7 @@ class Group:
 
 
 def _tensors(net: GraphNetwork, name: str, op: str) -> dict[str, torch.Tensor]:
-    found = {p: net.weight(f"{name}.{p}") for p in PARAMS.get(op, ())}
+    found = {p: net.weight(k) for p, k in weight_keys(net.graph.by_name[name]).items()}
     found.update(mask=net.mask(name), fill=net.fill(name), addmap=net.addmap(name))
     return {k: v for k, v in found.items() if v is not None}
 
@@ -72,7 +72,7 @@ def group_modules(modules, networks: list[GraphNetwork]) -> list[Group]:
     for members in keys.values():
         nets = [networks[k] for k in members]
         trunk = shared_layers(nets)
-        if not any(n.op in PARAMS for n in nets[0].graph.nodes if n.name in trunk):
+        if not any(REGISTRY[n.op].params for n in nets[0].graph.nodes if n.name in trunk):
             trunk = set()
         branch = {n.name for n in nets[0].graph.nodes} - trunk
         groups.append(Group(members, trunk, branch))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ..trace.channels import Spaces
 from ..trace.graph import PARAMS, Graph, Node
 from ..trace.network import GraphNetwork, conv2d
+from ..trace.ops import weight_keys
 
 
 @torch.no_grad()
@@ -74,6 +75,8 @@ def extract(net: GraphNetwork, spaces: Spaces, keep: dict[int, torch.Tensor],
             new[f"{name}.weight"] = weight
             if bias is not None:
                 new[f"{name}.bias"] = bias
+        else:  # LayerNorm, a layer scale: their spaces are kept whole, their tensors as they are
+            new.update({k: w[k] for k in weight_keys(node).values() if k in w})
     return GraphNetwork(graph, new, addmaps=addmaps)
 
 
@@ -114,7 +117,7 @@ def layer_macs(node, out_shape: tuple[int, ...], weight: torch.Tensor) -> int:
     """Multiply-accumulates per image of a conv (output elements x Cin/groups*kh*kw) or linear layer."""
     if node.op == "conv":
         return math.prod(out_shape) * weight[0].numel()
-    return weight.numel() if node.op == "linear" else 0
+    return weight.numel() * math.prod(out_shape[:-1]) if node.op == "linear" else 0  # (K,), or (H, W, K) in NHWC
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .graph import Graph
-from .ops import ops_where
+from .ops import REGISTRY, ops_where
 
 _SAME_CHANNELS = ops_where(channels="same")  # BatchNorm, activations, pooling, flatten, identity
 _TIED = ops_where(channels="tied")  # add, mul: both inputs' channels are one space
@@ -35,6 +35,13 @@ class Spaces:
         return [n for n, s in self.of.items() if s == space]
 
 
+def _moved(node, perm: dict[str, tuple]) -> bool:
+    """Record ``node``'s dimension order; whether its dim 1 is not the channels of an N, C, H, W value."""
+    source = perm[node.inputs[0]] if node.inputs else (0, 1, 2, 3)
+    perm[node.name] = tuple(source[d] for d in node.attrs["dims"]) if node.op == "permute" else source
+    return perm[node.name][:2] != (0, 1) or any(perm[i][:2] != (0, 1) for i in node.inputs)
+
+
 def channel_spaces(graph: Graph) -> Spaces:
     parent: dict[str, str] = {}
 
@@ -48,6 +55,7 @@ def channel_spaces(graph: Graph) -> Spaces:
         parent[find(a)] = find(b)
 
     whole: set[str] = set()  # nodes whose space must be kept whole
+    perm: dict[str, tuple] = {}  # node -> which input dimension each of its dimensions is (after permutes)
     for node in graph.nodes:
         parent[node.name] = node.name
         if node.op in _SAME_CHANNELS or node.op in _TIED:
@@ -57,6 +65,11 @@ def channel_spaces(graph: Graph) -> Spaces:
             whole.add(node.name)
         if node.attrs.get("logits"):  # a head over the model's logits: each channel is a class's logit
             whole.update(node.inputs)
+        moved = _moved(node, perm)
+        if REGISTRY[node.op].channels == "whole" and node.op != "input" or moved:
+            # LayerNorm over channels, a permute, a layer scale, or a value whose dim 1 is not the
+            # channels (ConvNeXt's blocks run channels-last): its spaces are kept whole.
+            whole.update([node.name, *node.inputs])
         if node.op in ("cat", "mul") or (node.op == "conv" and node.attrs.get("groups", 1) != 1):
             # mul (squeeze-excitation's x * gate) is kept whole for now: the gate's constant times
             # x's is a constant, but the extraction has not been checked on it yet.

@@ -96,7 +96,7 @@ def trace_graph(model: nn.Module) -> Graph:
                           f"{type(e).__name__}: {str(e).splitlines()[0]} (data-dependent control "
                           "flow is not traceable).") from None
     modules = dict(model.named_modules())
-    nodes, output, owned = [], None, {}
+    nodes, output, owned, consts = [], None, {}, {}
     for n in fx_graph.nodes:
         if n.op == "placeholder":
             if nodes:
@@ -108,10 +108,14 @@ def trace_graph(model: nn.Module) -> Graph:
             output = n.args[0].name
         elif n.op == "call_module":
             nodes.append(_module_node(n, modules[n.target]))
-        elif n.op == "get_attr" or (n.op in ("call_function", "call_method") and n.target in _SKIPPED):
-            continue  # a weight read by the call that uses it, a shape query or a shape assertion
+        elif n.op == "get_attr":
+            consts[n.name] = (n.target, list(_parameter(model, n.target).shape))  # read by the call using it
+        elif n.op == "call_method" and n.target in ("reshape", "view") and _arg_name(n) in consts:
+            consts[n.name] = (consts[_arg_name(n)][0], _shape_args(n))  # a parameter reshaped to broadcast
+        elif n.op in ("call_function", "call_method") and n.target in _SKIPPED:
+            continue  # a shape query or a shape assertion
         elif n.op in ("call_function", "call_method"):
-            node = _function_node(n, modules)
+            node = _function_node(n, modules, consts)
             if node.name.startswith("@"):  # a functional call on a module's weights: named after the module
                 owned[n.name], node.name = node.name[1:], n.name
             nodes.append(node)
@@ -179,6 +183,8 @@ def _module_node(n: fx.Node, m: nn.Module) -> Node:
         return Node(name, "adaptive_avgpool", inputs, dict(output_size=_pair(m.output_size)))
     if op == "flatten":
         return Node(name, "flatten", inputs, dict(start_dim=m.start_dim, end_dim=m.end_dim))
+    if op == "layer_norm":
+        return Node(name, "layer_norm", inputs, dict(normalized_shape=list(m.normalized_shape), eps=float(m.eps)))
     if op == "gelu":
         return Node(name, "gelu", inputs, dict(approximate=m.approximate))
     if op == "leaky_relu":
@@ -205,17 +211,44 @@ def _pool_attrs(kernel, stride, padding, ceil_mode, **extra) -> dict:
                                                                       for k, v in extra.items()})
 
 
-def _function_node(n: fx.Node, modules: dict) -> Node:
+def _parameter(model: nn.Module, target: str) -> torch.Tensor:
+    owner, _, attr = target.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)
+
+
+def _arg_name(n: fx.Node) -> str | None:
+    return n.args[0].name if n.args and isinstance(n.args[0], fx.Node) else None
+
+
+def _shape_args(n: fx.Node) -> list[int]:
+    shape = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
+    if not all(isinstance(d, int) for d in shape):
+        raise CnnmodError(f"operation {n.name!r}: expected a parameter reshaped to a fixed shape, found {shape}.")
+    return list(shape)
+
+
+def _function_node(n: fx.Node, modules: dict, consts: dict) -> Node:
     t, inputs = n.target, _args(n)
     kwargs = dict(n.kwargs)
+    if t in ("permute", torch.permute):
+        dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
+        dims = list(kwargs.get("dims", dims))
+        if not dims or dims[0] != 0:
+            raise CnnmodError(f"operation {n.name!r}: expected a permute that keeps the batch first, found {dims}.")
+        return Node(n.name, "permute", inputs[:1], dict(dims=dims))
     op = _BY_CALL.get(t) if _hashable(t) else None
     if t is _stochastic_depth():  # torchvision's, wrapped by fx: in eval mode the identity
         if n.args[3] if len(n.args) > 3 else kwargs.get("training", True):
             raise CnnmodError(f"operation {n.name!r}: expected the model in eval mode, found stochastic depth "
                               "training (call model.eval()).")
         return Node(n.name, "identity", inputs[:1])
-    if op in ("bn", "linear", "conv"):
+    if op in ("bn", "linear", "conv", "layer_norm"):
         return _weighted_call(n, op, modules)
+    factors = [a for a in n.args if isinstance(a, fx.Node)]
+    if op == "mul" and len(factors) == 2 and sum(a.name in consts for a in factors) == 1:
+        data, param = factors if factors[1].name in consts else factors[::-1]
+        key, shape = consts[param.name]
+        return Node(n.name, "scale", [data.name], dict(param=key, shape=shape))
     if op in ("add", "mul"):
         if len(inputs) != 2 or len(n.args) != 2 or kwargs.get("alpha", 1) != 1:
             raise CnnmodError(f"operation {n.name!r}: expected the {'sum' if op == 'add' else 'product'} of two "
@@ -281,7 +314,8 @@ def _stochastic_depth():
 # The weights of a functional batch_norm / linear / conv2d call (timm's BatchNormAct2d), in the
 # order of the function's arguments; the node is named after the module that holds them.
 _WEIGHT_ARGS = {"bn": ("input", "running_mean", "running_var", "weight", "bias"),
-                "linear": ("input", "weight", "bias"), "conv": ("input", "weight", "bias")}
+                "linear": ("input", "weight", "bias"), "conv": ("input", "weight", "bias"),
+                "layer_norm": ("input", "normalized_shape", "weight", "bias")}
 
 
 def _weighted_call(n: fx.Node, op: str, modules: dict) -> Node:
@@ -292,7 +326,7 @@ def _weighted_call(n: fx.Node, op: str, modules: dict) -> Node:
     owners = set()
     for p in names[1:]:
         a = args.get(p)
-        if a is None:
+        if a is None or p == "normalized_shape":
             continue
         if not (isinstance(a, fx.Node) and a.op == "get_attr" and a.target.rsplit(".", 1)[-1] == p):
             raise CnnmodError(f"operation {n.name!r}: expected {op}'s {p} to be a weight of a module, "
@@ -310,6 +344,9 @@ def _weighted_call(n: fx.Node, op: str, modules: dict) -> Node:
         attrs = dict(eps=float(eps), affine=args.get("weight") is not None)
     elif op == "linear":
         attrs = dict(bias=args.get("bias") is not None)
+    elif op == "layer_norm":
+        eps = n.args[4] if len(n.args) > 4 else n.kwargs.get("eps", 1e-5)
+        attrs = dict(normalized_shape=list(args["normalized_shape"]), eps=float(eps))
     else:
         a = list(n.args[3:]) + [None] * 4
         attrs = _conv_attrs(n.kwargs.get("stride", a[0] or 1), n.kwargs.get("padding", a[1] or 0),

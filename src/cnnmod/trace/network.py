@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .graph import PARAMS, Graph
-from .ops import REGISTRY
+from .graph import Graph
+from .ops import REGISTRY, weight_keys
 
 
 def _key(name: str) -> str:
@@ -35,8 +35,9 @@ class GraphNetwork(nn.Module):
                  addmaps: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.graph = graph
-        self.weight_names = sorted(k for k in weights if k.rsplit(".", 1)[-1] in
-                                   {p for ps in PARAMS.values() for p in ps})
+        self._keys = {n.name: weight_keys(n) for n in graph.nodes}
+        used = {k for keys in self._keys.values() for k in keys.values()}
+        self.weight_names = sorted(k for k in weights if k in used)  # not num_batches_tracked, unused layers
         for k in self.weight_names:
             self.register_buffer(_key(k), weights[k].detach())  # shared, never modified in place
         self.mask_names = sorted(masks or {})
@@ -141,4 +142,5 @@ class GraphNetwork(nn.Module):
         return out
 
     def _run(self, node, xs: list[torch.Tensor]) -> torch.Tensor:
-        return REGISTRY[node.op].run(node, xs, lambda p: self.weight(f"{node.name}.{p}"))
+        keys = self._keys[node.name]
+        return REGISTRY[node.op].run(node, xs, lambda role: self.weight(keys[role]))

@@ -94,6 +94,16 @@ register(Op("adaptive_avgpool", lambda node, xs, w: F.adaptive_avg_pool2d(xs[0],
             modules=(nn.AdaptiveAvgPool2d,), calls=(F.adaptive_avg_pool2d,)))
 register(Op("mean", lambda node, xs, w: xs[0].mean(dim=(2, 3), keepdim=node.attrs["keepdim"]), calls=("mean",)))
 
+register(Op("permute", lambda node, xs, w: xs[0].permute(node.attrs["dims"]), channels="whole",
+            calls=(torch.permute, "permute")))
+register(Op("layer_norm", lambda node, xs, w: F.layer_norm(xs[0], node.attrs["normalized_shape"], w("weight"), w("bias"),
+                                                           node.attrs["eps"]),
+            channels="whole", params=("weight", "bias"), modules=(nn.LayerNorm,), calls=(F.layer_norm,)))
+# x times a parameter, reshaped to broadcast (ConvNeXt's layer scale): kept whole, as its parameter is
+# sliced by no strategy yet.
+register(Op("scale", lambda node, xs, w: xs[0] * w("weight").reshape(node.attrs["shape"]), channels="whole",
+            params=("weight",)))
+
 _activation("relu", F.relu, (nn.ReLU,), (F.relu, torch.relu, "relu", "relu_"), zero_region="x <= 0")
 _activation("relu6", F.relu6, (nn.ReLU6,), (F.relu6,), zero_region="x <= 0")
 _activation("hardswish", F.hardswish, (nn.Hardswish,), (F.hardswish,), zero_region="x <= -3")
@@ -109,8 +119,15 @@ register(Op("leaky_relu", lambda node, xs, w: F.leaky_relu(xs[0], node.attrs["ne
             modules=(nn.LeakyReLU,), calls=(F.leaky_relu,)))
 
 
-def op_of(name: str) -> Op:
-    return REGISTRY[name]
+def weight_keys(node) -> dict[str, str]:
+    """The state-dict key of each tensor a node uses, by role ("weight" -> "layer1.0.conv1.weight").
+
+    A layer's tensors are keyed "<node name>.<role>"; a ``scale`` node names its parameter itself
+    (ConvNeXt's ``layer_scale``, timm's ``gamma``).
+    """
+    if node.op == "scale":
+        return {"weight": node.attrs["param"]}
+    return {p: f"{node.name}.{p}" for p in REGISTRY[node.op].params}
 
 
 def ops_where(**wanted) -> set[str]:
