@@ -38,7 +38,7 @@ ZOO = [
     ("torchvision", "mobilenet_v2", 32), ("torchvision", "mobilenet_v3_small", 32), ("torchvision", "mnasnet0_5", 32),
     ("torchvision", "efficientnet_b0", 32), ("torchvision", "efficientnet_v2_s", 32),
     ("torchvision", "regnet_x_400mf", 32), ("torchvision", "regnet_y_400mf", 32), ("torchvision", "squeezenet1_0", 64),
-    ("torchvision", "convnext_tiny", 32),
+    ("torchvision", "convnext_tiny", 32), ("torchvision", "shufflenet_v2_x0_5", 32),
     ("timm", "resnet18", 32), ("timm", "resnet18d", 32), ("timm", "efficientnet_b0", 32),
     ("timm", "mobilenetv3_small_050", 32), ("timm", "regnety_002", 32), ("timm", "convnext_atto", 32),
 ]

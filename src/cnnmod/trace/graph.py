@@ -96,7 +96,7 @@ def trace_graph(model: nn.Module) -> Graph:
                           f"{type(e).__name__}: {str(e).splitlines()[0]} (data-dependent control "
                           "flow is not traceable).") from None
     modules = dict(model.named_modules())
-    nodes, output, owned, consts = [], None, {}, {}
+    nodes, output, owned, consts, pending = [], None, {}, {}, {}
     for n in fx_graph.nodes:
         if n.op == "placeholder":
             if nodes:
@@ -113,7 +113,10 @@ def trace_graph(model: nn.Module) -> Graph:
         elif n.op == "call_method" and n.target in ("reshape", "view") and _arg_name(n) in consts:
             consts[n.name] = (consts[_arg_name(n)][0], _shape_args(n))  # a parameter reshaped to broadcast
         elif n.op in ("call_function", "call_method") and n.target in _SKIPPED:
-            continue  # a shape query or a shape assertion
+            continue  # a shape query, its arithmetic, or a shape assertion
+        elif (found := _split_or_shuffle(n, pending)) is not None:
+            if isinstance(found, Node):
+                nodes.append(found)
         elif n.op in ("call_function", "call_method"):
             node = _function_node(n, modules, consts)
             if node.name.startswith("@"):  # a functional call on a module's weights: named after the module
@@ -158,7 +161,40 @@ _BY_MODULE = {t: o.name for o in REGISTRY.values() for t in o.modules}
 _BY_CALL = {c: o.name for o in REGISTRY.values() for c in o.calls}
 # Shape queries (x.size(0) for a view), timm's shape assertions (torch._assert(x.ndim == 4)):
 # they compute nothing the network's output depends on.
-_SKIPPED = {"size", getattr, torch._assert, operator.eq, "dim"}
+_SKIPPED = {"size", getattr, torch._assert, operator.eq, "dim", operator.floordiv}
+
+
+def _split_or_shuffle(n: fx.Node, pending: dict):
+    """Recognise a channel split (``x.chunk(k, 1)[i]``) and a channel shuffle (``x.view(B, g, C // g,
+    H, W)``, ``transpose(1, 2)``, ``contiguous()``, ``view(B, C, H, W)``, torchvision's
+    ``channel_shuffle``). Returns a Node when one is complete, True for a step of one (nothing to
+    emit yet), None for anything else. ``pending`` holds the steps seen so far.
+    """
+    t, args = n.target, n.args
+    source = args[0].name if args and isinstance(args[0], fx.Node) else None
+    if t == "chunk" and len(args) >= 2 and (args[2] if len(args) > 2 else n.kwargs.get("dim", 0)) in (1, -3):
+        pending[n.name] = ("chunk", source, int(args[1]))
+        return True
+    if t is operator.getitem and source in pending and pending[source][0] == "chunk":
+        _, x, chunks = pending[source]
+        return Node(n.name, "chunk", [x], dict(chunks=chunks, index=int(args[1])))
+    if t is operator.getitem and isinstance(args[0], fx.Node) and args[0].target == "size":
+        return True  # a dimension of x.size(): shape arithmetic for a view
+    if t == "view" and len(args) == 6 and isinstance(args[2], int) and source not in pending:
+        pending[n.name] = ("grouped", source, args[2])
+        return True
+    if t in (torch.transpose, "transpose") and source in pending and pending[source][0] == "grouped" \
+            and tuple(args[1:3]) == (1, 2):
+        pending[n.name] = ("transposed", *pending[source][1:])
+        return True
+    if t == "contiguous" and source in pending:
+        pending[n.name] = pending[source]
+        return True
+    if t in ("view", "reshape") and source in pending and pending[source][0] == "transposed" and len(args) == 5:
+        # back to (B, C, H, W): the only 4-D view of (B, C // g, g, H, W) that keeps B, H and W
+        _, x, groups = pending[source]
+        return Node(n.name, "shuffle", [x], dict(groups=groups))
+    return None
 
 
 def _module_node(n: fx.Node, m: nn.Module) -> Node:

@@ -99,6 +99,18 @@ register(Op("permute", lambda node, xs, w: xs[0].permute(node.attrs["dims"]), ch
 register(Op("layer_norm", lambda node, xs, w: F.layer_norm(xs[0], node.attrs["normalized_shape"], w("weight"), w("bias"),
                                                            node.attrs["eps"]),
             channels="whole", params=("weight", "bias"), modules=(nn.LayerNorm,), calls=(F.layer_norm,)))
+
+
+def _shuffle(node, xs, w):
+    b, c, h, wd = xs[0].shape
+    g = node.attrs["groups"]
+    return xs[0].reshape(b, g, c // g, h, wd).transpose(1, 2).reshape(b, c, h, wd)
+
+
+# ShuffleNet's channel split (x.chunk(2, dim=1)[i]) and channel shuffle (view, transpose, view):
+# kept whole for now (pruning through them needs index maps between the spaces).
+register(Op("chunk", lambda node, xs, w: xs[0].chunk(node.attrs["chunks"], 1)[node.attrs["index"]], channels="whole"))
+register(Op("shuffle", _shuffle, channels="whole"))
 # x times a parameter, reshaped to broadcast (ConvNeXt's layer scale): kept whole, as its parameter is
 # sliced by no strategy yet.
 register(Op("scale", lambda node, xs, w: xs[0] * w("weight").reshape(node.attrs["shape"]), channels="whole",
