@@ -63,3 +63,21 @@ def test_damaged_graph_is_refused():
     graph["nodes"][3]["op"] = "exec"
     with pytest.raises(CnnmodError, match="unknown or uses a later layer"):
         Graph.from_dict(graph)
+
+
+def test_a_new_activation_is_one_registry_entry():
+    """Mish was added as one line of trace/ops.py: traced, run, observed and masked exactly."""
+    from cnnmod import decompose
+    from cnnmod.trace.ops import REGISTRY
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Mish(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    graph = trace_graph(model)
+    assert [n.op for n in graph.nodes] == ["input", "conv", "mish", "flatten", "linear"]
+    assert REGISTRY["mish"].activation
+    x = torch.randn(12, 1, 8, 8)
+    assert torch.allclose(GraphNetwork(graph, model.state_dict())(x), model(x), atol=1e-6)
+    data = torch.utils.data.TensorDataset(x, torch.arange(3).repeat_interleave(4))
+    modules = decompose(model, data, negatives_per_class=4, delta=1e9, calibration=0)
+    with torch.no_grad():
+        assert torch.allclose(modules[2].network(x)[:, 1], model(x)[:, 2], atol=1e-6)

@@ -123,6 +123,7 @@ _activation("hardsigmoid", F.hardsigmoid, (nn.Hardsigmoid,), (F.hardsigmoid,), z
 _activation("silu", F.silu, (nn.SiLU,), (F.silu,))
 _activation("sigmoid", torch.sigmoid, (nn.Sigmoid,), (torch.sigmoid, F.sigmoid, "sigmoid"))
 _activation("tanh", torch.tanh, (nn.Tanh,), (torch.tanh, F.tanh, "tanh"))
+_activation("mish", F.mish, (nn.Mish,), (F.mish,))
 register(Op("gelu", lambda node, xs, w: F.gelu(xs[0], approximate=node.attrs["approximate"]), activation=True,
             modules=(nn.GELU,), calls=(F.gelu,)))
 
