@@ -46,6 +46,12 @@ def test_the_command_line_decomposes_a_graph_checkpoint(tmp_path, capsys):
                  "--json"]) == 0
     assert main(["evaluate", str(tmp_path / "mods"), "--data", "digits", "--json"]) == 0
     assert sorted(p.name for p in (tmp_path / "mods").iterdir()) == ["3.safetensors", "8.safetensors"]
+    assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "small"), "--only", "3",
+                 "--strategy", "channels", "--sample-images", "32"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "small" / "3.safetensors")]) == 0
+    text = capsys.readouterr().out  # which channel spaces were kept whole, and why
+    assert "channel spaces kept whole:" in text and "(a grouped or depthwise convolution)" in text
 
 
 def test_import_arch_reads_weights_only_and_keeps_the_libraries_preparation(tmp_path, capsys):

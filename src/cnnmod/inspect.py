@@ -38,6 +38,9 @@ def describe(path: str) -> tuple[str, dict]:
                    f"  observed {meta['observed_images']} images; keeps {meta['channels_kept']} of "
                    f"{meta['channels_prunable']} prunable channels"),
                   f"  input {meta['input']}",
+                  *([f"  channel spaces kept whole: " + "; ".join(f"{n} ({r})" for r, n in
+                                                                  meta["spaces_kept_whole"].items())]
+                    if meta.get("spaces_kept_whole") else []),
                   f"  {row['params']:,} parameters, {row['macs']:,} multiply-accumulates per image"
                   + (f" ({meta['params_fraction']:.3f} and {_macs_fraction(meta):.3f} of the parent's)"
                      if "params_fraction" in meta else "")]

@@ -229,8 +229,12 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     mine, full = cost(network, parent.input_shape), parent.cost()
     kept = sum(int(k.sum()) for k in keep_channels.values())
     total = sum(k.numel() for k in keep_channels.values())
+    reasons: dict[str, int] = {}
+    for reason in spaces.whole.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
     summary = {"channels_kept": kept, "channels_prunable": total, "share_kept": kept / max(1, total),
-               "params_fraction": mine["params"] / full["params"], "macs_fraction": mine["macs"] / full["macs"]}
+               "params_fraction": mine["params"] / full["params"], "macs_fraction": mine["macs"] / full["macs"],
+               "spaces_kept_whole": dict(sorted(reasons.items()))}
     return network, summary
 
 

@@ -7,9 +7,10 @@ channel can be removed from a module only as a whole *space*: from every layer o
 A space is *prunable* when removing a channel and putting a constant in its place (what the
 ``channels`` strategy does at the space's ReLUs) is exactly what every reader outside the space
 sees: each reader (a convolution, a linear layer, a concat, the output) must read a node that
-comes after the space's ReLUs. Spaces of the input, of linear layers' outputs, those touching a
-concatenation or a grouped convolution are kept whole (a simplification: their channels would
-need index bookkeeping across parts or groups).
+comes after the space's activations. Spaces of the input, of linear layers' outputs, those
+touching a concatenation, a grouped convolution, an element-wise product, a channel split or
+shuffle, LayerNorm or a permute are kept whole (a simplification: their channels would need
+index bookkeeping across parts, groups or layouts); ``Spaces.whole`` says why for each.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Spaces:
     prunable: set[int]
     relus: dict[int, list[str]]  # space -> its activations (where removed channels get their constant)
     streams: set[int] = field(default_factory=set)  # spaces tied by a residual add (a stage's stream)
+    whole: dict[int, str] = field(default_factory=dict)  # spaces with activations kept whole -> why
 
     def members(self, space: int) -> list[str]:
         return [n for n, s in self.of.items() if s == space]
@@ -54,27 +56,33 @@ def channel_spaces(graph: Graph) -> Spaces:
     def union(a: str, b: str) -> None:
         parent[find(a)] = find(b)
 
-    whole: set[str] = set()  # nodes whose space must be kept whole
+    whole: dict[str, str] = {}  # node -> why its space must be kept whole (the first reason found)
+
+    def keep_whole(names, reason: str) -> None:
+        for n in names:
+            whole.setdefault(n, reason)
+
     perm: dict[str, tuple] = {}  # node -> which input dimension each of its dimensions is (after permutes)
     for node in graph.nodes:
         parent[node.name] = node.name
         if node.op in _SAME_CHANNELS or node.op in _TIED:
             for i in node.inputs:
                 union(node.name, i)
-        if node.op == "input" or node.op == "linear":
-            whole.add(node.name)
+        if node.op in ("input", "linear"):
+            keep_whole([node.name], "the input" if node.op == "input" else "a linear layer's output")
         if node.attrs.get("logits"):  # a head over the model's logits: each channel is a class's logit
-            whole.update(node.inputs)
-        moved = _moved(node, perm)
-        if REGISTRY[node.op].channels == "whole" and node.op != "input" or moved:
-            # LayerNorm over channels, a permute, a layer scale, or a value whose dim 1 is not the
-            # channels (ConvNeXt's blocks run channels-last): its spaces are kept whole.
-            whole.update([node.name, *node.inputs])
-        if node.op in ("cat", "mul") or (node.op == "conv" and node.attrs.get("groups", 1) != 1):
-            # mul (squeeze-excitation's x * gate) is kept whole for now: the gate's constant times
-            # x's is a constant, but the extraction has not been checked on it yet.
-            whole.update([node.name, *node.inputs])
-    whole.add(graph.output)
+            keep_whole(node.inputs, "the model's logits")
+        if _moved(node, perm):
+            keep_whole([node.name, *node.inputs], "channels not on dim 1 (channels-last)")
+        if node.op != "input" and REGISTRY[node.op].channels == "whole":
+            keep_whole([node.name, *node.inputs], f"{node.op} (mixes or moves channels)")
+        if node.op == "cat":
+            keep_whole([node.name, *node.inputs], "a concatenation")
+        if node.op == "mul":  # squeeze-excitation's x * gate: not yet checked through extraction
+            keep_whole([node.name, *node.inputs], "an element-wise product")
+        if node.op == "conv" and node.attrs.get("groups", 1) != 1:
+            keep_whole([node.name, *node.inputs], "a grouped or depthwise convolution")
+    keep_whole([graph.output], "the model's output")
 
     roots = sorted({find(n.name) for n in graph.nodes}, key=[n.name for n in graph.nodes].index)
     ids = {r: i for i, r in enumerate(roots)}
@@ -90,10 +98,13 @@ def channel_spaces(graph: Graph) -> Spaces:
         if node.op in _ACTIVATIONS or (node.op in _SAME_CHANNELS | _TIED and node.inputs
                                        and all(i in after for i in node.inputs)):
             after.add(node.name)
-    prunable = {s for s in relus} - {of[n] for n in whole}
+    why: dict[int, str] = {}
+    for n, reason in whole.items():
+        why.setdefault(of[n], reason)
     for node in graph.nodes:
         for i in node.inputs:
-            if of[i] != of[node.name] and i not in after:
-                prunable.discard(of[i])  # someone outside reads a value from before the fill
+            if of[i] != of[node.name] and i not in after:  # someone outside reads a value from before the fill
+                why.setdefault(of[i], "read before its activation")
+    prunable = set(relus) - set(why)
     streams = {of[n.name] for n in graph.nodes if n.op == "add"}
-    return Spaces(of, prunable, relus, streams)
+    return Spaces(of, prunable, relus, streams, {s: why[s] for s in sorted(relus) if s in why})
