@@ -5,6 +5,15 @@ qualified name (``blocks.0.branch.0``), functional operations by their fx node n
 (``add_3``). Together with the model's ``state_dict`` the graph is enough to run the network
 again (``GraphNetwork``) without the model's Python code, which is what lets module files
 load anywhere.
+
+Why torch.fx and not torch.export (measured, BENCHMARKS.md "Capture"): both capture every model
+of the zoo test (26 torchvision/timm CNNs). torch.export would give each operation one canonical
+ATen spelling (30 overloads across the zoo against fx's 47 module types, functions and tensor
+methods), but it takes 22x as long (about 1 s per small model), needs an example input (so
+``trace_graph(model)`` could not trace a model before its data is known) and renames every node
+(the module files of today's models would change). With the registry (ops.py), an op's spellings
+are one line of its entry, so fx's many spellings cost little; the error that names the module a
+capture fails in is fx's too.
 """
 
 from __future__ import annotations
