@@ -5,7 +5,8 @@ Following He et al. 2017 ("Channel pruning for accelerating very deep neural net
 such layer's remaining weights are re-fitted by ridge least squares so that its output on a
 few hundred sample images matches the parent's output, layer after layer in execution order,
 each fitted on the inputs the module itself produces (so errors do not pile up). A per-channel
-offset is fitted too. Cost: one pass over the sample and one small linear solve per layer.
+offset is fitted too. Cost: one pass over the sample and one small linear solve per layer. A
+linear layer with more inputs than there are sample images is not re-fitted (underdetermined).
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def reconstruct_(small: GraphNetwork, targets: dict[str, torch.Tensor], out_inde
             weight, addmap = cache[node.name]
             small.weight(f"{node.name}.weight").copy_(weight)
             small.addmap(node.name).copy_(addmap)
+            return
+        if node.op == "linear" and small.weight(f"{node.name}.weight").shape[1] >= len(xs[0]):
+            # More weights per output than sample images (VGG's 25,088-input classifier on 256 images):
+            # least squares would only memorise the sample. The layer keeps its removed channels'
+            # constant (exact for the masked parent) without a re-fit.
             return
         target = targets[node.name]
         if out_index.get(node.name) is not None:
