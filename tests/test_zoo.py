@@ -72,6 +72,10 @@ def test_extracted_zoo_network_computes_what_the_masked_network_computes(library
     graph = trace_graph(model)
     spaces = channel_spaces(graph)
     assert spaces.prunable  # something to remove
+    pruned = {n for s in spaces.prunable for n in spaces.members(s)}
+    if name in ("mobilenet_v3_small", "efficientnet_b0"):  # MBConv: pruned through the depthwise
+        assert any(graph.by_name[n].attrs.get("depthwise") for n in pruned)  # convolution and the
+        assert any(graph.by_name[n].op == "mul" for n in pruned)  # squeeze-excitation's x * gate
     weights = weights_of(model)
     shapes = GraphNetwork(graph, weights).shapes((3, 32, 32))
     gen = torch.Generator().manual_seed(1)

@@ -43,7 +43,12 @@ def extract(net: GraphNetwork, spaces: Spaces, keep: dict[int, torch.Tensor],
 
     for node in graph.nodes:
         name = node.name
-        if node.op == "conv":
+        if node.op == "conv" and node.attrs.get("depthwise"):  # its channels are its input's: no constant to add
+            k = kept(name)
+            new.update({key: t if k is None else t[k] for key, t in
+                        ((f"{name}.weight", w[f"{name}.weight"]), (f"{name}.bias", w.get(f"{name}.bias")))
+                        if t is not None})
+        elif node.op == "conv":
             weight, bias = w[f"{name}.weight"], w.get(f"{name}.bias")
             k_in, k_out = kept(node.inputs[0]), kept(name)
             if k_out is not None:

@@ -108,7 +108,7 @@ class Parent:
                                    for r in spaces.relus[s])
                 norm[s] = torch.zeros(deviation[s].shape[1])
                 for node in self.graph.nodes:
-                    if node.op in ("conv", "linear") and spaces.of[node.inputs[0]] == s:
+                    if node.op in ("conv", "linear") and spaces.of[node.inputs[0]] == s != spaces.of[node.name]:
                         w = self.weights[f"{node.name}.weight"]
                         norm[s] += w.pow(2).reshape(w.shape[0], len(norm[s]), -1).sum((0, 2))
             self._energy = (deviation, norm)
@@ -212,7 +212,7 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     network = extract(masked, spaces, keep_channels, parent.input_shape)
     if refit and parent.sample is not None:
         readers = {n.name for n in parent.graph.nodes if n.op in ("conv", "linear") and n.inputs
-                   and spaces.of[n.inputs[0]] in keep_channels}
+                   and spaces.of[n.inputs[0]] in keep_channels and spaces.of[n.inputs[0]] != spaces.of[n.name]}
         outputs = parent.outputs(readers | {parent.head})
         pruned = {n for n in readers if not bool(keep_channels[spaces.of[parent.graph.by_name[n].inputs[0]]].all())}
         targets = {n: outputs[n] for n in pruned if n != parent.head}

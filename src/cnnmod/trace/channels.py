@@ -1,15 +1,16 @@
 """Channel spaces: which layers' channels are one and the same, derived from the traced graph.
 
-Element-wise layers (BatchNorm, ReLU, pooling, flatten) keep their input's channels; a residual
-``add`` ties its inputs' channels together; a convolution or a linear layer starts new ones. A
+Element-wise layers (BatchNorm, activations, pooling, flatten) and depthwise convolutions keep
+their input's channels; a residual ``add`` and squeeze-excitation's ``x * gate`` tie their
+inputs' channels together; any other convolution or a linear layer starts new ones. A
 channel can be removed from a module only as a whole *space*: from every layer of it at once.
 
 A space is *prunable* when removing a channel and putting a constant in its place (what the
 ``channels`` strategy does at the space's ReLUs) is exactly what every reader outside the space
 sees: each reader (a convolution, a linear layer, a concat, the output) must read a node that
 comes after the space's activations. Spaces of the input, of linear layers' outputs, those
-touching a concatenation, a grouped convolution, an element-wise product, a channel split or
-shuffle, LayerNorm or a permute are kept whole (a simplification: their channels would need
+touching a concatenation, a grouped (not depthwise) convolution, a channel split or shuffle,
+LayerNorm or a permute are kept whole (a simplification: their channels would need
 index bookkeeping across parts, groups or layouts); ``Spaces.whole`` says why for each.
 """
 
@@ -65,7 +66,7 @@ def channel_spaces(graph: Graph) -> Spaces:
     perm: dict[str, tuple] = {}  # node -> which input dimension each of its dimensions is (after permutes)
     for node in graph.nodes:
         parent[node.name] = node.name
-        if node.op in _SAME_CHANNELS or node.op in _TIED:
+        if node.op in _SAME_CHANNELS or node.op in _TIED or node.attrs.get("depthwise"):
             for i in node.inputs:
                 union(node.name, i)
         if node.op in ("input", "linear"):
@@ -78,9 +79,7 @@ def channel_spaces(graph: Graph) -> Spaces:
             keep_whole([node.name, *node.inputs], f"{node.op} (mixes or moves channels)")
         if node.op == "cat":
             keep_whole([node.name, *node.inputs], "a concatenation")
-        if node.op == "mul":  # squeeze-excitation's x * gate: not yet checked through extraction
-            keep_whole([node.name, *node.inputs], "an element-wise product")
-        if node.op == "conv" and node.attrs.get("groups", 1) != 1:
+        if node.op == "conv" and node.attrs.get("groups", 1) != 1 and not node.attrs.get("depthwise"):
             keep_whole([node.name, *node.inputs], "a grouped or depthwise convolution")
     keep_whole([graph.output], "the model's output")
 
@@ -95,8 +94,8 @@ def channel_spaces(graph: Graph) -> Spaces:
     # After the fill: a space's ReLUs, and nodes of the space all of whose inputs are after it.
     after: set[str] = set()
     for node in graph.nodes:
-        if node.op in _ACTIVATIONS or (node.op in _SAME_CHANNELS | _TIED and node.inputs
-                                       and all(i in after for i in node.inputs)):
+        if node.op in _ACTIVATIONS or ((node.op in _SAME_CHANNELS | _TIED or node.attrs.get("depthwise"))
+                                       and node.inputs and all(i in after for i in node.inputs)):
             after.add(node.name)
     why: dict[int, str] = {}
     for n, reason in whole.items():

@@ -213,7 +213,8 @@ def _module_node(n: fx.Node, m: nn.Module) -> Node:
     if op == "conv":
         if m.padding_mode != "zeros":
             raise CnnmodError(f"module {where!r}: expected zero padding, found padding_mode={m.padding_mode!r}.")
-        return Node(name, "conv", inputs, _conv_attrs(m.stride, m.padding, m.dilation, m.groups, m.bias is not None))
+        return Node(name, "conv", inputs, _conv_attrs(m.stride, m.padding, m.dilation, m.groups, m.bias is not None,
+                                                      depthwise=m.groups == m.in_channels == m.out_channels > 1))
     if op == "bn":
         return Node(name, "bn", inputs, dict(eps=m.eps, affine=m.affine))
     if op == "linear":
@@ -241,9 +242,12 @@ def _module_node(n: fx.Node, m: nn.Module) -> Node:
                       f"{', '.join(supported)}).")
 
 
-def _conv_attrs(stride, padding, dilation, groups, bias: bool) -> dict:
-    return dict(stride=_pair(stride), dilation=_pair(dilation), groups=int(groups),
-                padding=padding if isinstance(padding, str) else _pair(padding), bias=bias)
+def _conv_attrs(stride, padding, dilation, groups, bias: bool, depthwise: bool = False) -> dict:
+    attrs = dict(stride=_pair(stride), dilation=_pair(dilation), groups=int(groups),
+                 padding=padding if isinstance(padding, str) else _pair(padding), bias=bias)
+    if depthwise:  # each output channel reads its own input channel alone: channels flow through it
+        attrs["depthwise"] = True
+    return attrs
 
 
 def _pair(v) -> list:
@@ -394,7 +398,9 @@ def _weighted_call(n: fx.Node, op: str, modules: dict) -> Node:
         attrs = dict(normalized_shape=list(args["normalized_shape"]), eps=float(eps))
     else:
         a = list(n.args[3:]) + [None] * 4
+        groups = n.kwargs.get("groups", a[3] or 1)
+        weight = getattr(modules[owner], "weight")  # (out, in / groups, kh, kw)
         attrs = _conv_attrs(n.kwargs.get("stride", a[0] or 1), n.kwargs.get("padding", a[1] or 0),
-                            n.kwargs.get("dilation", a[2] or 1), n.kwargs.get("groups", a[3] or 1),
-                            args.get("bias") is not None)
+                            n.kwargs.get("dilation", a[2] or 1), groups, args.get("bias") is not None,
+                            depthwise=groups == weight.shape[0] > 1 and weight.shape[1] == 1)
     return Node(f"@{owner}", op, [data.name], attrs)  # "@": renamed to the owner after tracing

@@ -61,9 +61,11 @@ def _activation(name: str, fn: Callable, modules: tuple, calls: tuple, zero_regi
 
 
 def _conv(node, xs, w):
-    a = node.attrs
+    a, weight = node.attrs, w("weight")
     padding = a["padding"] if isinstance(a["padding"], str) else list(a["padding"])
-    return F.conv2d(xs[0], w("weight"), w("bias"), a["stride"], padding, a["dilation"], a["groups"])
+    # A depthwise convolution of a module keeps only its kept channels: its groups follow them.
+    groups = xs[0].shape[1] if a.get("depthwise") else a["groups"]
+    return F.conv2d(xs[0], weight, w("bias"), a["stride"], padding, a["dilation"], groups)
 
 
 register(Op("input", lambda node, xs, w: xs[0], channels="whole"))
