@@ -6,7 +6,7 @@ such layer's remaining weights are re-fitted by ridge least squares so that its 
 few hundred sample images matches the parent's output, layer after layer in execution order,
 each fitted on the inputs the module itself produces (so errors do not pile up). A per-channel
 offset is fitted too. Cost: one pass over the sample and one small linear solve per layer. A
-linear layer with more inputs than there are sample images is not re-fitted (underdetermined).
+linear layer of more than 4,096 inputs (VGG's and AlexNet's classifiers) is not re-fitted.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..trace.network import GraphNetwork
 
 CHUNK = 64  # images per chunk of the normal equations
+MAX_LINEAR_INPUTS = 4096  # a linear layer with more inputs is not re-fitted (ResNet-50's head has 2,048)
 
 
 def _patches(node, x: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
@@ -63,10 +64,10 @@ def reconstruct_(small: GraphNetwork, targets: dict[str, torch.Tensor], out_inde
             small.weight(f"{node.name}.weight").copy_(weight)
             small.addmap(node.name).copy_(addmap)
             return
-        if node.op == "linear" and small.weight(f"{node.name}.weight").shape[1] >= len(xs[0]):
-            # More weights per output than sample images (VGG's 25,088-input classifier on 256 images):
-            # least squares would only memorise the sample. The layer keeps its removed channels'
-            # constant (exact for the masked parent) without a re-fit.
+        if node.op == "linear" and small.weight(f"{node.name}.weight").shape[1] > MAX_LINEAR_INPUTS:
+            # VGG's 25,088-input classifier: its normal equations take 5 GB and minutes, for a fit
+            # with a hundred times more unknowns per output than sample images. The layer keeps its
+            # removed channels' constant (exact for the masked parent) without a re-fit.
             return
         target = targets[node.name]
         if out_index.get(node.name) is not None:
