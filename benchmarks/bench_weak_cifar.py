@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CHECKPOINTS, CIFAR_TAR, RESULTS, machine, write_section  # noqa: E402
+from common import CHECKPOINTS, CIFAR_TAR, machine, write_section  # noqa: E402
 
 from cnnmod import TrainConfig, compose, decompose, load_data, load_model, replace, train  # noqa: E402
 from cnnmod.compose import fit_composed_  # noqa: E402

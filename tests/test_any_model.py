@@ -1,5 +1,7 @@
 """Any traceable model as a checkpoint (issue #15): graph checkpoints, import --arch, photos of any size."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -46,12 +48,19 @@ def test_the_command_line_decomposes_a_graph_checkpoint(tmp_path, capsys):
                  "--json"]) == 0
     assert main(["evaluate", str(tmp_path / "mods"), "--data", "digits", "--json"]) == 0
     assert sorted(p.name for p in (tmp_path / "mods").iterdir()) == ["3.safetensors", "8.safetensors"]
-    assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "small"), "--only", "3",
+    grouped = tmp_path / "regnety.safetensors"  # grouped convolutions: spaces the channels strategy keeps whole
+    save_checkpoint(create("timm", "regnety_002", num_classes=10), grouped, classes=[str(d) for d in range(10)],
+                    input_spec=InputSpec(3, (16, 16), (0.5,) * 3, (0.25,) * 3))
+    assert main(["decompose", str(grouped), "--data", "digits", "--out", str(tmp_path / "small"), "--only", "3",
                  "--strategy", "channels", "--sample-images", "32"]) == 0
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "small" / "3.safetensors")]) == 0
     text = capsys.readouterr().out  # which channel spaces were kept whole, and why
     assert "channel spaces kept whole:" in text and "(a grouped or depthwise convolution)" in text
+    assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "mbv3"), "--only", "3",
+                 "--strategy", "channels", "--sample-images", "32", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)  # MobileNetV3: pruned through depthwise convolutions and gates
+    assert summary["modules"]["3"]["params_fraction"] < 0.6
 
 
 def test_import_arch_reads_weights_only_and_keeps_the_libraries_preparation(tmp_path, capsys):

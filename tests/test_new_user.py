@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnmod import CnnmodError, InputSpec, compose, decompose, load_data, load_model, load_module
+from cnnmod import CnnmodError, compose, decompose, load_data, load_model, load_module
 from cnnmod.cli import main
 
 

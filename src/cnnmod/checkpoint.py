@@ -110,5 +110,6 @@ def _graph_model(path, tensors: dict, meta: dict) -> nn.Module:
         raise CnnmodError(f"{path}: the checkpoint's layers do not fit together "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
     if tuple(out.shape) != (1, len(meta["classes"])):
-        raise CnnmodError(f"{path}: expected {len(meta['classes'])} outputs (its classes), found {tuple(out.shape)[1:]}.")
+        raise CnnmodError(f"{path}: expected {len(meta['classes'])} outputs (its classes), "
+                          f"found {tuple(out.shape)[1:]}.")
     return net

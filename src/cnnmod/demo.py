@@ -82,7 +82,8 @@ def weaken(data: Dataset, c: int, *, share: float = 0.1) -> Dataset:
     return data.subset(torch.nonzero(keep).flatten())
 
 
-def repair(weak: torch.nn.Module, weak_set: Dataset, donor: Module, test_set: Dataset, *, progress: bool = False) -> dict:
+def repair(weak: torch.nn.Module, weak_set: Dataset, donor: Module, test_set: Dataset, *,
+           progress: bool = False) -> dict:
     """Decompose ``weak`` (trained on ``weak_set``), swap its module of ``donor``'s class for ``donor``,
     and measure on ``test_set``: the class's accuracy before and after, and how the other classes
     change (in points, against the weak model's modules composed by the paper's vote).

@@ -111,7 +111,8 @@ def import_library_model(path: str | os.PathLike, arch: str, out: str | os.PathL
     if callable(data):
         data = data(spec)
     if classes is None:
-        classes = data.classes if data is not None and len(data.classes) == outputs else [str(i) for i in range(outputs)]
+        named = data is not None and len(data.classes) == outputs
+        classes = data.classes if named else [str(i) for i in range(outputs)]
     if len(classes) != outputs:
         raise CnnmodError(f"expected {outputs} class names (the model's outputs), found {len(classes)}.")
     if data is not None and not set(data.classes) <= set(classes):
@@ -138,7 +139,8 @@ def _library_model(library: str, name: str, state: dict, path: Path) -> nn.Modul
     try:
         model = build(1000)
     except (ValueError, KeyError, RuntimeError) as e:
-        raise CnnmodError(f"expected a {library} model name, found {name!r} ({str(e).splitlines()[0][:120]}).") from None
+        raise CnnmodError(f"expected a {library} model name, found {name!r} "
+                          f"({str(e).splitlines()[0][:120]}).") from None
     head = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     if head and f"{head[-1]}.weight" in state and state[f"{head[-1]}.weight"].shape[0] != 1000:
         model = build(int(state[f"{head[-1]}.weight"].shape[0]))

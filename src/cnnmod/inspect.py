@@ -38,7 +38,7 @@ def describe(path: str) -> tuple[str, dict]:
                    f"  observed {meta['observed_images']} images; keeps {meta['channels_kept']} of "
                    f"{meta['channels_prunable']} prunable channels"),
                   f"  input {meta['input']}",
-                  *([f"  channel spaces kept whole: " + "; ".join(f"{n} ({r})" for r, n in
+                  *(["  channel spaces kept whole: " + "; ".join(f"{n} ({r})" for r, n in
                                                                   meta["spaces_kept_whole"].items())]
                     if meta.get("spaces_kept_whole") else []),
                   f"  {row['params']:,} parameters, {row['macs']:,} multiply-accumulates per image"
@@ -84,7 +84,8 @@ def describe_folder(path: str) -> tuple[str, dict]:
     rows = [module_row(f) for f in files]
     header = ("class", "strategy", "parameters", "MACs", "bytes on disk", "calibration a, b", "parent")
     table = [header] + [(r["class"], r["strategy"], f"{r['params']:,}", f"{r['macs']:,}", f"{r['file_bytes']:,}",
-                         "none" if r["calibration"] is None else f"{r['calibration']['a']:.4g}, {r['calibration']['b']:.4g}",
+                         "none" if r["calibration"] is None
+                         else f"{r['calibration']['a']:.4g}, {r['calibration']['b']:.4g}",
                          r["parent"]) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     right = {2, 3, 4}

@@ -19,7 +19,8 @@ CIFAR_MARKERS = ("data_batch_1", "train")
 
 
 def load_archive_or_folder(path: Path, split: str | None, default_split: str, *,
-                           channels: int | None, size: tuple[int, int] | None, crop_pct: float | None = None) -> Dataset:
+                           channels: int | None, size: tuple[int, int] | None,
+                           crop_pct: float | None = None) -> Dataset:
     """Read ``path`` (a folder or .tar/.tar.gz) holding an ImageFolder tree or CIFAR pickles."""
     files = _list_files(path)  # relative posix path -> zero-argument reader of the bytes
     cifar = _cifar_root(files)
@@ -80,7 +81,8 @@ def _common_root(names: list[str]) -> PurePosixPath:
     return PurePosixPath(*common) if common else PurePosixPath(".")
 
 
-def _decode(path: Path, name: str, blob: bytes, channels: int | None, size, crop_pct: float | None = None) -> np.ndarray:
+def _decode(path: Path, name: str, blob: bytes, channels: int | None, size,
+            crop_pct: float | None = None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(blob)) as img:
             img.load()

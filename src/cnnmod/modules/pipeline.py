@@ -48,7 +48,8 @@ def write_modules(modules: list[Module], out: str | os.PathLike, *, progress: bo
     out.mkdir(parents=True, exist_ok=True)  # with the user's umask
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".cnnmod-staging-"))
     try:
-        for name, m in zip(names, tqdm(modules, desc="writing modules", unit="module", disable=not (progress and sys.stderr.isatty()))):
+        bar = tqdm(modules, desc="writing modules", unit="module", disable=not (progress and sys.stderr.isatty()))
+        for name, m in zip(names, bar):
             save_module(m, staging / f"{name}.safetensors")
         paths = []
         for name in names:

@@ -184,7 +184,8 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
             flat.index_add_(0, state["y"], pos.to(dtype))
 
     sizes = [size for _, size, _ in batches]
-    bar = tqdm(total=sum(sizes[rank::world]), initial=sum(sizes[rank:done:world]), disable=not (progress and sys.stderr.isatty()),
+    bar = tqdm(total=sum(sizes[rank::world]), initial=sum(sizes[rank:done:world]),
+               disable=not (progress and sys.stderr.isatty()),
                unit="img", unit_scale=True, desc="statistics pass")
     try:
         with observing(network, layers, count):

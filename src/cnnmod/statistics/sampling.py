@@ -50,8 +50,9 @@ def select_sample(labels: torch.Tensor, num_classes: int, *, positives: int = 10
                           f"{', '.join(missing[:10])}{', ...' if len(missing) > 10 else ''}.")
     present = [idx for idx in per_class if len(idx)]
     if len(present) < 2:
+        found = ", ".join(names[c] for c, idx in enumerate(per_class) if len(idx))
         raise CnnmodError("expected images of at least 2 classes (a module needs images of other classes as "
-                          f"negatives), found only {', '.join(names[c] for c in range(num_classes) if len(per_class[c]))}.")
+                          f"negatives), found only {found}.")
     used = min(positives, min(len(per_class[c]) for c in required))  # a smaller other class gives what it has
     m = negatives_per_class if negatives_per_class is not None else used // (len(present) - 1)
     if not (isinstance(m, int) and 0 <= m <= used):

@@ -31,6 +31,8 @@ from .ops import PARAMS, REGISTRY  # noqa: F401  (PARAMS is re-exported for the 
 
 # Operations a graph may hold, and the tensors each keeps in the state dict: the registry's.
 OPS = set(REGISTRY)
+
+
 @dataclass
 class Node:
     name: str
@@ -382,7 +384,8 @@ def _weighted_call(n: fx.Node, op: str, modules: dict) -> Node:
                               f"found {a!r}.")
         owners.add(a.target.rsplit(".", 1)[0] if "." in a.target else "")
     if not isinstance(data, fx.Node) or len(owners) != 1 or "" in owners:
-        raise CnnmodError(f"operation {n.name!r}: expected a {op} call on one module's weights, found {n.format_node()}.")
+        raise CnnmodError(f"operation {n.name!r}: expected a {op} call on one module's weights, "
+                          f"found {n.format_node()}.")
     owner = owners.pop()
     if op == "bn":
         eps = n.args[7] if len(n.args) > 7 else n.kwargs.get("eps", 1e-5)

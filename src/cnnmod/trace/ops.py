@@ -98,8 +98,8 @@ register(Op("mean", lambda node, xs, w: xs[0].mean(dim=(2, 3), keepdim=node.attr
 
 register(Op("permute", lambda node, xs, w: xs[0].permute(node.attrs["dims"]), channels="whole",
             calls=(torch.permute, "permute")))
-register(Op("layer_norm", lambda node, xs, w: F.layer_norm(xs[0], node.attrs["normalized_shape"], w("weight"), w("bias"),
-                                                           node.attrs["eps"]),
+register(Op("layer_norm", lambda node, xs, w: F.layer_norm(xs[0], node.attrs["normalized_shape"], w("weight"),
+                                                           w("bias"), node.attrs["eps"]),
             channels="whole", params=("weight", "bias"), modules=(nn.LayerNorm,), calls=(F.layer_norm,)))
 
 

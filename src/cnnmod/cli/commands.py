@@ -1,0 +1,320 @@
+"""The commands: each one a thin call into the library, and how its result is printed."""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import CnnmodError
+
+RULES = {"vote": "the paper's vote: argmax of the module margins",
+         "calibrated": "calibrated scores: argmax of each module's calibrated log-odds"}
+
+
+def _plural(n: int, word: str) -> str:
+    """"1 module", "2 modules", "3 classes"."""
+    return f"{n:,} {word}{'' if n == 1 else 'es' if word.endswith('s') else 's'}"
+
+
+def _names(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise CnnmodError(f"expected comma-separated class names, found {text!r}.")
+    return names
+
+
+def _rounded(value, digits: int = 6):
+    """JSON numbers as they mean: floats to ``digits`` significant digits (0.98, not 0.9800000190734863)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(_rounded(obj), sort_keys=True))
+
+
+def _size(args):
+    return tuple(args.size) if getattr(args, "size", None) else None
+
+
+def cmd_train(args) -> int:
+    from ..data import load_data
+    from ..training import TrainConfig, train
+
+    data = load_data(args.data, args.split, default_split="train", size=_size(args))
+    val = load_data(args.data, args.val_split, size=_size(args)) if args.val_split else None
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         warmup=args.warmup, augment=args.augment)
+    meta = train(args.model, data, args.out, config, val=val, resume=args.resume,
+                 arch_args={"bn": False} if args.no_bn else None, device=args.device)
+    acc = meta["accuracy"]
+    print(f"wrote {args.out}: {acc['split']} top-1 {acc['top1']:.4f}, top-5 {acc['top5']:.4f} (n={acc['n']})")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ..compose import compose, load_classifier
+    from ..data import load_data_for
+    from ..distributed import resolve_device
+    from ..evaluate import evaluate_model, evaluate_module, evaluate_scores
+
+    device = resolve_device(args.device)
+    wanted = _names(args.classes)
+    kind, clf = load_classifier(args.file)
+    if kind == "module":
+        if args.confusion or args.plot:
+            raise CnnmodError("expected a classifier for --confusion or --plot, found a single module (judged by "
+                              "precision and recall; compose modules to see a confusion matrix).")
+        data = load_data_for(args.data, args.split, [clf.input_spec], default_split="test")
+        result = evaluate_module(clf, data.only(wanted) if wanted else data)
+        if args.json:
+            _print_json(dict(result, kind="module"))
+        else:
+            c = result["counts"]
+            others = _plural(c["fp"] + c["tn"], "image")
+            print(f"module {result['class']!r} alone, its class against the other {others}:")
+            print(f"precision {result['precision']:.4f}  recall {result['recall']:.4f}  F1 {result['f1']:.4f}  "
+                  f"accuracy {result['accuracy']:.4f}  n={result['n']} ({result['positives']} of its class)")
+        return 0
+
+    confusion = args.confusion or args.plot is not None
+    if kind == "model":
+        classes = clf.cnnmod_meta["classes"]
+        _check_known(wanted, classes, "the model's")
+        data = load_data_for(args.data, args.split, [clf.input_spec], default_split="test")
+        if wanted:
+            data = data.only(wanted)
+        clf.to(device)
+        result = evaluate_model(clf, data, device=device, restrict=wanted, confusion=confusion)
+        what = (f"the model restricted to {', '.join(wanted)} (argmax over their logits)" if wanted else
+                f"the model ({_plural(len(classes), 'class')})")
+        result.update(kind="model", classes=wanted or classes)
+    else:
+        if wanted:
+            _check_known(wanted, clf.classes, "the composition's")
+            clf = compose([m for m in clf.modules_ if m.class_name in wanted], rule=clf.rule,
+                          unknown_below=clf.unknown_below)
+        data = load_data_for(args.data, args.split, [m.input_spec for m in clf.modules_], default_split="test")
+        known = [c for c in data.classes if c in clf.classes]
+        if not known:
+            raise CnnmodError(f"expected images of the composed classes ({', '.join(clf.classes[:12])}) in the data, "
+                              f"found only {', '.join(data.classes[:12])}.")
+        left_out = 0
+        if len(known) < len(data.classes):  # images of classes no module knows: not this classifier's task
+            kept = data.only(known)
+            left_out, data = len(data) - len(kept), kept
+        clf.to(device)
+        result = evaluate_scores(lambda x: clf.score_images(_to(x, device)).cpu(), data, clf.classes,
+                                 reject_below=clf.reject_below(), confusion=confusion)
+        what = f"{_plural(len(clf.classes), 'module')} composed, rule {clf.rule} ({RULES[clf.rule]})"
+        result.update(kind="composed", classes=clf.classes, rule=clf.rule, left_out=left_out)
+    if args.plot:
+        from ..plot import plot_evaluation
+
+        plot_evaluation(result, args.plot, title=f"{' '.join(args.file)}: {what}")
+    if not args.confusion:
+        result.pop("confusion", None)
+    if args.json:
+        _print_json(result)
+    else:
+        _print_result(result, what)
+    return 0
+
+
+def _to(x, device):
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+
+
+def _check_known(wanted: list[str] | None, classes: list[str], whose: str) -> None:
+    unknown = [c for c in wanted or [] if c not in classes]
+    if unknown:
+        raise CnnmodError(f"expected --classes among {whose} classes ({', '.join(classes[:12])}"
+                          f"{', ...' if len(classes) > 12 else ''}), found {', '.join(map(repr, unknown[:5]))}.")
+
+
+def _print_result(result: dict, what: str) -> None:
+    print(what)
+    print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  n={result['n']}"
+          + (f"  unknown {result['unknown']:.4f}" if "unknown" in result else ""))
+    if result.get("left_out"):
+        print(f"({_plural(result['left_out'], 'image')} of classes no module knows left out)")
+    width = max(len(c) for c in result["per_class"])
+    for name, acc in result["per_class"].items():
+        print(f"  {name:<{width}}  {acc:.4f}")
+    if "confusion" in result:
+        c = result["confusion"]
+        print("confusion matrix (rows: true class, columns: answer)")
+        cols = [max(len(p), *(len(str(row[j])) for row in c["matrix"])) for j, p in enumerate(c["predicted"])]
+        rw = max(len(t) for t in c["true"])
+        print(" " * (rw + 2) + "  ".join(f"{p:>{w}}" for p, w in zip(c["predicted"], cols)))
+        for t, row in zip(c["true"], c["matrix"]):
+            print(f"  {t:<{rw}}" + "".join(f"  {v:>{w}}" for v, w in zip(row, cols)))
+
+
+CHANNELS_OPTIONS = ("keep", "trunk", "trunk_keep", "keep_streams", "score", "retain", "multiple", "sample_images")
+
+
+def _strategy_options(args) -> dict:
+    """The options of the chosen strategy; an option of the other strategy is an error, not ignored."""
+    given = [k for k in CHANNELS_OPTIONS if getattr(args, k) is not None]
+    if args.strategy == "paper":
+        if given:
+            raise CnnmodError(f"expected --{given[0].replace('_', '-')} only with --strategy channels, found it with "
+                              "--strategy paper (which keeps whole layers and masks elements).")
+        return {} if args.delta is None else {"delta": args.delta}
+    if args.delta is not None:
+        raise CnnmodError("expected --delta only with --strategy paper, found it with --strategy channels.")
+    options = {k: getattr(args, k) for k in given if k != "keep_streams"}
+    if args.keep_streams:
+        options["streams"] = False
+    return options
+
+
+def cmd_decompose(args) -> int:
+    from ..modules.pipeline import decompose_to_directory
+
+    summary = decompose_to_directory(args.checkpoint, args.data, args.out, split=args.split,
+                                     strategy=args.strategy, positives=args.positives,
+                                     negatives_per_class=args.negatives_per_class, seed=args.seed,
+                                     batch_size=args.batch_size, progress=not args.json, only=_names(args.only),
+                                     resume=args.resume, device=args.device, precision=args.precision,
+                                     **_strategy_options(args))
+    if summary["rank"] != 0:
+        return 0  # rank 0 reports for the group
+    if args.json:
+        _print_json(summary)
+        return 0
+    kept = f"; kept {_plural(len(summary['kept']), 'other module')} already there" if summary["kept"] else ""
+    print(f"wrote {_plural(len(summary['modules']), 'module')} to {args.out} in {summary['seconds']:.1f} s "
+          f"({_plural(summary['images'], 'image')} observed{kept})")
+    if args.only:
+        neg = summary["negatives_from"]
+        others = {c: n for c, n in neg.items() if c not in summary["modules"]}
+        print(f"  negatives: {_plural(sum(neg.values()), 'image')}, of which {sum(others.values()):,} from "
+              f"{_plural(len(others), 'other class')}"
+              + (f" ({', '.join(others)})" if 0 < len(others) <= 12 else ""))
+    for name, m in summary["modules"].items():
+        if "params_fraction" in m:  # the channels strategy
+            print(f"  {name:<12} keeps {m['share_kept']:.4f} of the prunable channels: "
+                  f"{m['params_fraction']:.3f} of the parameters, {m['macs_fraction']:.3f} of the MACs, "
+                  f"{m['file_bytes']:,} bytes on disk")
+        else:
+            print(f"  {name:<12} keeps {m['share_kept']:.4f} of the observed elements, "
+                  f"{m['file_bytes']:,} bytes on disk")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ..export import export_onnx
+
+    info = export_onnx(args.file, args.onnx)
+    print(f"wrote {args.onnx}: {info['kind']} ({_plural(len(info['classes']), 'class')}), "
+          f"input uint8 {info['input']['channels']}x{info['input']['size'][0]}x{info['input']['size'][1]}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from ..inspect import describe
+
+    text, meta = describe(args.file)
+    if args.json:
+        _print_json(meta)
+    else:
+        print(text)
+    return 0
+
+
+def cmd_compose(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ..compose import compose, load_modules, save_composed
+    from ..data import load_data_for
+    from ..modules import load_module
+
+    modules = []
+    for f in args.files:
+        modules.extend(load_modules(f) if Path(f).is_dir() else [load_module(f)])
+    if len(modules) < 2:
+        raise CnnmodError(f"expected at least two modules to compose, found {len(modules)} (evaluate a single "
+                          "module directly: cnnmod evaluate FILE --data ...).")
+    if args.fit_data and args.rule == "vote":
+        raise CnnmodError("expected the calibrated rule with --fit-data (it fits calibrations), found --rule vote.")
+    inputs = [m.input_spec for m in modules]
+    if args.adapt_data:
+        from ..modules.adapt import adapt_
+
+        data = load_data_for(args.adapt_data, args.adapt_split, inputs, default_split="train")
+        for m in modules:
+            foreign = torch.tensor([c != m.class_name for c in data.classes])[data.labels]
+            adapt_(m, data.images_for(m.input_spec)[foreign])
+    if args.fit_data:
+        from ..compose.fit import fit_composed_
+
+        used = fit_composed_(modules, load_data_for(args.fit_data, args.fit_split, inputs, default_split="train"),
+                             per_class=args.fit_per_class)
+        print(f"fitted the {len(modules)} modules' calibrations jointly on {used:,} images of {args.fit_data}")
+    rule = "calibrated" if args.fit_data else args.rule
+    clf = compose(modules, rule=rule, unknown_below=args.unknown_below)
+    save_composed(clf, args.out)
+    print(f"wrote {args.out}: {len(clf.classes)} classes ({', '.join(clf.classes)}), rule {clf.rule} "
+          f"({RULES[clf.rule]}), {Path(args.out).stat().st_size:,} bytes")
+    c = clf.cost()
+    if c["trunk_macs"]:
+        print(f"  one shared trunk per parent: {c['trunk_params']:,} parameters, {c['trunk_macs']:,} MACs per image; "
+              f"in all {c['macs']:,} MACs per image (modules one by one: {c['separate_macs']:,})")
+    return 0
+
+
+def cmd_replace(args) -> int:
+    from ..compose import load_modules, replace
+    from ..modules import load_module
+    from ..modules.pipeline import write_modules
+
+    new = load_module(args.new)
+    modules = replace(load_modules(args.directory), new)
+    write_modules(modules, args.out)
+    print(f"wrote {args.out}: module {new.class_name!r} replaced by {args.new}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from ..data import load_data
+    from ..importing import import_library_model, import_state_dict
+
+    if args.model:
+        if args.data is None:
+            raise CnnmodError("expected --data with --model (its classes and input normalisation), found none.")
+        data = load_data(args.data, args.split, default_split="train", size=_size(args))
+        meta = import_state_dict(args.state_dict, args.model, data, args.out,
+                                 arch_args={"bn": False} if args.no_bn else None)
+    else:
+        from ..data import load_data_for
+
+        def data(spec):  # decoded to the model's own input, known once the model is built
+            return load_data_for(args.data, args.split, [spec], default_split="train")
+        meta = import_library_model(args.state_dict, args.arch, args.out, data=data if args.data else None,
+                                    size=_size(args),
+                                    mean=tuple(args.mean) if args.mean else None,
+                                    std=tuple(args.std) if args.std else None, classes=_names(args.classes))
+    acc = meta.get("accuracy")
+    print(f"wrote {args.out}" + (f": top-1 {acc['top1']:.4f} on the given data (n={acc['n']})" if acc else ""))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ..demo import run_demo
+
+    return run_demo(epochs=args.epochs, as_json=args.json)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "decompose": cmd_decompose, "inspect": cmd_inspect,
+            "compose": cmd_compose, "replace": cmd_replace, "import": cmd_import, "demo": cmd_demo,
+            "export": cmd_export}

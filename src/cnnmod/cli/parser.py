@@ -1,0 +1,236 @@
+"""The command line's parser: every command, option, default and choice, checked at the edge.
+
+Every numeric option is checked here by its argparse type: a bad value is one line naming the
+option, exit code 2, before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import textwrap
+
+from .. import __version__
+
+DESCRIPTION = (
+    "Decompose a trained CNN image classifier into one module per class (a small binary classifier: "
+    "this class or not), then reuse modules (compose some into a new classifier, even across models) "
+    "or replace a weak class's module with a better model's, without retraining.")
+EPILOG = """a first session:
+  cnnmod train --model smallcnn --data mnist5k --out model.safetensors
+  cnnmod decompose model.safetensors --data mnist5k --out modules/
+  cnnmod evaluate modules/ --data mnist5k
+  cnnmod compose modules/3.safetensors modules/8.safetensors --out pair.safetensors
+  cnnmod evaluate pair.safetensors --data mnist5k
+run "cnnmod COMMAND --help" for the options of a command."""
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (the usage itself is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except where there is none to show (None, False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _number(kind, *, low=None, high=None, low_open=False, high_open=False, what="a number"):
+    """An argparse type: ``kind`` (int or float) within [low, high] (open ends where asked)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, found {text!r}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high or value != value:  # value != value: NaN
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+            raise argparse.ArgumentTypeError(f"expected {what} {' and '.join(x for x in (lo, hi) if x)}, found {text}")
+        return value
+    return parse
+
+
+COUNT = _number(int, low=1, what="a whole number")
+COUNT0 = _number(int, low=0, what="a whole number")
+SHARE = _number(float, low=0.0, high=1.0, low_open=True, what="a share")
+SHARE0 = _number(float, low=0.0, high=1.0, what="a share")
+POSITIVE = _number(float, low=0.0, low_open=True, what="a number")
+PROBABILITY = _number(float, low=0.0, high=1.0, low_open=True, high_open=True, what="a probability")
+
+
+def _data_args(p: argparse.ArgumentParser, *, size: bool = False) -> None:
+    p.add_argument("--data", required=True,
+                   help="mnist5k, digits, an image folder (one sub-folder per class), a .tar(.gz) of one, "
+                        "or a CIFAR-10/100 python folder")
+    p.add_argument("--split", choices=["train", "test", "val", "all"], default=None,
+                   help="which part of the data (named sets: train/test; folders: all, or train/val, the last "
+                        "10%% of each class by file name)")
+    if size:
+        p.add_argument("--size", type=COUNT, nargs=2, metavar=("H", "W"), default=None,
+                       help="image folders and archives: resize every image to H x W pixels while decoding (needed for "
+                            "photos of mixed sizes)")
+
+
+def _strategy_default(strategy: str, option: str):
+    from ..modules.strategies import STRATEGIES
+
+    return inspect.signature(STRATEGIES[strategy]).parameters[option].default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..models import list_models
+
+    parser = _Parser(prog="cnnmod", description=textwrap.fill(DESCRIPTION, 78), epilog=EPILOG, formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"cnnmod {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help_text):
+        return sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                              formatter_class=_Help)
+
+    p = command("train", "train a built-in architecture and write a checkpoint")
+    p.add_argument("--model", required=True, choices=list_models(), help="the architecture")
+    _data_args(p, size=True)
+    p.add_argument("--val-split", default=None, help="also report accuracy on this split after each epoch")
+    p.add_argument("--out", required=True, help="the checkpoint file to write (.safetensors)")
+    p.add_argument("--epochs", type=COUNT, default=10, help="passes over the training images")
+    p.add_argument("--batch-size", type=COUNT, default=128, help="images per step")
+    p.add_argument("--lr", type=POSITIVE, default=0.1, help="peak learning rate (SGD, cosine schedule)")
+    p.add_argument("--warmup", type=COUNT0, default=0, help="epochs of linear learning-rate warm-up")
+    p.add_argument("--seed", type=int, default=0, help="fixes weights, batch order and augmentation")
+    p.add_argument("--augment", default="auto", choices=["auto", "crop-flip", "crop", "none"],
+                   help="auto: crop-flip for colour images, none for grey")
+    p.add_argument("--no-bn", action="store_true", help="the BatchNorm-free variant (ResNets)")
+    p.add_argument("--resume", action="store_true", help="continue from the last saved epoch")
+    p.add_argument("--device", default="auto", help="where to train: auto, cpu, cuda or cuda:N")
+
+    p = command("evaluate", "accuracy of a model, a composition or a single module on labelled images")
+    p.add_argument("file", nargs="+",
+                   help="a checkpoint, a composed file, a module folder, module files, or one module file "
+                        "(judged alone: precision, recall, F1)")
+    _data_args(p)
+    p.add_argument("--classes", default=None,
+                   help="comma-separated classes: evaluate as a classifier of these classes only (a model: argmax "
+                        "over their logits, the fair baseline of a reuse; modules: these modules composed)")
+    p.add_argument("--confusion", action="store_true", help="also print the confusion matrix (and put it in --json)")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw per-class accuracy and the confusion matrix into this PNG (needs matplotlib)")
+    p.add_argument("--device", default="auto", help="where to run: auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("decompose", "write one module file per class of a checkpoint")
+    p.add_argument("checkpoint", help="a cnnmod checkpoint (.safetensors)")
+    _data_args(p)
+    p.add_argument("--out", required=True,
+                   help="folder for <class>.safetensors files: new, empty, or a module folder (modules of other "
+                        "classes in it are kept, those of this run's classes replaced)")
+    p.add_argument("--strategy", default="paper", choices=["paper", "channels"],
+                   help="paper: Pan & Rajan's masks on the whole model; channels: whole channels removed, "
+                        "physically smaller modules")
+    p.add_argument("--only", default=None,
+                   help="comma-separated classes: build only their modules; the data needs only their images "
+                        "(other classes present serve as negatives)")
+    p.add_argument("--positives", type=COUNT, default=1000, help="images per class observed (paper: 1000)")
+    p.add_argument("--negatives-per-class", type=COUNT0, default=None,
+                   help="negatives of each other class (default: positives // (classes - 1), 1:1)")
+    p.add_argument("--delta", type=POSITIVE, default=None,
+                   help=f"paper strategy: MC-BLN threshold (default: {_strategy_default('paper', 'delta')})")
+    ch = "channels strategy: "
+    p.add_argument("--keep", type=SHARE, default=None,
+                   help=ch + "share of each channel space a module keeps "
+                             f"(default: {_strategy_default('channels', 'keep')})")
+    p.add_argument("--trunk", type=SHARE0, default=None,
+                   help=ch + "share of the parent's MACs, from the input, pruned alike for every class, so that "
+                             "composed modules run it once (default: 0, no trunk)")
+    p.add_argument("--trunk-keep", type=SHARE, default=None,
+                   help=ch + "share of each trunk channel space kept (default: --keep, or --retain)")
+    p.add_argument("--keep-streams", action="store_true", default=None,
+                   help=ch + "keep residual streams whole, prune only inside blocks")
+    p.add_argument("--score", default=None, choices=["rate", "energy"],
+                   help=ch + "rank channels by firing rate per class or by the error removing them causes "
+                             f"(default: {_strategy_default('channels', 'score')})")
+    p.add_argument("--retain", type=SHARE, default=None,
+                   help=ch + "instead of --keep, keep per space the best channels holding this share of the "
+                             "space's total score")
+    p.add_argument("--multiple", type=COUNT, default=None,
+                   help=ch + "round each space's kept channels to a multiple of this (8: the block size of CPU "
+                             "convolution kernels, so that every removed channel saves time; default: 1)")
+    p.add_argument("--sample-images", type=COUNT, default=None,
+                   help=ch + "images of the observed sample that channels are scored and layers re-fitted on "
+                             "(more: closer re-fits, slower; default: 256)")
+    p.add_argument("--seed", type=int, default=0, help="fixes which images are observed")
+    p.add_argument("--batch-size", type=COUNT, default=256, help="images per batch of the statistics pass")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run's statistics")
+    p.add_argument("--device", default="auto",
+                   help="where to run the statistics pass: auto, cpu, cuda or cuda:N (torchrun: one process per "
+                        "device)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: autocast statistics pass (faster on GPUs; may change masks, see BENCHMARKS.md)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("export", "write a module, composed classifier or checkpoint as ONNX")
+    p.add_argument("file", nargs="+", help="a module file, a composed file, a module folder or a checkpoint")
+    p.add_argument("--onnx", required=True, help="the ONNX file to write")
+
+    p = command("inspect", "show what a checkpoint, module or composed file, or a module folder holds")
+    p.add_argument("file", help="a cnnmod file, or a folder of module files (one row per module)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("compose", "compose two or more modules into one classifier file")
+    p.add_argument("files", nargs="+", help="module files or module folders")
+    p.add_argument("--out", required=True, help="the composed file to write (.safetensors)")
+    p.add_argument("--rule", choices=["auto", "vote", "calibrated"], default="auto",
+                   help="vote: the paper's rule; calibrated: calibrated scores (auto: vote for modules of one "
+                        "parent, calibrated otherwise)")
+    p.add_argument("--unknown-below", type=PROBABILITY, default=None,
+                   help="answer 'unknown' when no module's calibrated probability reaches this")
+    p.add_argument("--adapt-data", default=None,
+                   help="continuous learning: re-run tangling identification of each module with this data's "
+                        "other classes")
+    p.add_argument("--adapt-split", default=None, choices=["train", "test", "val", "all"])
+    p.add_argument("--fit-data", default=None,
+                   help="fit the modules' calibrations jointly on this data's images of the composed classes "
+                        "(2 scalars per module, no network training); implies the calibrated rule")
+    p.add_argument("--fit-split", default=None, choices=["train", "test", "val", "all"])
+    p.add_argument("--fit-per-class", type=COUNT, default=100, help="images per class for --fit-data")
+
+    p = command("replace", "swap the module of one class in a module folder")
+    p.add_argument("directory", help="the module folder")
+    p.add_argument("--with", dest="new", required=True, help="the new module file (same class, any parent)")
+    p.add_argument("--out", required=True,
+                   help="the module folder to write (new, empty, a module folder, or the input folder itself)")
+
+    p = command("import", "turn a .pt/.pth state dict into a checkpoint (any architecture cnnmod can trace)")
+    p.add_argument("state_dict", help="the .pt/.pth file (read with weights_only=True: nothing is unpickled)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", choices=list_models(), help="a built-in architecture the weights belong to")
+    which.add_argument("--arch", metavar="LIBRARY:NAME",
+                       help="torchvision:NAME or timm:NAME (needs that package); the checkpoint stores the layer "
+                            "graph, so loading it needs neither the package nor its code")
+    p.add_argument("--data", default=None,
+                   help="labelled images: class names and the accuracy to report (needed with --model, which "
+                        "also measures the input normalisation on them)")
+    p.add_argument("--split", choices=["train", "test", "val", "all"], default=None, help="which part of --data")
+    p.add_argument("--size", type=COUNT, nargs=2, metavar=("H", "W"), default=None,
+                   help="--model: resize folder images while decoding; --arch: the model's input size (default: "
+                        "timm's pretrained configuration, 224 x 224 for torchvision)")
+    p.add_argument("--mean", type=float, nargs="+", default=None,
+                   help="--arch: per-channel mean of the input normalisation, on the 0-1 scale (default: timm's "
+                        "configuration, ImageNet's for torchvision)")
+    p.add_argument("--std", type=POSITIVE, nargs="+", default=None, help="--arch: per-channel standard deviation")
+    p.add_argument("--classes", default=None,
+                   help="--arch: comma-separated class names, in the model's output order (default: --data's "
+                        "classes when they are as many, else 0..K-1)")
+    p.add_argument("--no-bn", action="store_true", help="the BatchNorm-free variant (ResNets)")
+    p.add_argument("--out", required=True, help="the checkpoint file to write (.safetensors)")
+
+    p = command("demo", "the whole pipeline on the embedded MNIST digits")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--epochs", type=COUNT, default=4, help="training epochs of the demo's model")
+    return parser
