@@ -7,7 +7,7 @@ again (``GraphNetwork``) without the model's Python code, which is what lets mod
 load anywhere.
 
 Why torch.fx and not torch.export (measured, BENCHMARKS.md "Capture"): both capture every model
-of the zoo test (26 torchvision/timm CNNs). torch.export would give each operation one canonical
+of the zoo test (25 torchvision/timm CNNs). torch.export would give each operation one canonical
 ATen spelling (30 overloads across the zoo against fx's 47 module types, functions and tensor
 methods), but it takes 22x as long (about 1 s per small model), needs an example input (so
 ``trace_graph(model)`` could not trace a model before its data is known) and renames every node
