@@ -16,7 +16,6 @@ stored in a module file without code.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from ..trace.channels import Spaces
 from ..trace.graph import PARAMS, Graph, Node
 from ..trace.network import GraphNetwork, conv2d
-from ..trace.ops import weight_keys
+from ..trace.ops import REGISTRY, weight_keys
 
 
 @torch.no_grad()
@@ -119,10 +118,9 @@ def fold_batchnorm(net: GraphNetwork) -> GraphNetwork:
 
 
 def layer_macs(node, out_shape: tuple[int, ...], weight: torch.Tensor) -> int:
-    """Multiply-accumulates per image of a conv (output elements x Cin/groups*kh*kw) or linear layer."""
-    if node.op == "conv":
-        return math.prod(out_shape) * weight[0].numel()
-    return weight.numel() * math.prod(out_shape[:-1]) if node.op == "linear" else 0  # (K,), or (H, W, K) in NHWC
+    """Multiply-accumulates per image of a layer, as its registry entry counts them (0 if it has none)."""
+    count = REGISTRY[node.op].macs
+    return 0 if count is None else count(node, out_shape, weight)
 
 
 @torch.no_grad()
@@ -137,6 +135,6 @@ def cost(net: GraphNetwork, input_shape: tuple[int, ...], nodes: set[str] | None
     for node in net.graph.nodes:
         if nodes is not None and node.name not in nodes:
             continue
-        if node.op in ("conv", "linear"):
+        if REGISTRY[node.op].macs is not None:
             macs += layer_macs(node, tuple(values[node.name].shape[1:]), w[f"{node.name}.weight"])
     return {"params": int(params), "macs": int(macs)}

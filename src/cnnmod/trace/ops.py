@@ -26,6 +26,7 @@ Adding an activation is one ``_activation(...)`` line below and a test.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Callable
@@ -45,6 +46,7 @@ class Op:
     zero_region: str = ""  # where an activation's output is exactly 0 ("x <= 0"); "" if nowhere
     modules: tuple[type, ...] = ()  # nn.Module types traced as this op
     calls: tuple = ()  # functions and tensor-method names traced as this op
+    macs: Callable | None = None  # (node, output shape without batch, weight) -> multiply-accumulates per image
 
 
 REGISTRY: dict[str, Op] = {}
@@ -69,12 +71,14 @@ def _conv(node, xs, w):
 
 
 register(Op("input", lambda node, xs, w: xs[0], channels="whole"))
-register(Op("conv", _conv, channels="new", params=("weight", "bias"), modules=(nn.Conv2d,), calls=(F.conv2d,)))
+register(Op("conv", _conv, channels="new", params=("weight", "bias"), modules=(nn.Conv2d,), calls=(F.conv2d,),
+            macs=lambda node, out, weight: math.prod(out) * weight[0].numel()))  # outputs x Cin/groups*kh*kw
 register(Op("bn", lambda node, xs, w: F.batch_norm(xs[0], w("running_mean"), w("running_var"), w("weight"), w("bias"),
                                                    False, 0.0, node.attrs["eps"]),
             params=("weight", "bias", "running_mean", "running_var"), modules=(nn.BatchNorm2d,), calls=(F.batch_norm,)))
 register(Op("linear", lambda node, xs, w: F.linear(xs[0], w("weight"), w("bias")), channels="new",
-            params=("weight", "bias"), modules=(nn.Linear,), calls=(F.linear,)))
+            params=("weight", "bias"), modules=(nn.Linear,), calls=(F.linear,),
+            macs=lambda node, out, weight: weight.numel() * math.prod(out[:-1])))  # out: (K,), or (H, W, K)
 register(Op("add", lambda node, xs, w: xs[0] + xs[1], channels="tied",
             calls=(operator.add, operator.iadd, torch.add, "add", "add_")))
 register(Op("mul", lambda node, xs, w: xs[0] * xs[1], channels="tied",
