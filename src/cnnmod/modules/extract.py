@@ -129,8 +129,9 @@ def cost(net: GraphNetwork, input_shape: tuple[int, ...], nodes: set[str] | None
     (of the layers ``nodes`` only, if given: a shared trunk or a module's branch)."""
     values = net.run_all(torch.zeros(1, *input_shape))
     w = net.weights()
-    params = sum(v.numel() for k, v in w.items() if not k.endswith(("running_mean", "running_var"))
-                 and (nodes is None or k.rsplit(".", 1)[0] in nodes))
+    keys = {k for node in net.graph.nodes if nodes is None or node.name in nodes
+            for role, k in weight_keys(node).items() if role not in ("running_mean", "running_var")}
+    params = sum(w[k].numel() for k in keys if k in w)
     macs = 0
     for node in net.graph.nodes:
         if nodes is not None and node.name not in nodes:
