@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -78,7 +79,9 @@ def train_one(library: str, name: str, data, spec) -> dict:
 
 def trained(library: str, name: str):
     model = create(library, name, num_classes=10)
-    model.load_state_dict(load_file(CACHE / f"{library}_{name}.safetensors"))
+    state = OrderedDict(load_file(CACHE / f"{library}_{name}.safetensors"))
+    state._metadata = model.state_dict()._metadata  # layer versions (MNASNet checks them), not kept in safetensors
+    model.load_state_dict(state)
     return model.eval()
 
 

@@ -76,6 +76,14 @@ def test_import_arch_reads_weights_only_and_keeps_the_libraries_preparation(tmp_
     with torch.no_grad():
         assert torch.allclose(loaded(x), tv(x), atol=1e-5)
 
+    # a plain dict of tensors carries no layer versions, which torchvision's MNASNet checks on loading
+    mn = create("torchvision", "mnasnet0_5", num_classes=10)
+    torch.save(dict(mn.state_dict()), tmp_path / "mn.pth")
+    assert main(["import", str(tmp_path / "mn.pth"), "--arch", "torchvision:mnasnet0_5", "--size", "32", "32",
+                 "--out", str(tmp_path / "mn.safetensors")]) == 0
+    with torch.no_grad():
+        assert torch.allclose(load_model(tmp_path / "mn.safetensors")(x), mn(x), atol=1e-5)
+
     tm = create("timm", "resnet18d", num_classes=10)
     torch.save(tm.state_dict(), tmp_path / "tm.pth")
     names = "zero,one,two,three,four,five,six,seven,eight,nine"

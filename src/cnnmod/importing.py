@@ -8,6 +8,7 @@ plain container.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 import importlib
 import os
 from pathlib import Path
@@ -55,9 +56,12 @@ def import_state_dict(path: str | os.PathLike, architecture: str, data: Dataset,
 
 
 def _load_into(model: nn.Module, state: dict, path: Path, what: str) -> None:
+    if getattr(state, "_metadata", None) is None:  # layer versions (torchvision's MNASNet checks them)
+        state = OrderedDict(state)
+        state._metadata = model.state_dict()._metadata  # the architecture's own: the weights are loaded into it
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         lines = str(e).splitlines()
         raise CnnmodError(f"{path}: the state dict does not fit {what} "
                           f"({lines[1].strip() if len(lines) > 1 else e}).") from None
