@@ -130,10 +130,9 @@ _activation("silu", F.silu, (nn.SiLU,), (F.silu,))
 _activation("sigmoid", torch.sigmoid, (nn.Sigmoid,), (torch.sigmoid, F.sigmoid, "sigmoid"))
 _activation("tanh", torch.tanh, (nn.Tanh,), (torch.tanh, F.tanh, "tanh"))
 _activation("mish", F.mish, (nn.Mish,), (F.mish,))
+# GELU and LeakyReLU carry an attribute (the approximation, the slope): registered in full.
 register(Op("gelu", lambda node, xs, w: F.gelu(xs[0], approximate=node.attrs["approximate"]), activation=True,
             modules=(nn.GELU,), calls=(F.gelu,)))
-
-# GELU and LeakyReLU carry an attribute (the approximation, the slope): registered in full.
 register(Op("leaky_relu", lambda node, xs, w: F.leaky_relu(xs[0], node.attrs["negative_slope"]), activation=True,
             modules=(nn.LeakyReLU,), calls=(F.leaky_relu,)))
 
