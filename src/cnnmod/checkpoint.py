@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 import torch.nn as nn
 
 from . import __version__
@@ -20,6 +19,7 @@ from .data.inputspec import InputSpec
 from .errors import CnnmodError
 from .files import read_file, write_file
 from .models import create_model, list_models
+from .trace.network import run_on_blank
 
 FORMAT = "cnnmod.checkpoint"
 FORMAT_VERSION = 2  # 2 added graph checkpoints (any traceable model); version 1 files still load
@@ -50,24 +50,12 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, classes: list[
         tensors = {k: everything[k] for n in graph.nodes for k in weight_keys(n).values() if k in everything}
         meta.update(format_version=2, architecture=architecture or type(model).__name__, arch_args={},
                     graph=graph.to_dict())
-    outputs = _outputs(model, input_spec)
+    failure = (f"expected the model to take inputs of {input_spec.channels} x {input_spec.size[0]} x "
+               f"{input_spec.size[1]} (its input specification), found that it does not")
+    outputs = run_on_blank(model, input_spec, failure).shape[1]
     if outputs != len(classes):
         raise CnnmodError(f"expected {outputs} class names (the model's outputs), found {len(classes)}.")
     write_file(path, tensors, meta)
-
-
-def _outputs(model: nn.Module, spec: InputSpec) -> int:
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        try:
-            return int(model(torch.zeros(1, spec.channels, *spec.size)).shape[1])
-        except (RuntimeError, ValueError, IndexError) as e:
-            raise CnnmodError(f"expected the model to take inputs of {spec.channels} x {spec.size[0]} x {spec.size[1]} "
-                              f"(its input specification), found that it does not ({str(e).splitlines()[0][:160]})."
-                              ) from None
-        finally:
-            model.train(was)
 
 
 def load_model(path: str | os.PathLike) -> nn.Module:
@@ -100,15 +88,9 @@ def _graph_model(path, tensors: dict, meta: dict) -> nn.Module:
     """A graph checkpoint's network, run once on a blank input so that layers that do not fit are refused now."""
     from .trace import Graph, GraphNetwork
 
-    graph = Graph.from_dict(meta["graph"])
-    net = GraphNetwork(graph, tensors)
-    spec = InputSpec.from_dict(meta["input"])
-    try:
-        with torch.no_grad():
-            out = net(torch.zeros(1, spec.channels, *spec.size))
-    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
-        raise CnnmodError(f"{path}: the checkpoint's layers do not fit together "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
+    net = GraphNetwork(Graph.from_dict(meta["graph"]), tensors)
+    out = run_on_blank(net, InputSpec.from_dict(meta["input"]),
+                       f"{path}: the checkpoint's layers do not fit together")
     if tuple(out.shape) != (1, len(meta["classes"])):
         raise CnnmodError(f"{path}: expected {len(meta['classes'])} outputs (its classes), "
                           f"found {tuple(out.shape)[1:]}.")

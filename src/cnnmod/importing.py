@@ -22,6 +22,7 @@ from .data.sources import Dataset
 from .errors import CnnmodError
 from .evaluate import evaluate_model
 from .models import create_model
+from .trace.network import run_on_blank
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -111,7 +112,8 @@ def import_library_model(path: str | os.PathLike, arch: str, out: str | os.PathL
     if len(spec.mean) != spec.channels or len(spec.std) != spec.channels:
         raise CnnmodError(f"expected {spec.channels} values for --mean and --std, found {len(spec.mean)} and "
                           f"{len(spec.std)}.")
-    outputs = _classes_of(model, spec)
+    outputs = run_on_blank(model, spec, f"expected {arch} to take inputs of {spec.channels} x {spec.size[0]} x "
+                                         f"{spec.size[1]}, found that it does not").shape[1]
     if callable(data):
         data = data(spec)
     if classes is None:
@@ -150,8 +152,3 @@ def _library_model(library: str, name: str, state: dict, path: Path) -> nn.Modul
         model = build(int(state[f"{head[-1]}.weight"].shape[0]))
     _load_into(model, state, path, f"{library}:{name}")
     return model
-
-
-def _classes_of(model: nn.Module, spec: InputSpec) -> int:
-    with torch.no_grad():
-        return int(model(torch.zeros(1, spec.channels, *spec.size)).shape[1])

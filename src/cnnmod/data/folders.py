@@ -12,6 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import CnnmodError
+from .inputspec import resized_size
 from .sources import Dataset, choose_split, stack_images
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -99,10 +100,8 @@ def _decode(path: Path, name: str, blob: bytes, channels: int | None, size,
 
 
 def _fit(img, size: tuple[int, int], crop_pct: float | None):
-    """Resize to ``size``; with ``crop_pct`` keep the aspect ratio and crop the centre (InputSpec.resized)."""
-    from .inputspec import InputSpec
-
-    h, w = InputSpec(1, tuple(size), (0.0,), (1.0,), crop_pct=crop_pct).resized(img.size[1], img.size[0])
+    """Resize to ``size``; with ``crop_pct`` keep the aspect ratio and crop the centre (as InputSpec.prepare)."""
+    h, w = resized_size(img.size[1], img.size[0], size, crop_pct)
     img = img.resize((w, h), Image.BILINEAR)
     top, left = (h - size[0]) // 2, (w - size[1]) // 2
     return img.crop((left, top, left + size[1], top + size[0])) if (h, w) != tuple(size) else img

@@ -39,11 +39,7 @@ class InputSpec:
 
     def resized(self, height: int, width: int) -> tuple[int, int]:
         """The size an image of ``height`` x ``width`` is resized to before its centre is cropped."""
-        if self.crop_pct is None:
-            return self.size
-        short = int(min(self.size) / self.crop_pct)
-        scale = short / min(height, width)
-        return max(self.size[0], round(height * scale)), max(self.size[1], round(width * scale))
+        return resized_size(height, width, self.size, self.crop_pct)
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputSpec":
@@ -103,6 +99,15 @@ class InputSpec:
             raise CnnmodError(f"expected prepared tensors of shape (B, {self.channels}, {self.size[0]}, "
                               f"{self.size[1]}), found {tuple(x.shape)}.")
         return x.float()
+
+
+def resized_size(height: int, width: int, size: tuple[int, int], crop_pct: float | None) -> tuple[int, int]:
+    """An image's size before its centre ``size`` is cropped: ``size`` itself without ``crop_pct``,
+    else the aspect ratio kept and the shorter side min(size) / crop_pct (timm's rule)."""
+    if crop_pct is None:
+        return tuple(size)
+    scale = int(min(size) / crop_pct) / min(height, width)
+    return max(size[0], round(height * scale)), max(size[1], round(width * scale))
 
 
 def measure_spec(images: torch.Tensor) -> InputSpec:

@@ -10,6 +10,7 @@ from ..data.inputspec import InputSpec
 from ..errors import CnnmodError
 from ..files import read_file, write_file
 from ..trace import Graph, GraphNetwork
+from ..trace.network import run_on_blank
 from .compact import compact_map, expand_map
 from .module import Module
 
@@ -91,12 +92,7 @@ def _check_runs(module: Module, source: str) -> None:
     if not (1 <= spec.channels <= 4 and 1 <= spec.size[0] * spec.size[1] <= 4096 * 4096):
         raise CnnmodError(f"{source}: expected an image input of 1-4 channels and at most 4096x4096 pixels, "
                           f"found {spec.channels} channels of {spec.size}.")
-    try:
-        with torch.no_grad():
-            out = module.network(torch.zeros(1, spec.channels, *spec.size))
-    except (RuntimeError, TypeError, ValueError, IndexError, KeyError) as e:
-        raise CnnmodError(f"{source}: the module's layers do not fit together "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
+    out = run_on_blank(module.network, spec, f"{source}: the module's layers do not fit together")
     if tuple(out.shape) != (1, 2):
         raise CnnmodError(f"{source}: expected a module with two outputs, found output shape {tuple(out.shape)[1:]}.")
 

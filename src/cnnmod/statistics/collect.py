@@ -46,9 +46,7 @@ def head_layer(graph: Graph) -> str:
 
     Identity and flatten layers after it (timm's classifier heads end in one) change nothing.
     """
-    node = graph.by_name[graph.output]
-    while node.op in ("identity", "flatten"):  # of (B, K) logits: both leave them as they are
-        node = graph.by_name[node.inputs[0]]
+    node = _logits_layer(graph)
     if node.op != "linear":
         raise CnnmodError(f"expected the model to end in a Linear layer, found {node.op} {node.name!r}.")
     return node.name
@@ -56,10 +54,16 @@ def head_layer(graph: Graph) -> str:
 
 def ends_in_linear(graph: Graph) -> bool:
     """Whether the logits come from a Linear layer (identity and flatten after it aside)."""
+    return _logits_layer(graph).op == "linear"
+
+
+def _logits_layer(graph: Graph):
+    """The layer that computes the logits: the output, or what identity and flatten layers after it
+    (of (B, K) logits: both leave them as they are) pass on."""
     node = graph.by_name[graph.output]
     while node.op in ("identity", "flatten"):
         node = graph.by_name[node.inputs[0]]
-    return node.op == "linear"
+    return node
 
 
 def observed_layers(graph: Graph) -> list[str]:

@@ -22,6 +22,25 @@ def conv2d(node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return REGISTRY["conv"].run(node, [x], {"weight": weight, "bias": bias}.get)
 
 
+@torch.no_grad()
+def run_on_blank(model: nn.Module, spec, failure: str) -> torch.Tensor:
+    """Run ``model`` once, in eval mode, on one blank input shaped as ``spec`` says; return its output.
+
+    Whatever fails (layers that do not fit together, an input the model does not take) is one
+    sentence: ``failure``, then the error's first line.
+    """
+    was = model.training
+    model.eval()
+    try:
+        return model(torch.zeros(1, spec.channels, *spec.size))
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+        from ..errors import CnnmodError
+
+        raise CnnmodError(f"{failure} ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
+    finally:
+        model.train(was)
+
+
 def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """A model's tensors keyed like its state dict (a ``GraphNetwork`` stores them under other keys)."""
     return model.weights() if isinstance(model, GraphNetwork) else dict(model.state_dict())
