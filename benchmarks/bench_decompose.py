@@ -32,6 +32,7 @@ from cnnmod.data.inputspec import measure_spec  # noqa: E402
 from cnnmod.evaluate import evaluate_model, evaluate_scores  # noqa: E402
 from cnnmod.modules import decompose  # noqa: E402
 from cnnmod.statistics import plain_pass, select_sample  # noqa: E402
+from cnnmod.trace import overlay_maps  # noqa: E402
 
 PAPER = {  # ICSE'22 Table 1, CI+TI+MC-BLN rows (top-1, top-5, Jaccard)
     "CIFAR-10 ResNet-20": dict(model_top1=87.1, modules_top1=87.0, model_top5=99.5, modules_top5=99.4, jaccard=0.75),
@@ -49,7 +50,7 @@ def measure(name, model, spec, classes, train_set, test_set, repeat=3):
     model_acc = evaluate_model(model, test_set, spec, classes)
     composed = compose(modules)
     mod_acc = evaluate_scores(composed.score_images, test_set, classes)
-    keeps = [torch.cat([k.flatten() for k in m.network.masks().values()]) for m in modules]
+    keeps = [torch.cat([k.flatten() for k in overlay_maps(m.network, "mask").values()]) for m in modules]
     masked_everywhere = float((~torch.stack(keeps)).all(0).float().mean())
     jaccard = [float((a & b).sum() / (a | b).sum()) for a, b in itertools.combinations(keeps, 2)]
     shares = [m.meta["share_kept"] for m in modules]

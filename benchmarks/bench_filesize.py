@@ -25,6 +25,7 @@ from common import CHECKPOINTS, CIFAR_TAR, machine, write_section  # noqa: E402
 
 from cnnmod import compose, decompose, load_composed, load_data, load_model, save_composed, save_module  # noqa: E402
 from cnnmod.files import write_file  # noqa: E402
+from cnnmod.trace import overlay_maps, plain  # noqa: E402
 
 CHECKPOINT = CHECKPOINTS / "cifar10_resnet20.safetensors"
 # label -> channels options, as on the command line (``--trunk 1.0 --retain 0.9 --multiple 8``, ``--keep 0.5``)
@@ -35,13 +36,13 @@ CONFIGS = {"--trunk 1.0 --retain 0.9 --multiple 8": dict(trunk=1.0, retain=0.9, 
 def old_record(module) -> tuple[dict, dict]:
     """A module's (tensors, metadata) as cnnmod stored them before issue #14: every map in full."""
     net = module.network
-    tensors = {f"w.{k}": v for k, v in net.weights().items()}
-    tensors.update({f"mask.{k}": v for k, v in net.masks().items()})
-    tensors.update({f"fill.{k}": v for k, v in net.fills().items()})
-    tensors.update({f"addmap.{k}": v for k, v in net.addmaps().items()})
-    meta = dict(module.meta, format="cnnmod.module", format_version=2 if net.fill_names or net.addmap_names else 1,
+    graph, weights = plain(net)
+    maps = {kind: overlay_maps(net, kind) for kind in ("mask", "fill", "addmap")}
+    tensors = {f"w.{k}": v for k, v in weights.items()}
+    tensors.update({f"{kind}.{k}": v for kind, found in maps.items() for k, v in found.items()})
+    meta = dict(module.meta, format="cnnmod.module", format_version=2 if maps["fill"] or maps["addmap"] else 1,
                 class_index=module.class_index, class_name=module.class_name, input=module.input_spec.to_dict(),
-                graph=net.graph.to_dict())
+                graph=graph.to_dict())
     return tensors, meta
 
 
@@ -71,7 +72,7 @@ def measure(label: str, modules: list, x: torch.Tensor, tmp: Path, checkpoint_by
         same = (tmp / "m.safetensors").read_bytes() == (tmp / "m_old.safetensors").read_bytes()
         row["module_files_unchanged"] += same
     net = modules[0].network
-    row["addmap_bytes"] = sum(4 * a.numel() for a in net.addmaps().values()) / checkpoint_bytes
+    row["addmap_bytes"] = sum(4 * a.numel() for a in overlay_maps(net, "addmap").values()) / checkpoint_bytes
     row["weight_bytes"] = sum(w.numel() * w.element_size() for w in net.weights().values()) / checkpoint_bytes
     row["identical_scores"] = True
     for n in (2, 10):

@@ -5,9 +5,10 @@ import json
 import torch
 
 from cnnmod import TrainConfig, compose, create_model, decompose, load_data, load_model, load_module, save_module, train
+from cnnmod.data.inputspec import measure_spec
 from cnnmod.evaluate import evaluate_scores
 from cnnmod.modules.extract import cost, extract, fold_batchnorm
-from cnnmod.trace import GraphNetwork, trace_graph
+from cnnmod.trace import GraphNetwork, overlaid, trace_graph
 from cnnmod.trace.channels import channel_spaces
 
 from nets import Unfamiliar
@@ -59,7 +60,7 @@ def test_extracted_network_computes_what_the_masked_network_computes():
             for r in spaces.relus[space]:
                 masks[r] = keep[space].view(-1, 1, 1).expand(shapes[r])
                 fills[r] = torch.rand(shapes[r], generator=gen)
-        masked = GraphNetwork(graph, weights, masks, fills)
+        masked = overlaid(graph, weights, masks=masks, fills=fills)
         small = extract(masked, spaces, keep, shape)
         x = torch.randn(5, *shape, generator=gen)
         with torch.no_grad():
@@ -80,7 +81,7 @@ def test_folding_batchnorm_into_convolutions_changes_no_answer():
     keep = {s: torch.rand(shapes[spaces.relus[s][0]][0], generator=gen) < 0.7 for s in spaces.prunable}
     masks = {r: keep[s].view(-1, 1, 1).expand(shapes[r]) for s in spaces.prunable for r in spaces.relus[s]}
     fills = {r: torch.rand(shapes[r], generator=gen) for r in masks}
-    small = extract(GraphNetwork(graph, model.state_dict(), masks, fills), spaces, keep, shape)
+    small = extract(overlaid(graph, model.state_dict(), masks=masks, fills=fills), spaces, keep, shape)
     folded = fold_batchnorm(small)
     ops, before = [n.op for n in folded.graph.nodes], [n.op for n in graph.nodes]
     assert ops.count("bn") == 0 and ops.count("identity") == before.count("identity") + before.count("bn")
@@ -88,6 +89,17 @@ def test_folding_batchnorm_into_convolutions_changes_no_answer():
     x = torch.randn(4, *shape, generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), small(x), rtol=1e-4, atol=1e-4)
+
+
+def test_building_modules_never_writes_into_the_parents_tensors():
+    # Modules share the parent's tensors (no copies); extraction and re-fits bind new ones.
+    model = _randomised(create_model("smallcnn", num_classes=10, image_size=8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = load_data("digits", "train")
+    for strategy in ("paper", "channels"):
+        decompose(model, data, strategy=strategy, calibration=0, positives=20, negatives_per_class=3,
+                  input_spec=measure_spec(data.images))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_keeping_every_channel_answers_exactly_like_the_model(tmp_path):
@@ -137,7 +149,7 @@ def test_cli_decompose_channels_reports_sizes_and_inspect_shows_them(tmp_path, c
     assert "argument --keep: expected a share > 0.0 and <= 1.0, found 1.5" in capsys.readouterr().err
 
 
-def test_modules_with_a_trunk_share_it_and_compose_runs_it_once(tmp_path):
+def test_modules_with_a_trunk_share_it_and_compose_runs_it_once(tmp_path, monkeypatch):
     data, test = load_data("digits", "train"), load_data("digits", "test")
     train("smallcnn", data, tmp_path / "m.safetensors", TrainConfig(epochs=1, lr=0.05), progress=False)
     model = load_model(tmp_path / "m.safetensors")
@@ -149,14 +161,14 @@ def test_modules_with_a_trunk_share_it_and_compose_runs_it_once(tmp_path):
     assert not torch.equal(modules[0].network.weight("features.4.weight"), modules[1].network.weight("features.4.weight"))
     clf = compose(modules, rule="vote")
     assert clf.trunk_layers() == [{"x", "features.0", "features.1", "features.2", "features.3"}]
-    seen = [[] for _ in modules]
-    for k, m in enumerate(modules):
-        m.network.observer = lambda name, out, k=k: seen[k].append(name)
+    ran, step = [], GraphNetwork._step
+    monkeypatch.setattr(GraphNetwork, "_step",
+                        lambda self, node, *a: ran.append((self, node.name)) or step(self, node, *a))
     x = test.images[:32]
     scores = clf.score_images(x)
+    seen = [[name for net, name in ran if net is m.network] for m in modules]
     assert "features.0" in seen[0] and all("features.0" not in s and "features.4" in s for s in seen[1:])  # once
-    for m in modules:
-        m.network.observer = None
+    monkeypatch.undo()
     # Oracle: the shared trunk changes nothing; each module alone gives the same margins.
     alone = torch.stack([m.margin(m.input_spec.prepare(x)) for m in modules], 1)
     assert torch.equal(scores, alone)
@@ -276,8 +288,7 @@ def test_shared_refits_are_computed_once_and_equal_fresh_ones(tmp_path, monkeypa
     # Oracle: class 6's module built from scratch (no re-fit reused) is the same module, bit for bit.
     fresh, _ = real(dataclasses.replace(parent, _refits={}), 6, score="energy", retain=0.8, trunk=1.0)
     assert fresh.weights().keys() == modules[6].network.weights().keys()
-    assert all(torch.equal(w, modules[6].network.weight(k)) for k, w in fresh.weights().items())
-    assert all(torch.equal(a, modules[6].network.addmap(k)) for k, a in fresh.addmaps().items())
+    assert all(torch.equal(w, modules[6].network.weight(k)) for k, w in fresh.weights().items())  # maps too
     # Without a trunk every class chooses its own channels: nothing can be reused.
     seen.clear()
     decompose(model, data, strategy="channels", score="energy", retain=0.8, calibration=0)

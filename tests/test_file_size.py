@@ -9,7 +9,7 @@ import torch
 from cnnmod import CnnmodError, compose, create_model, decompose, load_composed, load_module, save_composed, save_module
 from cnnmod.files import read_file, write_file
 from cnnmod.modules.module import Module
-from cnnmod.trace import GraphNetwork
+from cnnmod.trace import overlaid, overlay_maps, plain
 
 from fuzzing import mutations
 
@@ -43,11 +43,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _old_module_file(module, path) -> None:
     """Write ``module`` as cnnmod wrote channels modules before issue #14: full maps, version 2."""
-    net = module.network
-    tensors = {f"w.{k}": v for k, v in net.weights().items()}
-    tensors.update({f"addmap.{k}": v for k, v in net.addmaps().items()})
+    graph, weights = plain(module.network)
+    tensors = {f"w.{k}": v for k, v in weights.items()}
+    tensors.update({f"addmap.{k}": v for k, v in overlay_maps(module.network, "addmap").items()})
     meta = dict(module.meta, format="cnnmod.module", format_version=2, class_index=module.class_index,
-                class_name=module.class_name, input=module.input_spec.to_dict(), graph=net.graph.to_dict())
+                class_name=module.class_name, input=module.input_spec.to_dict(), graph=graph.to_dict())
     write_file(path, tensors, meta)
 
 
@@ -68,8 +68,9 @@ def test_constant_maps_are_stored_compact_and_load_bit_for_bit(trunk_modules, tm
     index = torch.tensor([0, 1, 1, 2])
     padding = border[:, index][:, :, index]  # (16, 4, 4)
     noise = torch.randn(8, 8, 8, generator=gen)
-    maps = {"features.0": per_channel, "features.2": noise, "features.4": padding, "hidden": net.addmap("hidden")}
-    hand = Module(real.class_index, real.class_name, GraphNetwork(net.graph, net.weights(), addmaps=maps),
+    maps = {"features.0": per_channel, "features.2": noise, "features.4": padding,
+            "hidden": net.weight("hidden.addmap")}
+    hand = Module(real.class_index, real.class_name, overlaid(*plain(net), addmaps=maps),
                   real.input_spec, real.meta)
     save_module(hand, tmp_path / "m.safetensors")
     shapes, meta = _header(tmp_path / "m.safetensors")
@@ -80,7 +81,7 @@ def test_constant_maps_are_stored_compact_and_load_bit_for_bit(trunk_modules, tm
     assert shapes["addmap.features.2"] == ("F32", [8, 8, 8]) and "addmap_rows.features.2" not in shapes
     assert shapes["addmap.hidden"] == ("F32", [64])
     loaded = load_module(tmp_path / "m.safetensors")
-    assert all(torch.equal(_bits(loaded.network.addmap(k)), _bits(m)) for k, m in maps.items())
+    assert all(torch.equal(_bits(loaded.network.weight(f"{k}.addmap")), _bits(m)) for k, m in maps.items())
     x = torch.randn(5, 1, 8, 8, generator=gen)
     assert torch.equal(loaded.network(x), hand.network(x))
     save_module(loaded, tmp_path / "again.safetensors")  # deterministic: same module, same bytes
@@ -97,8 +98,8 @@ def test_constant_maps_are_stored_compact_and_load_bit_for_bit(trunk_modules, tm
 def test_a_damaged_compact_map_is_refused(trunk_modules, tmp_path):
     real = trunk_modules[0]
     net = real.network
-    maps = {"features.0": torch.full((8, 8, 8), 0.5), "hidden": net.addmap("hidden")}
-    hand = Module(real.class_index, real.class_name, GraphNetwork(net.graph, net.weights(), addmaps=maps),
+    maps = {"features.0": torch.full((8, 8, 8), 0.5), "hidden": net.weight("hidden.addmap")}
+    hand = Module(real.class_index, real.class_name, overlaid(*plain(net), addmaps=maps),
                   real.input_spec, real.meta)
     save_module(hand, tmp_path / "m.safetensors")
     tensors, meta = read_file(tmp_path / "m.safetensors")
@@ -139,11 +140,11 @@ def test_composed_file_stores_each_tensor_once_and_scores_like_the_composition(t
     # A version-1 file (every module's tensors in full, as cnnmod wrote them before) still loads.
     tensors, metas = {}, []
     for k, m in enumerate(trunk_modules):
-        net = m.network
-        tensors.update({f"{k}.w.{n}": v for n, v in net.weights().items()})
-        tensors.update({f"{k}.addmap.{n}": v for n, v in net.addmaps().items()})
+        graph, weights = plain(m.network)
+        tensors.update({f"{k}.w.{n}": v for n, v in weights.items()})
+        tensors.update({f"{k}.addmap.{n}": v for n, v in overlay_maps(m.network, "addmap").items()})
         metas.append(dict(m.meta, format="cnnmod.module", format_version=2, class_index=m.class_index,
-                          class_name=m.class_name, input=m.input_spec.to_dict(), graph=net.graph.to_dict()))
+                          class_name=m.class_name, input=m.input_spec.to_dict(), graph=graph.to_dict()))
     write_file(tmp_path / "v1.safetensors", tensors, {"format": "cnnmod.composed", "format_version": 1,
                                                       "modules": metas, "rule": "vote", "unknown_below": None})
     assert torch.equal(load_composed(tmp_path / "v1.safetensors")(x), clf(x))

@@ -8,7 +8,7 @@ from cnnmod import CnnmodError
 from cnnmod.compose import compose
 from cnnmod.concerns import backtrack_removed, channel_head, mc_bln_features
 from cnnmod.modules import decompose, load_module, save_module
-from cnnmod.trace import trace_graph
+from cnnmod.trace import overlay_maps, trace_graph
 
 from nets import PixelNet, Unfamiliar, pixel_data, train_unfamiliar
 
@@ -18,7 +18,7 @@ NO_BLN = 1e9  # a delta no weight reaches: MC-BLN removes nothing
 def test_ci_masks_are_exact():
     modules = decompose(PixelNet(), pixel_data(), positives=2, negatives_per_class=0, delta=NO_BLN)
     for c, m in enumerate(modules):
-        keep = m.network.masks()["relu"]  # (2, 2, 2)
+        keep = overlay_maps(m.network, "mask")["relu"]  # (2, 2, 2)
         expected = torch.zeros(2, 2, 2, dtype=torch.bool)
         expected[0].view(-1)[c] = True  # only its own pixel, channel 0
         assert torch.equal(keep, expected)
@@ -28,7 +28,7 @@ def test_ci_masks_are_exact():
 def test_ti_adds_back_what_negatives_use():
     modules = decompose(PixelNet(), pixel_data(), positives=2, negatives_per_class=1, delta=NO_BLN)
     for m in modules:  # every module now also saw one image of each other class
-        keep = m.network.masks()["relu"]
+        keep = overlay_maps(m.network, "mask")["relu"]
         assert keep[0].view(-1).tolist() == [True, True, True, False] and not keep[1].any()
         assert m.meta["observed_images"] == 2 + 1 + 1
 

@@ -8,6 +8,7 @@ from cnnmod import CnnmodError, compose, decompose, load_composed, save_composed
 from cnnmod.evaluate import evaluate_scores
 from cnnmod.modules.adapt import adapt_
 from cnnmod.modules.calibration import fit_platt
+from cnnmod.trace import overlay_maps
 
 from nets import PixelNet, pixel_data
 
@@ -68,15 +69,18 @@ def test_unknown_answers_are_counted_as_misses():
 def test_continuous_learning_keeps_what_foreign_images_activate():
     modules = decompose(PixelNet(), pixel_data(), positives=2, negatives_per_class=0, delta=1e9, calibration=0)
     m = modules[0]
-    before = m.network.masks()["relu"].clone()
+    before = overlay_maps(m.network, "mask")["relu"].clone()
     foreign = torch.zeros(3, 1, 2, 2, dtype=torch.uint8)
     foreign[:, 0, 1, 1] = 200  # lights pixel 3, which no class of the parent used
     m.input_spec = type(m.input_spec)(1, (2, 2), (0.0,), (1.0 / 255,))  # raw values as the net saw them
     added = adapt_(m, foreign)
-    after = m.network.masks()["relu"]
+    after = overlay_maps(m.network, "mask")["relu"]
     expected = before.clone()
     expected[0, 1, 1] = True  # channel 0 (weight +1) at pixel 3; channel 1 (weight -1) stays off
     assert added == 1 and torch.equal(after, expected)
+    assert torch.equal(overlay_maps(modules[1].network, "mask")["relu"], overlay_maps(
+        decompose(PixelNet(), pixel_data(), positives=2, negatives_per_class=0, delta=1e9, calibration=0)[1].network,
+        "mask")["relu"])  # a sibling module sharing the parent's tensors is untouched
 
 
 def test_composed_file_keeps_its_rule_and_threshold(tmp_path):

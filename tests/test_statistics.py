@@ -4,7 +4,7 @@ import torch.nn as nn
 
 from cnnmod import CnnmodError
 from cnnmod.modules.decompose import _adapt, sample_batches
-from cnnmod.statistics import collect_statistics, observed_layers, observing, select_sample
+from cnnmod.statistics import collect_statistics, observed_layers, select_sample
 from cnnmod.trace import GraphNetwork, trace_graph
 
 from nets import PixelNet, Unfamiliar, pixel_data
@@ -82,17 +82,14 @@ def test_exact_counts_on_the_pixel_net():
         assert torch.equal(stats.positive_counts(c)["relu"], expected)
 
 
-def test_observer_is_removed_even_when_the_forward_raises():
+def test_an_observer_belongs_to_one_run():
     model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))
     network = GraphNetwork(trace_graph(model), model.state_dict())
-
-    def boom(*_):
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError):
-        with observing(network, ["1"], boom):
-            network(torch.ones(1, 1, 2, 2))
-    assert network.observer is None
+    seen = []
+    out = network(torch.ones(1, 1, 2, 2), after=lambda name, value: seen.append(name))
+    assert seen == ["input_1", "0", "1", "2", "3"] and torch.equal(out, model(torch.ones(1, 1, 2, 2)))
+    network(torch.ones(1, 1, 2, 2))
+    assert len(seen) == 5  # the next run observes nothing
 
 
 def test_a_graph_that_differs_from_the_model_is_refused():

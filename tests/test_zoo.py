@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cnnmod import Dataset, InputSpec, decompose, load_module, save_module
-from cnnmod.trace import Graph, GraphNetwork, trace_graph
+from cnnmod.trace import Graph, GraphNetwork, overlaid, trace_graph
 
 from zoo import ZOO, create
 
@@ -85,7 +85,7 @@ def test_extracted_zoo_network_computes_what_the_masked_network_computes(library
         for r in spaces.relus[space]:
             masks[r] = keep[space].view(-1, *[1] * (len(shapes[r]) - 1)).expand(shapes[r])
             fills[r] = torch.rand(shapes[r], generator=gen)
-    masked = GraphNetwork(graph, weights, masks, fills)
+    masked = overlaid(graph, weights, masks=masks, fills=fills)
     small = extract(masked, spaces, keep, (3, 32, 32))
     x = torch.randn(4, 3, 32, 32, generator=gen)
     with torch.no_grad():

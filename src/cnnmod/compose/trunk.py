@@ -24,6 +24,7 @@ import torch
 
 from ..trace.ops import REGISTRY, weight_keys
 from ..trace.network import GraphNetwork
+from ..trace.overlays import plain
 
 
 @dataclass
@@ -35,9 +36,9 @@ class Group:
     branch: set[str]  # the other layers, run per module
 
 
-def _tensors(net: GraphNetwork, name: str, op: str) -> dict[str, torch.Tensor]:
+def _tensors(net: GraphNetwork, name: str) -> dict[str, torch.Tensor]:
+    """A layer's tensors by role, its overlays' included."""
     found = {p: net.weight(k) for p, k in weight_keys(net.graph.by_name[name]).items()}
-    found.update(mask=net.mask(name), fill=net.fill(name), addmap=net.addmap(name))
     return {k: v for k, v in found.items() if v is not None}
 
 
@@ -47,15 +48,16 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def shared_layers(nets: list[GraphNetwork]) -> set[str]:
     """The layers every network of ``nets`` computes identically from identical inputs."""
-    graphs = {json.dumps(n.graph.to_dict(), sort_keys=True) for n in nets}
+    graphs = {json.dumps(plain(n)[0].to_dict(), sort_keys=True) for n in nets}  # overlays: per layer
     if len(nets) < 2 or len(graphs) > 1:
         return set()
     first, shared = nets[0], set()
     for node in first.graph.nodes:
         if node.name == first.graph.output or not all(i in shared for i in node.inputs):
             continue
-        mine = _tensors(first, node.name, node.op)
-        if all(_same(mine, _tensors(other, node.name, node.op)) for other in nets[1:]):
+        mine = _tensors(first, node.name)
+        if all(other.graph.by_name[node.name].then == node.then and _same(mine, _tensors(other, node.name))
+               for other in nets[1:]):
             shared.add(node.name)
     return shared
 

@@ -11,8 +11,8 @@ import torch
 
 from ..concerns import backtrack_removed, mc_bln_features
 from ..errors import CnnmodError
-from ..statistics.collect import head_layer, observing
-from ..trace import GraphNetwork
+from ..statistics.collect import head_layer
+from ..trace import GraphNetwork, overlay_maps, plain
 from .module import Module
 
 
@@ -23,16 +23,16 @@ def adapt_(module: Module, images: torch.Tensor, *, batch_size: int = 256) -> in
         raise CnnmodError(f"module {module.class_name!r}: continuous learning is defined for the paper strategy, "
                           f"found {module.meta.get('strategy')!r}.")
     net = module.network
-    keep = net.masks()
-    parent = GraphNetwork(net.graph, net.weights())  # unmasked: TI observes the parent's values
+    keep = overlay_maps(net, "mask")
+    parent = GraphNetwork(*plain(net))  # unmasked: TI observes the parent's values
     active = {name: torch.zeros_like(k) for name, k in keep.items()}
 
     def observe(name, out):
-        active[name] |= (out > 0).any(0)
+        if name in active:
+            active[name] |= (out > 0).any(0)
 
-    with observing(parent, list(keep), observe):
-        for chunk in images.split(batch_size):
-            parent(module.input_spec.prepare(chunk))
+    for chunk in images.split(batch_size):
+        parent(module.input_spec.prepare(chunk), after=observe)
     head = head_layer(net.graph)
     removed = mc_bln_features(net.weight(f"{head}.weight"), module.meta["options"].get("delta", 0.5))
     shapes = parent.shapes((module.input_spec.channels, *module.input_spec.size))
@@ -41,8 +41,8 @@ def adapt_(module: Module, images: torch.Tensor, *, batch_size: int = 256) -> in
     for name, k in keep.items():
         new = k | (active[name] & ~gone.get(name, torch.zeros_like(k)))
         added += int((new & ~k).sum())
-        getattr(net, "mask__" + name.replace(".", "__")).copy_(new)
-    kept = sum(int(m.sum()) for m in net.masks().values())
+        net.set_weight(f"{name}.mask", new)
+    kept = sum(int(m.sum()) for m in overlay_maps(net, "mask").values())
     module.meta["share_kept"] = kept / module.meta["elements_total"]
     module.meta["elements_kept"] = kept
     module.meta["adapted_with_images"] = module.meta.get("adapted_with_images", 0) + len(images)

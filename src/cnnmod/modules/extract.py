@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..trace.channels import Spaces
 from ..trace.graph import PARAMS, Graph, Node
 from ..trace.network import GraphNetwork, conv2d
+from ..trace.overlays import overlaid, plain
 from ..trace.ops import REGISTRY, weight_keys
 
 
@@ -80,8 +81,8 @@ def extract(net: GraphNetwork, spaces: Spaces, keep: dict[int, torch.Tensor],
             if bias is not None:
                 new[f"{name}.bias"] = bias
         else:  # LayerNorm, a layer scale: their spaces are kept whole, their tensors as they are
-            new.update({k: w[k] for k in weight_keys(node).values() if k in w})
-    return GraphNetwork(graph, new, addmaps=addmaps)
+            new.update({k: w[k] for k in weight_keys(node, overlays=False).values() if k in w})
+    return overlaid(plain(net)[0], new, addmaps=addmaps)  # the removed channels are gone: no fills
 
 
 @torch.no_grad()
@@ -94,12 +95,12 @@ def fold_batchnorm(net: GraphNetwork) -> GraphNetwork:
     in float64); saves one pass over every such activation (about 7% of a ResNet-20 on a CPU).
     Every module of one parent folds identical layers identically, so a shared trunk stays shared.
     """
-    graph, w, addmaps = net.graph, net.weights(), net.addmaps()
+    graph, w = net.graph, net.weights()
     nodes, new = [], dict(w)
     for node in graph.nodes:
         conv = graph.by_name[node.inputs[0]] if node.op == "bn" else None
         if conv is None or conv.op != "conv" or net.readers(conv.name) != {node.name} \
-                or net.mask(conv.name) is not None or net.mask(node.name) is not None:
+                or set(conv.then) - {"addmap"} or node.then:  # masked or filled: not a plain affine map
             nodes.append(node)
             continue
         mean, var = w[f"{node.name}.running_mean"].double(), w[f"{node.name}.running_var"].double()
@@ -109,12 +110,12 @@ def fold_batchnorm(net: GraphNetwork) -> GraphNetwork:
         bias = 0.0 if bias is None else bias.double()
         new[f"{conv.name}.weight"] = (w[f"{conv.name}.weight"].double() * s.view(-1, 1, 1, 1)).float()
         new[f"{conv.name}.bias"] = ((bias - mean) * s + (0.0 if beta is None else beta.double())).float()
-        if conv.name in addmaps:
-            addmaps[conv.name] = (addmaps[conv.name].double() * s.view(-1, 1, 1)).float()
+        if "addmap" in conv.then:
+            new[f"{conv.name}.addmap"] = (w[f"{conv.name}.addmap"].double() * s.view(-1, 1, 1)).float()
         for p in PARAMS["bn"]:
             new.pop(f"{node.name}.{p}", None)
         nodes.append(Node(node.name, "identity", list(node.inputs), {}))
-    return GraphNetwork(Graph(nodes, graph.output), new, net.masks() or None, net.fills() or None, addmaps or None)
+    return GraphNetwork(Graph(nodes, graph.output), new)
 
 
 def layer_macs(node, out_shape: tuple[int, ...], weight: torch.Tensor) -> int:
@@ -130,7 +131,7 @@ def cost(net: GraphNetwork, input_shape: tuple[int, ...], nodes: set[str] | None
     values = net.run_all(torch.zeros(1, *input_shape))
     w = net.weights()
     keys = {k for node in net.graph.nodes if nodes is None or node.name in nodes
-            for role, k in weight_keys(node).items() if role not in ("running_mean", "running_var")}
+            for role, k in weight_keys(node, overlays=False).items() if role not in ("running_mean", "running_var")}
     params = sum(w[k].numel() for k in keys if k in w)
     macs = 0
     for node in net.graph.nodes:

@@ -9,7 +9,7 @@ import torch
 from ..data.inputspec import InputSpec
 from ..errors import CnnmodError
 from ..files import read_file, write_file
-from ..trace import Graph, GraphNetwork
+from ..trace import Graph, overlaid, overlay_maps, plain
 from ..trace.network import run_on_blank
 from .compact import compact_map, expand_map
 from .module import Module
@@ -25,10 +25,11 @@ MAPS = ("fill", "addmap")
 def module_record(module: Module) -> tuple[dict, dict]:
     """Return (tensors, metadata) that describe ``module`` completely."""
     net = module.network
-    tensors = {f"w.{k}": v for k, v in net.weights().items()}
-    tensors.update({f"mask.{k}": v for k, v in net.masks().items()})
-    compacted = False
-    for kind, maps in zip(MAPS, (net.fills(), net.addmaps())):
+    graph, weights = plain(net)  # the file keeps the parent's layers and the overlays apart
+    tensors = {f"w.{k}": v for k, v in weights.items()}
+    tensors.update({f"mask.{k}": v for k, v in overlay_maps(net, "mask").items()})
+    compacted, maps_of = False, {kind: overlay_maps(net, kind) for kind in MAPS}
+    for kind, maps in maps_of.items():
         for k, full in maps.items():
             small = compact_map(full)
             if small is None:
@@ -38,9 +39,9 @@ def module_record(module: Module) -> tuple[dict, dict]:
                 compacted = True
     # Files an older reader can run keep its version (the paper strategy's stay version 1, byte
     # for byte; channels modules whose maps do not compact stay version 2, byte for byte).
-    version = FORMAT_VERSION if compacted else 2 if net.fill_names or net.addmap_names else 1
+    version = FORMAT_VERSION if compacted else 2 if any(maps_of.values()) else 1
     meta = dict(module.meta, format=FORMAT, format_version=version, class_index=module.class_index,
-                class_name=module.class_name, input=module.input_spec.to_dict(), graph=net.graph.to_dict())
+                class_name=module.class_name, input=module.input_spec.to_dict(), graph=graph.to_dict())
     return tensors, meta
 
 
@@ -54,7 +55,7 @@ def module_from_record(tensors: dict, meta: dict, source: str = "module") -> Mod
         graph = Graph.from_dict(meta["graph"])
         weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w.")}
         masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}
-        network = GraphNetwork(graph, weights, masks, fills, addmaps)
+        network = overlaid(graph, weights, masks=masks, fills=fills, addmaps=addmaps)
         module = Module(int(meta["class_index"]), str(meta["class_name"]), network,
                         InputSpec.from_dict(meta["input"]), meta)
     except (KeyError, TypeError, ValueError) as e:

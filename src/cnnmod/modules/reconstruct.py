@@ -50,7 +50,7 @@ def _ridge(chunks, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
 def reconstruct_(small: GraphNetwork, targets: dict[str, torch.Tensor], out_index: dict[str, torch.Tensor | None],
                  x: torch.Tensor, ridge: float = 1e-3, *, cache: dict | None = None,
                  cacheable: set[str] = frozenset()) -> None:
-    """Re-fit, in place, the layers of ``small`` named in ``targets`` (their parent outputs on ``x``).
+    """Re-fit the layers of ``small`` named in ``targets`` (their parent outputs on ``x``).
 
     ``out_index[name]`` says which of the parent's output channels the small layer kept (None: all).
     ``cache``: re-fits of ``cacheable`` layers (the same in every module of a parent) are taken
@@ -61,8 +61,8 @@ def reconstruct_(small: GraphNetwork, targets: dict[str, torch.Tensor], out_inde
             return
         if cache is not None and node.name in cache:
             weight, addmap = cache[node.name]
-            small.weight(f"{node.name}.weight").copy_(weight)
-            small.addmap(node.name).copy_(addmap)
+            small.set_weight(f"{node.name}.weight", weight)
+            small.set_weight(f"{node.name}.addmap", addmap)
             return
         if node.op == "linear" and small.weight(f"{node.name}.weight").shape[1] > MAX_LINEAR_INPUTS:
             # VGG's 25,088-input classifier: its normal equations take 5 GB and minutes, for a fit
@@ -74,7 +74,7 @@ def reconstruct_(small: GraphNetwork, targets: dict[str, torch.Tensor], out_inde
             target = target[:, out_index[node.name]]
         weight = small.weight(f"{node.name}.weight")
         bias = small.weight(f"{node.name}.bias")
-        addmap = small.addmaps().get(node.name)
+        addmap = small.weight(f"{node.name}.addmap")  # every layer that reads removed channels has one (extract)
         fixed = (0 if bias is None else bias.view(1, -1, *[1] * (target.dim() - 2))) + \
             (0 if addmap is None else addmap.unsqueeze(0))
         residual = target - fixed  # what the weights (and an offset) must produce
@@ -84,14 +84,13 @@ def reconstruct_(small: GraphNetwork, targets: dict[str, torch.Tensor], out_inde
                     yield (_patches(node, x_part, tuple(weight.shape[2:])),
                            r_part.permute(0, 2, 3, 1).reshape(-1, r_part.shape[1]))
             w, o = _ridge(chunks(), ridge)
-            weight.copy_(w.view_as(weight))
-            offset = o.view(-1, 1, 1)
+            weight, offset = w.view_as(weight), o.view(-1, 1, 1)
         else:  # linear
-            w, o = _ridge([(xs[0], residual)], ridge)
-            weight.copy_(w)
-            offset = o
-        addmap.add_(offset)  # every layer that reads removed channels has an addmap (``extract``)
+            weight, offset = _ridge([(xs[0], residual)], ridge)
+        addmap = addmap + offset
+        small.set_weight(f"{node.name}.weight", weight)  # new tensors: the parent's are never written
+        small.set_weight(f"{node.name}.addmap", addmap)
         if cache is not None and node.name in cacheable:
-            cache[node.name] = (weight.clone(), addmap.clone())
+            cache[node.name] = (weight, addmap)
 
     small.run_all(x, keep=False, before=fit)

@@ -20,6 +20,7 @@ from ..statistics import ActivationStats
 from ..trace.channels import Spaces, channel_spaces
 from ..trace.graph import Graph
 from ..trace.network import GraphNetwork
+from ..trace.overlays import overlaid
 from .extract import cost, extract, fold_batchnorm, layer_macs
 from .reconstruct import reconstruct_
 
@@ -127,8 +128,7 @@ class Parent:
             wanted = names | (self._outputs or {}).keys()
             self._outputs = {}
             net = GraphNetwork(self.graph, self.weights)
-            net.observer = lambda name, out: self._outputs.__setitem__(name, out) if name in wanted else None
-            net(self.sample)
+            net(self.sample, after=lambda name, out: self._outputs.__setitem__(name, out) if name in wanted else None)
         return self._outputs
 
 
@@ -147,7 +147,7 @@ def paper_strategy(parent: Parent, c: int, *, delta: float = 0.5) -> tuple[Graph
     total = sum(m.numel() for m in keep.values())
     summary = {"elements_kept": kept, "elements_total": total, "share_kept": kept / total,
                "mc_bln_features_removed": int(removed.sum())}
-    return GraphNetwork(parent.graph, weights, keep), summary
+    return overlaid(parent.graph, weights, masks=keep), summary
 
 
 def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool = True, streams: bool = True,
@@ -208,7 +208,7 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
             shape = parent.shapes[relu]
             masks[relu] = chosen.view(-1, *([1] * (len(shape) - 1))).expand(shape)
             fills[relu] = parent.stats.mean(relu).float()
-    masked = GraphNetwork(parent.graph, weights, masks, fills)
+    masked = overlaid(parent.graph, weights, masks=masks, fills=fills)
     network = extract(masked, spaces, keep_channels, parent.input_shape)
     if refit and parent.sample is not None:
         readers = {n.name for n in parent.graph.nodes if n.op in ("conv", "linear") and n.inputs

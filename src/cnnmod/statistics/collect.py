@@ -17,7 +17,6 @@ batch) rather than hooks on the user's model: functional ReLUs and adds have no 
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -113,20 +112,6 @@ class ActivationStats:
         return self._neg_total[name]
 
 
-@contextmanager
-def observing(network: GraphNetwork, layers: list[str], callback: Callable[[str, torch.Tensor], None]):
-    """Call ``callback(layer, output)`` whenever ``network`` computes one of ``layers``.
-
-    The observer is always removed, even when the forward pass raises.
-    """
-    wanted = set(layers)
-    network.observer = lambda name, out: callback(name, out) if name in wanted else None
-    try:
-        yield
-    finally:
-        network.observer = None
-
-
 # (part "neg" | "rest", number of images, loader of (x (B, ...), y (B,))): loaded only when counted
 Batch = tuple[str, int, Callable[[], tuple[torch.Tensor, torch.Tensor]]]
 
@@ -167,7 +152,11 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
     done = saver.load(counts, seen) if saver is not None else 0
     state = {"part": "neg", "y": None, "runs": None}
 
+    wanted = set(layers)
+
     def count(name: str, out: torch.Tensor) -> None:
+        if name not in wanted:
+            return
         if sums:
             if name not in counts["sum"]:
                 counts["sum"][name] = torch.zeros(out.shape[1:], dtype=torch.int64, device=out.device)
@@ -192,26 +181,25 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
                disable=not (progress and sys.stderr.isatty()),
                unit="img", unit_scale=True, desc="statistics pass")
     try:
-        with observing(network, layers, count):
-            for i, (part, _, load) in enumerate(batches[done:], start=done):
-                if i % world != rank:
-                    continue  # another rank's batch
-                x, y = load()
-                x, y = x.to(device), y.to(device)
-                if not torch.isfinite(x).all():
-                    raise CnnmodError(f"expected finite inputs, found NaN or Inf in batch {i} of the data.")
-                state["part"], state["y"] = part, y
-                state["runs"] = torch.unique_consecutive(y, return_counts=True)
-                with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
-                    out = network(x)
-                if i - done < world:  # each rank's first batch (8 images); the user's model stays put
-                    model_device = next(model.parameters(), torch.empty(0)).device
-                    _check_equal(model(x[:8].to(model_device)).to(out.device).float(), out[:8].float(),
-                                 tolerance=1e-3 if precision == "fp32" else 5e-2)
-                seen[part] += torch.bincount(y, minlength=num_classes).cpu()
-                bar.update(len(y))
-                if saver is not None:
-                    saver.maybe_save(counts, seen, i + 1)
+        for i, (part, _, load) in enumerate(batches[done:], start=done):
+            if i % world != rank:
+                continue  # another rank's batch
+            x, y = load()
+            x, y = x.to(device), y.to(device)
+            if not torch.isfinite(x).all():
+                raise CnnmodError(f"expected finite inputs, found NaN or Inf in batch {i} of the data.")
+            state["part"], state["y"] = part, y
+            state["runs"] = torch.unique_consecutive(y, return_counts=True)
+            with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+                out = network(x, after=count)
+            if i - done < world:  # each rank's first batch (8 images); the user's model stays put
+                model_device = next(model.parameters(), torch.empty(0)).device
+                _check_equal(model(x[:8].to(model_device)).to(out.device).float(), out[:8].float(),
+                             tolerance=1e-3 if precision == "fp32" else 5e-2)
+            seen[part] += torch.bincount(y, minlength=num_classes).cpu()
+            bar.update(len(y))
+            if saver is not None:
+                saver.maybe_save(counts, seen, i + 1)
     finally:
         bar.close()
         model.train(was_training)

@@ -2,5 +2,6 @@
 
 from .graph import Graph, Node, trace_graph
 from .network import GraphNetwork, weights_of
+from .overlays import overlaid, overlay_maps, plain
 
-__all__ = ["Graph", "GraphNetwork", "Node", "trace_graph", "weights_of"]
+__all__ = ["Graph", "GraphNetwork", "Node", "overlaid", "overlay_maps", "plain", "trace_graph", "weights_of"]

@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from ..errors import CnnmodError
 from .ops import PARAMS, REGISTRY  # noqa: F401  (PARAMS is re-exported for the pipeline)
 
-# Operations a graph may hold, and the tensors each keeps in the state dict: the registry's.
-OPS = set(REGISTRY)
+# Operations a graph's layers may be, and the overlays a strategy may add to a layer: the registry's.
+OPS = {name for name, op in REGISTRY.items() if not op.overlay}
+OVERLAYS = {name for name, op in REGISTRY.items() if op.overlay}
 
 
 @dataclass
@@ -39,6 +40,13 @@ class Node:
     op: str  # a name in the registry (ops.py): input, conv, bn, relu, add, cat, linear, ...
     inputs: list[str]
     attrs: dict = field(default_factory=dict)
+    then: list[str] = field(default_factory=list)  # overlays run on the output, in order (ops.py)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if not self.then:
+            del d["then"]  # a parent's layer: written as before overlays existed
+        return d
 
 
 @dataclass
@@ -50,7 +58,24 @@ class Graph:
         self.by_name = {n.name: n for n in self.nodes}
 
     def to_dict(self) -> dict:
-        return {"nodes": [asdict(n) for n in self.nodes], "output": self.output}
+        return {"nodes": [n.to_dict() for n in self.nodes], "output": self.output}
+
+    def readers(self) -> dict[str, set[str]]:
+        """The layers that read each layer's output."""
+        found: dict[str, set[str]] = {n.name: set() for n in self.nodes}
+        for node in self.nodes:
+            for i in node.inputs:
+                found[i].add(node.name)
+        return found
+
+    def last_reads(self) -> dict[int, list[str]]:
+        """After which node (by position) each value other than the output is read for the last time."""
+        last = {i: k for k, node in enumerate(self.nodes) for i in node.inputs}
+        after: dict[int, list[str]] = {}
+        for name, k in last.items():
+            if name != self.output:
+                after.setdefault(k, []).append(name)
+        return after
 
     @classmethod
     def from_dict(cls, d: dict) -> "Graph":
@@ -61,7 +86,8 @@ class Graph:
             raise CnnmodError(f"expected a layer graph (nodes, output), found a damaged one ({e}).") from None
         seen = set()
         for n in graph.nodes:
-            if n.op not in OPS or not set(n.inputs) <= seen or not isinstance(n.attrs, dict):
+            if n.op not in OPS or not set(n.inputs) <= seen or not isinstance(n.attrs, dict) \
+                    or not (isinstance(n.then, list) and all(isinstance(t, str) and t in OVERLAYS for t in n.then)):
                 raise CnnmodError(f"expected a layer graph of known operations, found node {n.name!r} "
                                   f"({n.op!r}) that is unknown or uses a later layer.")
             seen.add(n.name)

@@ -47,53 +47,35 @@ def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class GraphNetwork(nn.Module):
-    """Execute ``graph`` with ``weights`` (keyed like a state dict), masking ``masks``' layers."""
+    """Execute ``graph`` with ``weights`` (keyed like a state dict): the executor, and nothing else.
 
-    def __init__(self, graph: Graph, weights: dict[str, torch.Tensor],
-                 masks: dict[str, torch.Tensor] | None = None, fills: dict[str, torch.Tensor] | None = None,
-                 addmaps: dict[str, torch.Tensor] | None = None):
+    What a strategy adds to the parent (masks, fills, added constants) is part of the graph (each
+    node's overlays, ops.py) and of its tensors, so running a module is running a graph. The
+    tensors are never written in place: ``set_weight`` rebinds a name to a new tensor, so networks
+    built from one parent can share its tensors safely (a module holds views, not copies).
+    """
+
+    def __init__(self, graph: Graph, weights: dict[str, torch.Tensor]):
         super().__init__()
         self.graph = graph
         self._keys = {n.name: weight_keys(n) for n in graph.nodes}
         used = {k for keys in self._keys.values() for k in keys.values()}
         self.weight_names = sorted(k for k in weights if k in used)  # not num_batches_tracked, unused layers
         for k in self.weight_names:
-            self.register_buffer(_key(k), weights[k].detach())  # shared, never modified in place
-        self.mask_names = sorted(masks or {})
-        self.observer = None  # callable(name, value) while statistics are collected
+            self.register_buffer(_key(k), weights[k].detach())
+        self._readers = graph.readers()
         # After which node each value is no longer needed: freed then, so a forward pass holds
         # only the live activations (a ResNet-20 batch would otherwise keep all ~80 of them).
-        self._readers: dict[str, set[str]] = {}
-        for node in graph.nodes:
-            for i in node.inputs:
-                self._readers.setdefault(i, set()).add(node.name)
-        last = {n.name: i for i, node in enumerate(graph.nodes) for n in graph.nodes if n.name in node.inputs}
-        self._free_after: dict[int, list[str]] = {}
-        for name, i in last.items():
-            if name != graph.output:
-                self._free_after.setdefault(i, []).append(name)
-        for k in self.mask_names:
-            self.register_buffer("mask__" + _key(k), masks[k].bool())  # (C, H, W) or (F,) keep mask
-        # Removed elements take a constant instead of 0 where ``fills`` says (the channels strategy).
-        self.fill_names = sorted(fills or {})
-        for k in self.fill_names:
-            self.register_buffer("fill__" + _key(k), fills[k].float())
-        # A physically extracted network adds what its removed inputs contributed (a constant).
-        self.addmap_names = sorted(addmaps or {})
-        for k in self.addmap_names:
-            self.register_buffer("addmap__" + _key(k), addmaps[k].float())
+        self._free_after = graph.last_reads()
 
     def weight(self, name: str) -> torch.Tensor | None:
         return getattr(self, _key(name), None)
 
-    def mask(self, name: str) -> torch.Tensor | None:
-        return getattr(self, "mask__" + _key(name), None)
-
-    def fill(self, name: str) -> torch.Tensor | None:
-        return getattr(self, "fill__" + _key(name), None)
-
-    def addmap(self, name: str) -> torch.Tensor | None:
-        return getattr(self, "addmap__" + _key(name), None)
+    def set_weight(self, name: str, value: torch.Tensor) -> None:
+        """Bind tensor ``name`` to ``value`` (a new tensor; the old one is left as it was)."""
+        if name not in self.weight_names:
+            raise KeyError(f"the network holds no tensor {name!r}")
+        self._buffers[_key(name)] = value.detach()
 
     def readers(self, name: str) -> set[str]:
         """The layers that read layer ``name``'s output."""
@@ -102,15 +84,6 @@ class GraphNetwork(nn.Module):
     def weights(self) -> dict[str, torch.Tensor]:
         return {k: self.weight(k) for k in self.weight_names}
 
-    def masks(self) -> dict[str, torch.Tensor]:
-        return {k: self.mask(k) for k in self.mask_names}
-
-    def fills(self) -> dict[str, torch.Tensor]:
-        return {k: self.fill(k) for k in self.fill_names}
-
-    def addmaps(self) -> dict[str, torch.Tensor]:
-        return {k: self.addmap(k) for k in self.addmap_names}
-
     @torch.no_grad()
     def shapes(self, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         """Return each layer's output shape (without the batch) for inputs of ``input_shape``."""
@@ -118,15 +91,16 @@ class GraphNetwork(nn.Module):
         values = self.run_all(torch.zeros(1, *input_shape, device=device))
         return {k: tuple(v.shape[1:]) for k, v in values.items()}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run_all(x, keep=False)[self.graph.output]
+    def forward(self, x: torch.Tensor, after=None) -> torch.Tensor:
+        return self.run_all(x, keep=False, after=after)[self.graph.output]
 
-    def run_all(self, x: torch.Tensor, *, keep: bool = True, before=None, only: set[str] | None = None,
+    def run_all(self, x: torch.Tensor, *, keep: bool = True, before=None, after=None, only: set[str] | None = None,
                 given: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Run the graph; return every layer's output by name (``keep=False``: only the output).
 
-        ``before(node, inputs)``, if given, is called before each layer runs (it may change the
+        ``before(node, inputs)``, if given, is called before each layer runs (it may rebind the
         layer's weights: the channels strategy re-fits layers one by one on their real inputs).
+        ``after(name, output)`` is called with each layer's output (the statistics pass observes).
         ``only``: run just these layers (a shared trunk, or what follows it); with ``keep=False`` a
         trunk run returns the trunk's values that later layers read. ``given``: values of layers
         computed elsewhere (by that trunk run).
@@ -136,30 +110,26 @@ class GraphNetwork(nn.Module):
             if given is not None and node.name in given:
                 values[node.name] = given[node.name]
             elif only is None or node.name in only:
-                values[node.name] = self._step(node, x, values, before)
+                values[node.name] = self._step(node, x, values, before, after)
                 for name in self._free_after.get(i, ()) if not keep else ():
                     if only is None or self._readers[name] <= only:  # else a layer outside this run reads it
                         values.pop(name, None)
         return values
 
-    def _step(self, node, x: torch.Tensor, values: dict, before) -> torch.Tensor:
+    def _step(self, node, x: torch.Tensor, values: dict, before, after) -> torch.Tensor:
         if node.op == "input":
             out = x
         else:
             xs = [values[i] for i in node.inputs]
             if before is not None:
                 before(node, xs)
-            out = self._run(node, xs)
-        if node.name in self.addmap_names:
-            out = out + self.addmap(node.name)
-        if node.name in self.fill_names:
-            out = torch.where(self.mask(node.name), out, self.fill(node.name))
-        elif node.name in self.mask_names:
-            out = out * self.mask(node.name)  # zero this module's inactive elements
-        if self.observer is not None:
-            self.observer(node.name, out)
+            out = self._run(node, node.op, xs)
+        for overlay in node.then:
+            out = self._run(node, overlay, [out])
+        if after is not None:
+            after(node.name, out)
         return out
 
-    def _run(self, node, xs: list[torch.Tensor]) -> torch.Tensor:
+    def _run(self, node, op: str, xs: list[torch.Tensor]) -> torch.Tensor:
         keys = self._keys[node.name]
-        return REGISTRY[node.op].run(node, xs, lambda role: self.weight(keys[role]))
+        return REGISTRY[op].run(node, xs, lambda role: self.weight(keys[role]))

@@ -13,6 +13,13 @@ Channel flow (``channels``), read by ``channels.py``, ``backtrack.py`` and the s
 - ``concat``: channels are the inputs' channels side by side.
 - ``whole``: anything else; the space it touches is kept whole by the channels strategy.
 
+*Overlays* (``overlay=True``) are what a strategy adds to a layer of the parent: they run on that
+layer's output, in the order its node lists them (``Node.then``), with tensors keyed like the
+layer's own ("<layer>.mask"). ``mask`` zeroes a module's inactive elements (the paper strategy),
+``fill`` replaces removed channels by constants (the channels strategy, before extraction),
+``addmap`` adds what removed inputs contributed (after extraction). A module is thus a graph and
+its tensors, nothing else; the executor (network.py) only runs it.
+
 Masking rule of the paper strategy, for every activation: an element is *inactive* for a class
 when it is exactly zero on every image the class's module observed, and only inactive elements
 are masked. Masking a value that was zero changes nothing, so a module's outputs on its observed
@@ -47,6 +54,7 @@ class Op:
     modules: tuple[type, ...] = ()  # nn.Module types traced as this op
     calls: tuple = ()  # functions and tensor-method names traced as this op
     macs: Callable | None = None  # (node, output shape without batch, weight) -> multiply-accumulates per image
+    overlay: bool = False  # runs on a layer's output, listed in its node's ``then`` (module docstring)
 
 
 REGISTRY: dict[str, Op] = {}
@@ -137,15 +145,24 @@ register(Op("leaky_relu", lambda node, xs, w: F.leaky_relu(xs[0], node.attrs["ne
             modules=(nn.LeakyReLU,), calls=(F.leaky_relu,)))
 
 
-def weight_keys(node) -> dict[str, str]:
+# A strategy's overlays (see the module docstring); "mask" is a bool keep-mask, the others float32.
+register(Op("mask", lambda node, xs, w: xs[0] * w("mask"), params=("mask",), overlay=True))
+register(Op("fill", lambda node, xs, w: torch.where(w("mask"), xs[0], w("fill")), params=("mask", "fill"),
+            overlay=True))
+register(Op("addmap", lambda node, xs, w: xs[0] + w("addmap"), params=("addmap",), overlay=True))
+
+
+def weight_keys(node, overlays: bool = True) -> dict[str, str]:
     """The state-dict key of each tensor a node uses, by role ("weight" -> "layer1.0.conv1.weight").
 
     A layer's tensors are keyed "<node name>.<role>"; a ``scale`` node names its parameter itself
-    (ConvNeXt's ``layer_scale``, timm's ``gamma``).
+    (ConvNeXt's ``layer_scale``, timm's ``gamma``). With ``overlays``, its overlays' tensors too.
     """
-    if node.op == "scale":
-        return {"weight": node.attrs["param"]}
-    return {p: f"{node.name}.{p}" for p in REGISTRY[node.op].params}
+    keys = {"weight": node.attrs["param"]} if node.op == "scale" else \
+        {p: f"{node.name}.{p}" for p in REGISTRY[node.op].params}
+    for overlay in node.then if overlays else ():
+        keys.update({p: f"{node.name}.{p}" for p in REGISTRY[overlay].params})
+    return keys
 
 
 def ops_where(**wanted) -> set[str]:
@@ -153,4 +170,4 @@ def ops_where(**wanted) -> set[str]:
     return {o.name for o in REGISTRY.values() if all(getattr(o, k) == v for k, v in wanted.items())}
 
 
-PARAMS = {o.name: o.params for o in REGISTRY.values() if o.params}
+PARAMS = {o.name: o.params for o in REGISTRY.values() if o.params and not o.overlay}
