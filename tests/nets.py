@@ -71,3 +71,27 @@ def train_unfamiliar(data, spec, epochs=4, seed=0):
             loss.backward()
             opt.step()
     return model.eval()
+
+
+class Branchy(nn.Module):
+    """Concatenations, a channel split and a channel shuffle (Inception's and ShuffleNet's ops)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 4, 1)
+        self.b = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)  # over the concatenation: a derived space with an activation
+        self.branch = nn.Conv2d(5, 5, 3, padding=1)
+        self.last = nn.Conv2d(10, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        z = F.relu(self.bn(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)))
+        x1, x2 = z.chunk(2, dim=1)
+        u = torch.cat([x1, F.relu(self.branch(x2))], dim=1)
+        b, c, h, w = u.size()  # torchvision's channel_shuffle
+        u = torch.transpose(u.view(b, 2, c // 2, h, w), 1, 2).contiguous().view(b, -1, h, w)
+        u = F.max_pool2d(F.relu(self.last(u)), 2)
+        return self.fc(u.flatten(1))

@@ -11,7 +11,7 @@ from cnnmod.modules.extract import cost, extract, fold_batchnorm
 from cnnmod.trace import GraphNetwork, overlaid, trace_graph
 from cnnmod.trace.channels import channel_spaces
 
-from nets import Unfamiliar
+from nets import Branchy, Unfamiliar
 
 
 def _randomised(model):
@@ -37,9 +37,49 @@ def test_resnet_channel_spaces_tie_each_stage_and_free_each_branch():
     assert of["x"] not in spaces.prunable and of["fc"] not in spaces.prunable
 
 
-def test_concat_grouped_and_depthwise_spaces_are_kept_whole():
+def test_a_concatenation_read_by_a_grouped_convolution_keeps_its_sources_whole():
     spaces = channel_spaces(trace_graph(Unfamiliar()))
-    assert spaces.prunable == set()
+    assert spaces.prunable == set() and not spaces.derived
+    assert sorted(spaces.whole.values()) == ["a grouped or depthwise convolution", "a linear layer's output",
+                                             "read by cat 'cat', kept whole", "read by cat 'cat', kept whole"]
+
+
+def test_channels_flow_through_concatenations_splits_and_shuffles():
+    # Oracle: Inception's concatenation and ShuffleNet's split and shuffle, random channels removed
+    # from every branch, random constants in their place: the smaller network (whose split and
+    # shuffle pick the kept channels by index) gives the same logits.
+    model = _randomised(Branchy())
+    graph, shape = trace_graph(model), (1, 8, 8)
+    spaces = channel_spaces(graph)
+    assert {n.op for n in spaces.derived.values()} == {"cat", "chunk", "shuffle"}
+    assert {spaces.of[n] for n in ("a", "b", "branch", "stem", "last")} == spaces.prunable
+    shapes = GraphNetwork(graph, model.state_dict()).shapes(shape)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        keep = {s: torch.rand(shapes[spaces.relus[s][0]][0], generator=gen) < 0.5 for s in spaces.prunable}
+        for k in keep.values():
+            k[torch.randint(len(k), (1,), generator=gen)] = True  # a space keeps at least one channel
+        masks = {r: keep[s].view(-1, 1, 1).expand(shapes[r]) for s in spaces.prunable for r in spaces.relus[s]}
+        fills = {r: torch.rand(shapes[r], generator=gen) for r in masks}
+        masked = overlaid(graph, model.state_dict(), masks=masks, fills=fills)
+        small = extract(masked, spaces, keep, shape)
+        x = torch.randn(6, *shape, generator=gen)
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
+        shuffle = small.graph.by_name["view_1"]
+        kept = int(spaces.expand(keep, shapes)[spaces.of["view_1"]].sum())
+        assert kept == 10 or (shuffle.op == "select" and len(shuffle.attrs["index"]) == kept)
+
+
+def test_channels_modules_of_a_branchy_net_round_trip(tmp_path):
+    data = load_data("digits", "train")
+    spec = measure_spec(data.images)
+    modules = decompose(_randomised(Branchy()), data, strategy="channels", keep=0.5, calibration=0,
+                        positives=30, negatives_per_class=3, input_spec=spec)
+    x = spec.prepare(data.images[:16])
+    assert modules[0].meta["macs_fraction"] < 0.8
+    save_module(modules[0], tmp_path / "m.safetensors")
+    assert torch.equal(load_module(tmp_path / "m.safetensors").margin(x), modules[0].margin(x))
 
 
 def test_extracted_network_computes_what_the_masked_network_computes():

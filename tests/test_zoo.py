@@ -60,7 +60,8 @@ def test_zoo_model_decomposes(library, name, size, tmp_path):
 
 
 @pytest.mark.parametrize("library, name", [("torchvision", "mobilenet_v3_small"), ("torchvision", "regnet_y_400mf"),
-                                           ("timm", "efficientnet_b0"), ("torchvision", "googlenet")])
+                                           ("timm", "efficientnet_b0"), ("torchvision", "googlenet"),
+                                           ("torchvision", "shufflenet_v2_x0_5")])
 def test_extracted_zoo_network_computes_what_the_masked_network_computes(library, name):
     """Oracle of the channels strategy on the zoo's ops: random channels of every prunable space
     removed, random constants in their place; the physically smaller network gives the same logits."""
@@ -76,6 +77,9 @@ def test_extracted_zoo_network_computes_what_the_masked_network_computes(library
     if name in ("mobilenet_v3_small", "efficientnet_b0"):  # MBConv: pruned through the depthwise
         assert any(graph.by_name[n].attrs.get("depthwise") for n in pruned)  # convolution and the
         assert any(graph.by_name[n].op == "mul" for n in pruned)  # squeeze-excitation's x * gate
+    if name in ("googlenet", "shufflenet_v2_x0_5"):  # Inception's concatenations; ShuffleNet's split and shuffle
+        derived = {n.op for n in spaces.derived.values()}
+        assert derived == ({"cat"} if name == "googlenet" else {"cat", "chunk", "shuffle"})
     weights = weights_of(model)
     shapes = GraphNetwork(graph, weights).shapes((3, 32, 32))
     gen = torch.Generator().manual_seed(1)

@@ -16,73 +16,66 @@ stored in a module file without code.
 
 from __future__ import annotations
 
-
 import torch
-import torch.nn.functional as F
 
-from ..trace.channels import Spaces
+from ..trace.channels import Spaces, index_map
 from ..trace.graph import PARAMS, Graph, Node
-from ..trace.network import GraphNetwork, conv2d
-from ..trace.overlays import overlaid, plain
+from ..trace.network import GraphNetwork
+from ..trace.overlays import overlaid
 from ..trace.ops import REGISTRY, weight_keys
 
 
 @torch.no_grad()
 def extract(net: GraphNetwork, spaces: Spaces, keep: dict[int, torch.Tensor],
             input_shape: tuple[int, ...]) -> GraphNetwork:
-    """Return the physically smaller network; ``keep[space]`` is a bool per channel of that space."""
+    """Return the physically smaller network; ``keep[space]`` is a bool per channel of that space
+    (derived spaces, those after a concatenation, split or shuffle, follow from the others)."""
     graph = net.graph
     values = net.run_all(torch.zeros(1, *input_shape))  # removed channels hold their constants here
+    keep = spaces.expand(keep, {k: tuple(v.shape[1:]) for k, v in values.items()})
     w = net.weights()
     new: dict[str, torch.Tensor] = {}
     addmaps: dict[str, torch.Tensor] = {}
+    nodes = []
 
     def kept(node_name: str) -> torch.Tensor | None:
         k = keep.get(spaces.of[node_name])
         return None if k is None or bool(k.all()) else k.nonzero().flatten()
 
     for node in graph.nodes:
-        name = node.name
-        if node.op == "conv" and node.attrs.get("depthwise"):  # its channels are its input's: no constant to add
-            k = kept(name)
-            new.update({key: t if k is None else t[k] for key, t in
-                        ((f"{name}.weight", w[f"{name}.weight"]), (f"{name}.bias", w.get(f"{name}.bias")))
-                        if t is not None})
-        elif node.op == "conv":
-            weight, bias = w[f"{name}.weight"], w.get(f"{name}.bias")
+        name, op = node.name, REGISTRY[node.op]
+        tensors = {role: w[key] for role, key in weight_keys(node, overlays=False).items() if key in w}
+        if op.channels == "new" and not node.attrs.get("depthwise"):  # a convolution or a linear layer
             k_in, k_out = kept(node.inputs[0]), kept(name)
-            if k_out is not None:
-                weight, bias = weight[k_out], None if bias is None else bias[k_out]
-            if k_in is not None:
-                removed_only = values[node.inputs[0]].clone()
-                removed_only[:, k_in] = 0
-                addmaps[name] = conv2d(node, removed_only, weight)[0]
-                weight = weight[:, k_in]
-            new[f"{name}.weight"] = weight
-            if bias is not None:
-                new[f"{name}.bias"] = bias
-        elif node.op == "bn":
-            k = kept(name)
-            for p in ("weight", "bias", "running_mean", "running_var"):
-                if f"{name}.{p}" in w:
-                    new[f"{name}.{p}"] = w[f"{name}.{p}"] if k is None else w[f"{name}.{p}"][k]
-        elif node.op == "linear":
-            weight, bias = w[f"{name}.weight"], w.get(f"{name}.bias")
-            source = node.inputs[0]
-            k_in = kept(source)
-            if k_in is not None:  # a flattened (C, H, W) input: channel c is features c*HW .. c*HW+HW-1
-                per_channel = values[source].shape[1] // keep[spaces.of[source]].numel()
-                cols = (k_in[:, None] * per_channel + torch.arange(per_channel)).flatten()
-                removed_only = values[source].clone()
+            if k_out is not None:  # its output channels: the weight's rows, the bias
+                tensors = {role: t[k_out] for role, t in tensors.items()}
+            if k_in is not None:  # its input channels: the weight's columns; what they gave becomes a constant
+                source = values[node.inputs[0]]
+                per_channel = source[0].numel() // keep[spaces.of[node.inputs[0]]].numel()  # a flattened (C, H, W)
+                cols = (k_in[:, None] * per_channel + torch.arange(per_channel)).flatten() if node.op == "linear" else k_in
+                removed_only = source.clone()
                 removed_only[:, cols] = 0
-                addmaps[name] = F.linear(removed_only, weight)[0]
-                weight = weight[:, cols]
-            new[f"{name}.weight"] = weight
-            if bias is not None:
-                new[f"{name}.bias"] = bias
-        else:  # LayerNorm, a layer scale: their spaces are kept whole, their tensors as they are
-            new.update({k: w[k] for k in weight_keys(node, overlays=False).values() if k in w})
-    return overlaid(plain(net)[0], new, addmaps=addmaps)  # the removed channels are gone: no fills
+                addmaps[name] = op.run(node, [removed_only], {"weight": tensors["weight"]}.get)[0]
+                tensors["weight"] = tensors["weight"][:, cols]
+        elif tensors and (op.channels == "same" or node.attrs.get("depthwise")):  # per channel: BatchNorm, depthwise
+            k = kept(name)
+            tensors = tensors if k is None else {role: t[k] for role, t in tensors.items()}
+        # else: LayerNorm, a layer scale: their spaces are kept whole, their tensors stay as they are
+        new.update({weight_keys(node, overlays=False)[role]: t for role, t in tensors.items()})
+        if op.channels == "index" and len(node.inputs) == 1 and (kept(name) is not None or kept(node.inputs[0]) is not None):
+            node = _select(node, keep, spaces, values)  # a split or shuffle of fewer channels: the kept ones, by index
+        nodes.append(node)
+    # The removed channels are gone: no fills; the graph's overlays are replaced by the added constants.
+    return overlaid(Graph([Node(n.name, n.op, n.inputs, n.attrs) for n in nodes], graph.output), new, addmaps=addmaps)
+
+
+def _select(node: Node, keep: dict[int, torch.Tensor], spaces: Spaces, values: dict) -> Node:
+    """A ``select`` node picking, from the module's (pruned) input, the channels ``node`` keeps."""
+    k_in = keep.get(spaces.of[node.inputs[0]], torch.ones(values[node.inputs[0]].shape[1], dtype=torch.bool))
+    k_out = keep[spaces.of[node.name]]
+    which, channel = index_map(node, [len(k_in)])
+    position = k_in.long().cumsum(0) - 1  # where each kept input channel sits in the module's input
+    return Node(node.name, "select", list(node.inputs), {"index": position[channel[k_out]].tolist()})
 
 
 @torch.no_grad()

@@ -78,7 +78,9 @@ def reconstruct_(small: GraphNetwork, targets: dict[str, torch.Tensor], out_inde
         fixed = (0 if bias is None else bias.view(1, -1, *[1] * (target.dim() - 2))) + \
             (0 if addmap is None else addmap.unsqueeze(0))
         residual = target - fixed  # what the weights (and an offset) must produce
-        if node.op == "conv":
+        if weight.shape[1] == 0:  # every channel it read was removed (half of a split): only a constant is left
+            offset = residual.mean(0)
+        elif node.op == "conv":
             def chunks():
                 for x_part, r_part in zip(xs[0].split(CHUNK), residual.split(CHUNK)):
                     yield (_patches(node, x_part, tuple(weight.shape[2:])),

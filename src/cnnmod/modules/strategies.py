@@ -17,7 +17,7 @@ from ..concerns import active_masks, backtrack_removed, channel_head, channel_sc
 from ..concerns.channeling import LOGITS_HEAD
 from ..errors import CnnmodError
 from ..statistics import ActivationStats
-from ..trace.channels import Spaces, channel_spaces
+from ..trace.channels import Spaces, channel_spaces, index_map
 from ..trace.graph import Graph
 from ..trace.network import GraphNetwork
 from ..trace.overlays import overlaid
@@ -103,16 +103,24 @@ class Parent:
         if self._energy is None:
             spaces = self.channel_spaces()
             values = self.outputs({r for s in spaces.prunable for r in spaces.relus[s]})
-            deviation, norm = {}, {}
-            for s in spaces.prunable:
-                deviation[s] = sum(((values[r] - self.stats.mean(r).float()) ** 2).flatten(2).mean(2)
-                                   for r in spaces.relus[s])
-                norm[s] = torch.zeros(deviation[s].shape[1])
-                for node in self.graph.nodes:
-                    if node.op in ("conv", "linear") and spaces.of[node.inputs[0]] == s != spaces.of[node.name]:
-                        w = self.weights[f"{node.name}.weight"]
-                        norm[s] += w.pow(2).reshape(w.shape[0], len(norm[s]), -1).sum((0, 2))
-            self._energy = (deviation, norm)
+            norm: dict[int, torch.Tensor] = {}
+            first: dict[int, str] = {}  # a space's first layer: its shape's first dimension counts the channels
+            for node in self.graph.nodes:
+                first.setdefault(spaces.of[node.name], node.name)
+                s = spaces.of[node.inputs[0]] if node.inputs else None
+                if node.op in ("conv", "linear") and s != spaces.of[node.name]:
+                    w, c = self.weights[f"{node.name}.weight"], self.shapes[first[s]][0]
+                    norm[s] = norm.get(s, 0) + w.pow(2).reshape(w.shape[0], c, -1).sum((0, 2))
+            for s, node in reversed(spaces.derived.items()):  # who reads a concat or split reads its sources
+                counts = [self.shapes[i][0] for i in node.inputs]
+                which, channel = index_map(node, counts)
+                for k, i in enumerate(node.inputs):
+                    src = spaces.of[i]
+                    norm[src] = norm.get(src, torch.zeros(counts[k])).index_add(
+                        0, channel[which == k], norm.get(s, torch.zeros(len(which)))[which == k])
+            deviation = {s: sum(((values[r] - self.stats.mean(r).float()) ** 2).flatten(2).mean(2)
+                                for r in spaces.relus[s]) for s in spaces.prunable}
+            self._energy = (deviation, {s: norm.get(s, torch.zeros(deviation[s].shape[1])) for s in spaces.prunable})
         return self._energy
 
     def cost(self) -> dict[str, int]:
@@ -211,10 +219,11 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     masked = overlaid(parent.graph, weights, masks=masks, fills=fills)
     network = extract(masked, spaces, keep_channels, parent.input_shape)
     if refit and parent.sample is not None:
+        keep_all = spaces.expand(keep_channels, parent.shapes)  # derived spaces (after a concat, split, shuffle) too
         readers = {n.name for n in parent.graph.nodes if n.op in ("conv", "linear") and n.inputs
-                   and spaces.of[n.inputs[0]] in keep_channels and spaces.of[n.inputs[0]] != spaces.of[n.name]}
+                   and spaces.of[n.inputs[0]] in keep_all and spaces.of[n.inputs[0]] != spaces.of[n.name]}
         outputs = parent.outputs(readers | {parent.head})
-        pruned = {n for n in readers if not bool(keep_channels[spaces.of[parent.graph.by_name[n].inputs[0]]].all())}
+        pruned = {n for n in readers if not bool(keep_all[spaces.of[parent.graph.by_name[n].inputs[0]]].all())}
         targets = {n: outputs[n] for n in pruned if n != parent.head}
         if parent.head in pruned:  # the module's head: the parent's logits, channeled
             z = outputs[parent.head]

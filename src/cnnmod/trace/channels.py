@@ -8,22 +8,31 @@ channel can be removed from a module only as a whole *space*: from every layer o
 A space is *prunable* when removing a channel and putting a constant in its place (what the
 ``channels`` strategy does at the space's ReLUs) is exactly what every reader outside the space
 sees: each reader (a convolution, a linear layer, a concat, the output) must read a node that
-comes after the space's activations. Spaces of the input, of linear layers' outputs, those
-touching a concatenation, a grouped (not depthwise) convolution, a channel split or shuffle,
-LayerNorm or a permute are kept whole (a simplification: their channels would need
-index bookkeeping across parts, groups or layouts); ``Spaces.whole`` says why for each.
+comes after the space's activations.
+
+A space that starts at a concatenation, a channel split or a channel shuffle (ops whose channels
+are ``index``: each output channel is one input channel) is *derived*: which of its channels a
+module keeps follows from the spaces it reads (``Spaces.expand``), and its removed channels are
+constants already, computed from their sources' constants. A derived space that is also tied to
+other channels (an add with a convolution's output), or kept whole for another reason, keeps its
+sources whole. Spaces of the input, of linear layers' outputs, those touching a grouped (not
+depthwise) convolution, LayerNorm or a permute are kept whole (their channels would need
+bookkeeping across groups or layouts); ``Spaces.whole`` says why for each.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .graph import Graph
+import torch
+
+from .graph import Graph, Node
 from .ops import REGISTRY, ops_where
 
 _SAME_CHANNELS = ops_where(channels="same")  # BatchNorm, activations, pooling, flatten, identity
 _TIED = ops_where(channels="tied")  # add, mul: both inputs' channels are one space
 _ACTIVATIONS = ops_where(activation=True)
+_INDEX = ops_where(channels="index")  # cat, chunk, shuffle, select: each output channel is an input channel
 
 
 @dataclass
@@ -33,9 +42,30 @@ class Spaces:
     relus: dict[int, list[str]]  # space -> its activations (where removed channels get their constant)
     streams: set[int] = field(default_factory=set)  # spaces tied by a residual add (a stage's stream)
     whole: dict[int, str] = field(default_factory=dict)  # spaces with activations kept whole -> why
+    derived: dict[int, Node] = field(default_factory=dict)  # space -> the index op it starts at, in graph order
 
     def members(self, space: int) -> list[str]:
         return [n for n, s in self.of.items() if s == space]
+
+    def expand(self, keep: dict[int, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> dict[int, torch.Tensor]:
+        """``keep`` (a bool per channel of some spaces) with the derived spaces' keeps added."""
+        keep = dict(keep)
+        for space, node in self.derived.items():
+            masks = [keep.get(self.of[i], torch.ones(shapes[i][0], dtype=torch.bool)) for i in node.inputs]
+            which, channel = index_map(node, [len(m) for m in masks])
+            keep[space] = torch.stack([masks[w][c] for w, c in zip(which.tolist(), channel.tolist())]) \
+                if len(which) else torch.zeros(0, dtype=torch.bool)
+        return keep
+
+
+def index_map(node: Node, channels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For an index op reading inputs of ``channels`` channels: which input, and which channel of
+    it, each output channel is (found by running the op on channel labels: exact below 2**24)."""
+    base = torch.tensor([0, *channels]).cumsum(0)
+    labels = [torch.arange(b, b + c, dtype=torch.float32).view(1, -1, 1, 1) for b, c in zip(base.tolist(), channels)]
+    out = REGISTRY[node.op].run(node, labels, None).flatten().long()
+    which = torch.searchsorted(base, out, right=True) - 1
+    return which, out - base[which]
 
 
 def _moved(node, perm: dict[str, tuple]) -> bool:
@@ -77,8 +107,6 @@ def channel_spaces(graph: Graph) -> Spaces:
             keep_whole([node.name, *node.inputs], "channels not on dim 1 (channels-last)")
         if node.op != "input" and REGISTRY[node.op].channels == "whole":
             keep_whole([node.name, *node.inputs], f"{node.op} (mixes or moves channels)")
-        if node.op == "cat":
-            keep_whole([node.name, *node.inputs], "a concatenation")
         if node.op == "conv" and node.attrs.get("groups", 1) != 1 and not node.attrs.get("depthwise"):
             keep_whole([node.name, *node.inputs], "a grouped or depthwise convolution")
     keep_whole([graph.output], "the model's output")
@@ -86,6 +114,19 @@ def channel_spaces(graph: Graph) -> Spaces:
     roots = sorted({find(n.name) for n in graph.nodes}, key=[n.name for n in graph.nodes].index)
     ids = {r: i for i, r in enumerate(roots)}
     of = {n.name: ids[find(n.name)] for n in graph.nodes}
+    starts: dict[int, list] = {}  # space -> the nodes whose channels it starts with (not taken from an input)
+    for node in graph.nodes:
+        if not (node.op in _SAME_CHANNELS or node.op in _TIED or node.attrs.get("depthwise")):
+            starts.setdefault(of[node.name], []).append(node)
+    derived = {}
+    for node in graph.nodes:
+        if node.op in _INDEX:
+            if any(graph.by_name[i].op == "flatten" for i in node.inputs):  # features, not channels
+                keep_whole([node.name, *node.inputs], f"{node.op} of flattened features")
+            elif len(starts[of[node.name]]) == 1:
+                derived[of[node.name]] = node
+            else:
+                keep_whole([node.name, *node.inputs], f"{node.op} tied to other channels")
     relus: dict[int, list[str]] = {}
     for node in graph.nodes:
         if node.op in _ACTIVATIONS:
@@ -94,7 +135,7 @@ def channel_spaces(graph: Graph) -> Spaces:
     # After the fill: a space's ReLUs, and nodes of the space all of whose inputs are after it.
     after: set[str] = set()
     for node in graph.nodes:
-        if node.op in _ACTIVATIONS or ((node.op in _SAME_CHANNELS | _TIED or node.attrs.get("depthwise"))
+        if of[node.name] in derived or node.op in _ACTIVATIONS or ((node.op in _SAME_CHANNELS | _TIED or node.attrs.get("depthwise"))
                                        and node.inputs and all(i in after for i in node.inputs)):
             after.add(node.name)
     why: dict[int, str] = {}
@@ -104,6 +145,11 @@ def channel_spaces(graph: Graph) -> Spaces:
         for i in node.inputs:
             if of[i] != of[node.name] and i not in after:  # someone outside reads a value from before the fill
                 why.setdefault(of[i], "read before its activation")
-    prunable = set(relus) - set(why)
+    for space, node in reversed(derived.items()):  # a derived space kept whole keeps its sources whole
+        if space in why:
+            for i in node.inputs:
+                why.setdefault(of[i], f"read by {node.op} {node.name!r}, kept whole")
+    derived = {s: n for s, n in derived.items() if s not in why}
+    prunable = set(relus) - set(why) - set(derived)
     streams = {of[n.name] for n in graph.nodes if n.op == "add"}
-    return Spaces(of, prunable, relus, streams, {s: why[s] for s in sorted(relus) if s in why})
+    return Spaces(of, prunable, relus, streams, {s: why[s] for s in sorted(relus) if s in why}, derived)

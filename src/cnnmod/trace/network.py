@@ -17,11 +17,6 @@ def _key(name: str) -> str:
     return name.replace(".", "__")  # buffer names may not contain dots
 
 
-def conv2d(node, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """A ``conv`` node's convolution, with the given weights."""
-    return REGISTRY["conv"].run(node, [x], {"weight": weight, "bias": bias}.get)
-
-
 @torch.no_grad()
 def run_on_blank(model: nn.Module, spec, failure: str) -> torch.Tensor:
     """Run ``model`` once, in eval mode, on one blank input shaped as ``spec`` says; return its output.

@@ -10,7 +10,8 @@ Channel flow (``channels``), read by ``channels.py``, ``backtrack.py`` and the s
   pooling, dropout); a removed channel's constant stays a constant.
 - ``new``: the op mixes its input channels into new ones (convolution, linear): a space ends.
 - ``tied``: an element-wise op of two tensors (add, multiply): their channels are one space.
-- ``concat``: channels are the inputs' channels side by side.
+- ``index``: each output channel is one input channel, moved (concatenation, channel split,
+  channel shuffle): running the op on channel labels says which (``channels.index_map``).
 - ``whole``: anything else; the space it touches is kept whole by the channels strategy.
 
 *Overlays* (``overlay=True``) are what a strategy adds to a layer of the parent: they run on that
@@ -47,7 +48,7 @@ import torch.nn.functional as F
 class Op:
     name: str
     run: Callable  # (node, inputs: list[Tensor], weight: name -> Tensor | None) -> Tensor
-    channels: str = "same"  # same | new | tied | concat | whole (module docstring)
+    channels: str = "same"  # same | new | tied | index | whole (module docstring)
     params: tuple[str, ...] = ()  # state-dict tensors, keyed "<node name>.<param>"
     activation: bool = False  # the paper strategy observes (and may mask) its output elements
     zero_region: str = ""  # where an activation's output is exactly 0 ("x <= 0"); "" if nowhere
@@ -74,8 +75,10 @@ def _conv(node, xs, w):
     a, weight = node.attrs, w("weight")
     padding = a["padding"] if isinstance(a["padding"], str) else list(a["padding"])
     # A depthwise convolution of a module keeps only its kept channels: its groups follow them.
-    groups = xs[0].shape[1] if a.get("depthwise") else a["groups"]
-    return F.conv2d(xs[0], weight, w("bias"), a["stride"], padding, a["dilation"], groups)
+    x, groups = xs[0], xs[0].shape[1] if a.get("depthwise") else a["groups"]
+    if x.shape[1] == 0:  # every channel it read was removed (half of a split): zeros of the output's shape
+        x, weight, groups = x.new_zeros(x.shape[0], 1, *x.shape[2:]), weight.new_zeros(len(weight), 1, *weight.shape[2:]), 1
+    return F.conv2d(x, weight, w("bias"), a["stride"], padding, a["dilation"], groups)
 
 
 register(Op("input", lambda node, xs, w: xs[0], channels="whole"))
@@ -91,7 +94,7 @@ register(Op("add", lambda node, xs, w: xs[0] + xs[1], channels="tied",
             calls=(operator.add, operator.iadd, torch.add, "add", "add_")))
 register(Op("mul", lambda node, xs, w: xs[0] * xs[1], channels="tied",
             calls=(operator.mul, operator.imul, torch.mul, "mul", "mul_")))
-register(Op("cat", lambda node, xs, w: torch.cat(xs, dim=1), channels="concat", calls=(torch.cat, torch.concat)))
+register(Op("cat", lambda node, xs, w: torch.cat(xs, dim=1), channels="index", calls=(torch.cat, torch.concat)))
 register(Op("identity", lambda node, xs, w: xs[0],
             modules=(nn.Identity, nn.Dropout, nn.Dropout2d), calls=("contiguous",)))
 register(Op("flatten", lambda node, xs, w: torch.flatten(xs[0], node.attrs["start_dim"], node.attrs["end_dim"]),
@@ -121,10 +124,11 @@ def _shuffle(node, xs, w):
     return xs[0].reshape(b, g, c // g, h, wd).transpose(1, 2).reshape(b, c, h, wd)
 
 
-# ShuffleNet's channel split (x.chunk(2, dim=1)[i]) and channel shuffle (view, transpose, view):
-# kept whole for now (pruning through them needs index maps between the spaces).
-register(Op("chunk", lambda node, xs, w: xs[0].chunk(node.attrs["chunks"], 1)[node.attrs["index"]], channels="whole"))
-register(Op("shuffle", _shuffle, channels="whole"))
+# ShuffleNet's channel split (x.chunk(2, dim=1)[i]) and channel shuffle (view, transpose, view), and
+# what a module holds in their place once channels are removed: the kept channels, picked by index.
+register(Op("chunk", lambda node, xs, w: xs[0].chunk(node.attrs["chunks"], 1)[node.attrs["index"]], channels="index"))
+register(Op("shuffle", _shuffle, channels="index"))
+register(Op("select", lambda node, xs, w: xs[0][:, node.attrs["index"]], channels="index"))
 # x times a parameter, reshaped to broadcast (ConvNeXt's layer scale): kept whole, as its parameter is
 # sliced by no strategy yet.
 register(Op("scale", lambda node, xs, w: xs[0] * w("weight").reshape(node.attrs["shape"]), channels="whole",
