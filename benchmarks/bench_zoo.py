@@ -7,7 +7,7 @@ Each architecture is trained here from random weights for a CPU budget (the firs
 images of each class, 32x32, SGD with a cosine schedule, crop and flip), and its weights are
 cached in benchmarks/.cache/zoo/ (not committed). Then, on the validation split (the last 10% of
 each class by file name, 5,000 images): model top-1; the paper strategy's 10 modules composed
-(vote); the channels strategy with a shared trunk (``--trunk 1.0 --multiple 8``, ``--retain`` 0.9 and 0.97)
+(vote); the channels strategy with a shared trunk (``--trunk 1.0 --multiple 8``, ``--retain`` 0.9 and 0.97, and 0.97 with ``--score energy``)
 composed, with its multiply-accumulates per image against the model's; and the decomposition time
 of each strategy against one plain inference pass over the same images, in the same run.
 Targets (issue #15): paper within 0.5 points of the model, channels within 1.5 points at <= 1.0x
@@ -44,11 +44,13 @@ from cnnmod.training import augment_batch  # noqa: E402
 CACHE = ROOT / "benchmarks" / ".cache" / "zoo"
 ARCHS = [("torchvision", "resnet18"), ("torchvision", "mobilenet_v2"), ("torchvision", "mobilenet_v3_small"),
          ("torchvision", "efficientnet_b0"), ("torchvision", "regnet_y_400mf"), ("torchvision", "densenet121"),
-         ("torchvision", "googlenet"), ("torchvision", "mnasnet0_5"), ("timm", "resnet18d")]
+         ("torchvision", "googlenet"), ("torchvision", "mnasnet0_5"), ("timm", "resnet18d"),
+         ("torchvision", "shufflenet_v2_x1_0")]
 PER_CLASS, EPOCHS, BATCH, LR = 1000, 6, 128, 0.05
 # the channels strategy with a shared trunk, at two retain shares (label, options)
 CHANNELS = [("retain 0.9", dict(trunk=1.0, retain=0.9, multiple=8)),
-            ("retain 0.97", dict(trunk=1.0, retain=0.97, multiple=8))]
+            ("retain 0.97", dict(trunk=1.0, retain=0.97, multiple=8)),
+            ("retain 0.97 energy", dict(trunk=1.0, retain=0.97, multiple=8, score="energy"))]
 
 
 def first_per_class(data, n: int):
@@ -188,7 +190,7 @@ def render(rows: list[dict]) -> str:
         f"random weights on the first {PER_CLASS:,} CIFAR-10 training images of each class (32x32, {EPOCHS} epochs, "
         "SGD one-cycle, crop and flip, BatchNorm momentum 0.1): a CPU budget, so the models are far from their papers' accuracy; what "
         "matters is the modules against their own model. Validation: the last 10% of each class (5,000 images). "
-        "Channels: `--trunk 1.0 --multiple 8` with `--retain 0.9` or `0.97`. Each cell: composed top-1 (vote), "
+        "Channels: `--trunk 1.0 --multiple 8` with `--retain 0.9` or `0.97`, and `0.97` with `--score energy`. Each cell: composed top-1 (vote), "
         "points against the model, composed MACs per image against the model's, decomposition time (statistics "
         "pass, modules, calibration) against one plain inference pass over the statistics sample, same run. "
         "Paper-strategy modules are the whole model with masks, so 10 of them cost about 10x its MACs.",

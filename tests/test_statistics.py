@@ -5,6 +5,7 @@ import torch.nn as nn
 from cnnmod import CnnmodError
 from cnnmod.modules.decompose import _adapt, sample_batches
 from cnnmod.statistics import collect_statistics, observed_layers, select_sample
+from cnnmod.statistics.bits import pack, unpack
 from cnnmod.trace import GraphNetwork, trace_graph
 
 from nets import PixelNet, Unfamiliar, pixel_data
@@ -63,10 +64,20 @@ def test_one_pass_counts_equal_a_per_class_loop(num_classes, batch_size):
     stats = collect_statistics(model, graph, sample_batches(fetch, labels, sample, batch_size), num_classes)
     expected = _per_class_loop_oracle(model, dataset, sample, num_classes, stats.layers)
     for c in range(num_classes):
-        got = stats.positive_counts(c)
+        got = stats.active(c)
         assert stats.observed(c) == 5 + 2 * (num_classes - 1)
         for name in stats.layers:
-            assert torch.equal(got[name].long(), expected[c][name].long()), (c, name)
+            assert torch.equal(got[name], expected[c][name] > 0), (c, name)  # the count-based decision
+    # Oracle of the channel counts: per class, the non-zero elements of each channel over its images.
+    x_all, y_all = dataset.tensors
+    idx = torch.cat([sample.negatives, sample.rest])
+    with torch.no_grad():
+        outs = GraphNetwork(graph, model.state_dict()).run_all(x_all[idx])
+    for name in stats.layers:
+        per_image = (outs[name] != 0).flatten(2).sum(2) if outs[name].dim() > 2 else (outs[name] != 0).long()
+        expected_counts = torch.zeros(num_classes, per_image.shape[1], dtype=torch.int64).index_add_(
+            0, y_all[idx], per_image)
+        assert torch.equal(stats.channel_counts[name], expected_counts), name
 
 
 def test_exact_counts_on_the_pixel_net():
@@ -77,9 +88,10 @@ def test_exact_counts_on_the_pixel_net():
     stats = collect_statistics(model, trace_graph(model), sample_batches(fetch, labels, sample, 4), 3)
     # class c's two images light pixel c of channel 0 (weight +1); channel 1 (weight -1) never fires
     for c in range(3):
-        expected = torch.zeros(2, 2, 2, dtype=torch.int32)
-        expected[0].view(-1)[c] = 2
-        assert torch.equal(stats.positive_counts(c)["relu"], expected)
+        expected = torch.zeros(2, 2, 2, dtype=torch.bool)
+        expected[0].view(-1)[c] = True
+        assert torch.equal(stats.active(c)["relu"], expected)
+        assert stats.channel_counts["relu"][c].tolist() == [2, 0]  # two images, one pixel each
 
 
 def test_an_observer_belongs_to_one_run():
@@ -127,3 +139,27 @@ def test_sums_give_the_exact_mean_value_on_the_pixel_net():
     expected = torch.zeros(2, 2, 2, dtype=torch.float64)
     expected[0].view(-1)[:3] = 0.5
     assert torch.equal(stats.mean("relu"), expected)
+
+
+def test_bits_round_trip_and_or_like_the_bools():
+    gen = torch.Generator().manual_seed(0)
+    for e in (1, 7, 8, 9, 17, 64):
+        a, b = torch.rand(3, e, generator=gen) < 0.5, torch.rand(3, e, generator=gen) < 0.5
+        assert pack(a).shape == (3, (e + 7) // 8)
+        assert torch.equal(unpack(pack(a), e), a)
+        assert torch.equal(unpack(pack(a) | pack(b), e), a | b)
+
+
+def test_only_keeps_bits_for_the_named_classes():
+    torch.manual_seed(0)
+    model = Unfamiliar(4).eval()
+    dataset = torch.utils.data.TensorDataset(torch.randn(24, 1, 8, 8), torch.arange(4).repeat(6))
+    graph = trace_graph(model)
+    sample = select_sample(dataset.tensors[1], 4, positives=5, negatives_per_class=1)
+    labels, fetch = _adapt(dataset, None, None)
+    full = collect_statistics(model, graph, sample_batches(fetch, labels, sample, 5), 4)
+    only = collect_statistics(model, graph, sample_batches(fetch, labels, sample, 5), 4, classes_kept=[2])
+    assert all(len(only.active_rest[n]) == 1 for n in only.layers) and only.nbytes() < full.nbytes()
+    assert all(torch.equal(only.active(2)[n], full.active(2)[n]) for n in full.layers)
+    with pytest.raises(CnnmodError, match="class 0, found them left out"):
+        only.active(0)

@@ -2,8 +2,8 @@
 
 torchrun sets RANK, WORLD_SIZE and the rendezvous variables; we join the process group
 (gloo on CPU, nccl on CUDA), each rank counts its share of the batches, the counts are summed
-with all_reduce, and rank 0 writes the files. Counts are integers, so the sum is exact and
-the files are byte-identical to a single process's.
+with all_reduce (bit tables OR-ed), and rank 0 writes the files. Counts are integers and bits
+are bits, so the reduction is exact and the files are byte-identical to a single process's.
 """
 
 from __future__ import annotations
@@ -54,6 +54,12 @@ def all_reduce_sum_(tensor: torch.Tensor) -> None:
     wide = tensor.to(torch.int64) if not tensor.is_floating_point() else tensor
     dist.all_reduce(wide)
     tensor.copy_(wide)
+
+
+def all_reduce_or_(tensor: torch.Tensor) -> None:
+    """OR a uint8 bit table over all ranks, in place."""
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.BOR)
 
 
 def finish() -> None:

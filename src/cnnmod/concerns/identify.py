@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..statistics import ActivationStats
@@ -13,7 +15,7 @@ def active_masks(stats: ActivationStats, c: int) -> dict[str, torch.Tensor]:
     The paper's rule: an element is inactive iff it is <= 0 on every observed input (the class's
     positives and the 1:1 negatives); a single positive value keeps it.
     """
-    return {name: counts > 0 for name, counts in stats.positive_counts(c).items()}
+    return stats.active(c)
 
 
 def channel_scores(stats: ActivationStats, spaces, c: int) -> dict[int, torch.Tensor]:
@@ -31,9 +33,8 @@ def channel_scores(stats: ActivationStats, spaces, c: int) -> dict[int, torch.Te
     for space in sorted(spaces.prunable):
         total = None
         for relu in spaces.relus[space]:
-            counts = stats.counts_neg[relu].double() + stats.counts_rest[relu].double()  # (K, C, ...)
-            rate = counts.flatten(2).mean(2) if counts.dim() > 2 else counts  # (K, C)
-            rate = rate / n[:, None]
+            counts = stats.channel_counts[relu].double()  # (K, C): over every image and position
+            rate = counts / (math.prod(stats.shapes[relu]) // counts.shape[1]) / n[:, None]
             diff = (rate[c] - rate[others].mean(0)).abs()
             total = diff if total is None else total + diff
         scores[space] = total / len(spaces.relus[space])

@@ -86,13 +86,12 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     needs_sums = getattr(STRATEGIES[strategy], "needs_sums", False)
     check_resume_alone(resume)
     if progress_file is not None and rank_and_world()[1] == 1:  # ranks would race for one file
-        key = hashlib.sha256(f"{fingerprint}|{batch_size}|{num_classes}|{needs_sums}".encode()
+        key = hashlib.sha256(f"{fingerprint}|{batch_size}|{num_classes}|{needs_sums}|{only and focus}".encode()
                              + sample.negatives.numpy().tobytes() + sample.rest.numpy().tobytes()).hexdigest()
         saver = ProgressSaver(progress_file, key, resume=resume)
-    per_class = int(torch.bincount(labels[torch.cat([sample.negatives, sample.rest])], minlength=num_classes).max())
     stats = collect_statistics(model, graph, batches, num_classes, progress=progress and rank_and_world()[0] == 0,
-                               saver=saver, max_per_class=per_class, device=resolve_device(device),
-                               precision=precision, sums=needs_sums, weights=weights)
+                               saver=saver, device=resolve_device(device), precision=precision, sums=needs_sums,
+                               weights=weights, classes_kept=None if only is None else focus)
     stats_seconds = time.perf_counter() - start
 
     example = fetch(sample.rest[:1] if len(sample.rest) else sample.negatives[:1])

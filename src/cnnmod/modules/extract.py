@@ -52,7 +52,8 @@ def extract(net: GraphNetwork, spaces: Spaces, keep: dict[int, torch.Tensor],
             if k_in is not None:  # its input channels: the weight's columns; what they gave becomes a constant
                 source = values[node.inputs[0]]
                 per_channel = source[0].numel() // keep[spaces.of[node.inputs[0]]].numel()  # a flattened (C, H, W)
-                cols = (k_in[:, None] * per_channel + torch.arange(per_channel)).flatten() if node.op == "linear" else k_in
+                cols = k_in if node.op != "linear" else \
+                    (k_in[:, None] * per_channel + torch.arange(per_channel)).flatten()
                 removed_only = source.clone()
                 removed_only[:, cols] = 0
                 addmaps[name] = op.run(node, [removed_only], {"weight": tensors["weight"]}.get)[0]
@@ -62,7 +63,8 @@ def extract(net: GraphNetwork, spaces: Spaces, keep: dict[int, torch.Tensor],
             tensors = tensors if k is None else {role: t[k] for role, t in tensors.items()}
         # else: LayerNorm, a layer scale: their spaces are kept whole, their tensors stay as they are
         new.update({weight_keys(node, overlays=False)[role]: t for role, t in tensors.items()})
-        if op.channels == "index" and len(node.inputs) == 1 and (kept(name) is not None or kept(node.inputs[0]) is not None):
+        if op.channels == "index" and len(node.inputs) == 1 and (kept(name) is not None
+                                                                 or kept(node.inputs[0]) is not None):
             node = _select(node, keep, spaces, values)  # a split or shuffle of fewer channels: the kept ones, by index
         nodes.append(node)
     # The removed channels are gone: no fills; the graph's overlays are replaced by the added constants.

@@ -16,6 +16,7 @@ batch) rather than hooks on the user's model: functional ReLUs and adds have no 
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -28,7 +29,8 @@ from ..errors import CnnmodError
 from ..trace.graph import Graph
 from ..trace.network import GraphNetwork, weights_of
 from ..trace.ops import REGISTRY
-from ..distributed import all_reduce_sum_, rank_and_world
+from ..distributed import all_reduce_or_, all_reduce_sum_, rank_and_world
+from .bits import pack, unpack
 from .progress import ProgressSaver
 
 
@@ -78,13 +80,25 @@ SUM_SCALE = 2.0 ** 16
 
 @dataclass
 class ActivationStats:
-    """Per-class counts of positive values, split into the negatives prefix and the rest."""
+    """What the strategies need from the one pass, in memory that does not grow with classes x
+    elements at full width (issue #16: 1,000 classes of a ResNet-50 at 224 px would take 36 GB as
+    per-class int16 counts; as bits, 1.2 GB).
+
+    The paper's rule asks whether an element was ever non-zero on the images a module observed:
+    class c's own images (its "rest") and the negatives of every class, shared by all modules. So
+    one bit per class and element for the rest, and one bit per element for all negatives. The
+    channels strategy scores whole channels: per class, how many of a channel's elements were
+    non-zero (over all its images and positions), and the values' sums for the channels' means.
+    """
 
     layers: list[str]
-    counts_neg: dict[str, torch.Tensor]  # layer -> (K, *shape) int16/int32, over Neg_j of each class j
-    counts_rest: dict[str, torch.Tensor]  # layer -> (K, *shape) int16/int32, over P_j minus Neg_j
+    shapes: dict[str, tuple[int, ...]]  # layer -> element shape (C, H, W) or (F,)
+    active_rest: dict[str, torch.Tensor]  # layer -> (R, ceil(E/8)) uint8: non-zero on a rest image of class rows[r]
+    active_neg: dict[str, torch.Tensor]  # layer -> (ceil(E/8),) uint8: non-zero on a negatives image (any class)
+    channel_counts: dict[str, torch.Tensor]  # layer -> (K, C) int64: non-zero elements per class and channel
     seen_neg: torch.Tensor  # (K,) images of Neg_j
     seen_rest: torch.Tensor  # (K,)
+    rows: torch.Tensor  # (K,) int64: each class's row of ``active_rest``; -1 for a class left out (``--only``)
     sums: dict[str, torch.Tensor] | None = None  # layer -> (*shape) int64, sum of values * 2**16, all images
 
     def mean(self, name: str) -> torch.Tensor:
@@ -99,17 +113,27 @@ class ActivationStats:
         """Images module ``c`` observed: its positives plus the negatives of every other class."""
         return int(self.seen_rest[c] + self.seen_neg.sum())  # P_c = rest_c + Neg_c
 
-    def positive_counts(self, c: int) -> dict[str, torch.Tensor]:
-        """Return, per layer, how often each element was > 0 among the images module ``c`` observed."""
-        # over P_c (rest_c + Neg_c) plus Neg_j for j != c: rest_c + all Neg_j
-        return {name: self.counts_rest[name][c].to(torch.int32) + self.neg_total(name) for name in self.layers}
+    def active(self, c: int) -> dict[str, torch.Tensor]:
+        """Per layer, which elements were non-zero on some image module ``c`` observed (bool, layer-shaped)."""
+        row = int(self.rows[c])
+        if row < 0:
+            raise CnnmodError(f"expected statistics of class {c}, found them left out (--only).")
+        return {name: unpack(self.active_rest[name][row] | self.active_neg[name], math.prod(self.shapes[name]))
+                .view(self.shapes[name]) for name in self.layers}
 
-    def neg_total(self, name: str) -> torch.Tensor:
-        if not hasattr(self, "_neg_total"):
-            self._neg_total = {}
-        if name not in self._neg_total:
-            self._neg_total[name] = self.counts_neg[name].sum(0, dtype=torch.int32)
-        return self._neg_total[name]
+    def nbytes(self) -> int:
+        """Bytes the tables take (the measure of issue #16's memory target)."""
+        tables = [self.active_rest, self.active_neg, self.channel_counts, self.sums or {}]
+        return sum(t.numel() * t.element_size() for table in tables for t in table.values())
+
+
+@torch.no_grad()
+def _or_runs(table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, runs) -> None:
+    """OR into ``table`` the elements each run of one label lit (a row per class kept; -1: none)."""
+    labels, lengths = runs
+    for c, run in zip(labels.tolist(), pos.split(lengths.tolist())):
+        if rows[c] >= 0:
+            table[rows[c]] |= pack(run.any(0))
 
 
 # (part "neg" | "rest", number of images, loader of (x (B, ...), y (B,))): loaded only when counted
@@ -119,21 +143,22 @@ Batch = tuple[str, int, Callable[[], tuple[torch.Tensor, torch.Tensor]]]
 @torch.inference_mode()
 def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num_classes: int,
                        *, progress: bool = False, saver: "ProgressSaver | None" = None,
-                       max_per_class: int = 32767, device: torch.device | str = "cpu",
-                       precision: str = "fp32", sums: bool = False,
-                       weights: dict[str, torch.Tensor] | None = None) -> ActivationStats:
-    """Run ``model`` once over ``batches`` (in order) and count.
+                       device: torch.device | str = "cpu", precision: str = "fp32", sums: bool = False,
+                       weights: dict[str, torch.Tensor] | None = None,
+                       classes_kept: list[int] | None = None) -> ActivationStats:
+    """Run ``model`` once over ``batches`` (in order) and record what ``ActivationStats`` holds.
 
     ``weights``: the graph's tensors when they are not all the model's (a head cnnmod appended).
+    ``classes_kept``: the classes whose per-element bits are kept (``--only``; None: all).
 
-    One pass for all classes: each batch adds its positives per label (per run of one label,
-    or with ``index_add_``), never one pass per class and never a loop over examples. With a
-    ``saver``, the counts are saved every so often and a saved state is resumed from.
+    One pass for all classes: each batch ORs its non-zero elements per run of one label (the
+    sample is ordered by class), never one pass per class and never a loop over examples. With a
+    ``saver``, the tables are saved every so often and a saved state is resumed from.
 
-    Memory: one (K, *shape) table per observed layer and part, in int16 when no class has more
-    than ``max_per_class`` <= 32767 images in the sample (the paper's budget is 1000), else int32:
-    1,000 classes on a CIFAR ResNet-20 (188,416 observed elements) take 0.75 GB.
-    In a torchrun group each rank counts every world-th batch and the counts are summed.
+    Memory: one bit per element for each kept class and one for the negatives, plus (K, C) channel
+    counts: 1,000 classes on a CIFAR ResNet-20 (188,416 observed elements) take 24 MB (the int16
+    counts before issue #16 took 0.75 GB).
+    In a torchrun group each rank counts every world-th batch; bits are OR-ed, counts summed.
     With ``sums`` the values themselves are also summed per layer over all images (not per class).
     ``precision="bf16"`` runs the pass under bfloat16 autocast: faster on a GPU, but an element
     near 0 can change sign, so masks may differ from float32's (the GPU session measures how many).
@@ -141,40 +166,47 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
     if precision not in ("fp32", "bf16"):
         raise CnnmodError(f"expected precision fp32 or bf16, found {precision!r}.")
     device = torch.device(device)
-    dtype = torch.int16 if max_per_class <= torch.iinfo(torch.int16).max else torch.int32
     rank, world = rank_and_world()
     layers = observed_layers(graph)
+    kept = list(range(num_classes)) if classes_kept is None else sorted(set(classes_kept))
+    rows = torch.full((num_classes,), -1, dtype=torch.int64)
+    rows[kept] = torch.arange(len(kept))
     was_training = model.training
     model.eval()
     network = GraphNetwork(graph, weights if weights is not None else weights_of(model)).to(device)
-    counts = {"neg": {}, "rest": {}, **({"sum": {}} if sums else {})}
+    tables = {"neg": {}, "rest": {}, "channels": {}, **({"sum": {}} if sums else {})}
     seen = {"neg": torch.zeros(num_classes, dtype=torch.int64), "rest": torch.zeros(num_classes, dtype=torch.int64)}
-    done = saver.load(counts, seen) if saver is not None else 0
+    done = saver.load(tables, seen) if saver is not None else 0
     state = {"part": "neg", "y": None, "runs": None}
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def empty(name: str, out_device) -> None:
+        """Zero tables for layer ``name`` (those a resumed state holds are kept)."""
+        shape = shapes[name]
+        e = math.prod(shape)
+        tables["neg"].setdefault(name, torch.zeros((e + 7) // 8, dtype=torch.uint8, device=out_device))
+        tables["rest"].setdefault(name, torch.zeros(len(kept), (e + 7) // 8, dtype=torch.uint8, device=out_device))
+        tables["channels"].setdefault(name, torch.zeros(num_classes, shape[0], dtype=torch.int64, device=out_device))
+        if sums:
+            tables["sum"].setdefault(name, torch.zeros(shape, dtype=torch.int64, device=out_device))
 
     wanted = set(layers)
 
     def count(name: str, out: torch.Tensor) -> None:
         if name not in wanted:
             return
+        if name not in shapes:
+            shapes[name] = tuple(out.shape[1:])
+            empty(name, out.device)
         if sums:
-            if name not in counts["sum"]:
-                counts["sum"][name] = torch.zeros(out.shape[1:], dtype=torch.int64, device=out.device)
-            counts["sum"][name] += torch.round(out.double() * SUM_SCALE).to(torch.int64).sum(0)
-        table = counts[state["part"]]
-        if name not in table:
-            table[name] = torch.zeros((num_classes, *out.shape[1:]), dtype=dtype, device=out.device)
-        pos = (out != 0).view(torch.uint8).flatten(1)  # (B, E) 0/1, no copy; ReLU: != 0 iff > 0
-        flat = table[name].view(num_classes, -1)  # (K, E)
-        labels, lengths = state["runs"]
-        if len(labels) <= 8:
-            # The sample is ordered by class, so a batch holds a few runs of one label: one
-            # reduction per run is ~2x faster than index_add_ (measured on 2 CPU cores). Summing
-            # straight into the table's type (a run is at most a batch) is 2x faster than via int32.
-            for c, run in zip(labels.tolist(), pos.split(lengths.tolist())):
-                flat[c] += run.sum(0, dtype=dtype if len(run) <= torch.iinfo(dtype).max else torch.int32).to(dtype)
+            tables["sum"][name] += torch.round(out.double() * SUM_SCALE).to(torch.int64).sum(0)
+        pos = (out != 0).flatten(1)  # (B, E); ReLU: != 0 iff > 0
+        if state["part"] == "neg":
+            tables["neg"][name] |= pack(pos.any(0))
         else:
-            flat.index_add_(0, state["y"], pos.to(dtype))
+            _or_runs(tables["rest"][name], rows, pos, state["runs"])
+        per_channel = pos.view(len(pos), shapes[name][0], -1).sum(2)  # (B, C)
+        tables["channels"][name].index_add_(0, state["y"], per_channel)
 
     sizes = [size for _, size, _ in batches]
     bar = tqdm(total=sum(sizes[rank::world]), initial=sum(sizes[rank:done:world]),
@@ -199,25 +231,20 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
             seen[part] += torch.bincount(y, minlength=num_classes).cpu()
             bar.update(len(y))
             if saver is not None:
-                saver.maybe_save(counts, seen, i + 1)
+                saver.maybe_save(tables, seen, i + 1)
     finally:
         bar.close()
         model.train(was_training)
-    shapes = None
-    for part in ("neg", "rest"):  # a part (or a rank's share) may be empty
+    if len(shapes) < len(layers):  # a rank with no batch, or a resumed run: shapes from one blank image
+        found = network.shapes(tuple(batches[0][2]()[0].shape[1:]))
         for name in layers:
-            if name not in counts[part]:
-                shapes = shapes or network.shapes(tuple(batches[0][2]()[0].shape[1:]))
-                counts[part][name] = torch.zeros((num_classes, *shapes[name]), dtype=dtype)
-            counts[part][name] = counts[part][name].cpu()
-            all_reduce_sum_(counts[part][name])
-        all_reduce_sum_(seen[part])
-    if sums:
+            shapes[name] = shapes.get(name) or found[name]
+            empty(name, "cpu")
+    for part, table in tables.items():
         for name in layers:
-            if name not in counts["sum"]:
-                shapes = shapes or network.shapes(tuple(batches[0][2]()[0].shape[1:]))
-                counts["sum"][name] = torch.zeros(shapes[name], dtype=torch.int64)
-            counts["sum"][name] = counts["sum"][name].cpu()
-            all_reduce_sum_(counts["sum"][name])
-    return ActivationStats(layers, counts["neg"], counts["rest"], seen["neg"], seen["rest"],
-                           counts["sum"] if sums else None)
+            table[name] = table[name].cpu()
+            (all_reduce_or_ if part in ("neg", "rest") else all_reduce_sum_)(table[name])
+    for part in seen.values():
+        all_reduce_sum_(part)
+    return ActivationStats(layers, shapes, tables["rest"], tables["neg"], tables["channels"], seen["neg"],
+                           seen["rest"], rows, tables["sum"] if sums else None)

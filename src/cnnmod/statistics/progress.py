@@ -10,6 +10,7 @@ from ..errors import CnnmodError
 from ..files import read_file, write_file
 
 FORMAT = "cnnmod.statistics_progress"
+FORMAT_VERSION = 2  # 2: bit tables and channel counts (issue #16); 1 held per-class counts
 
 
 class ProgressSaver:
@@ -28,6 +29,10 @@ class ProgressSaver:
         if not (self.resume and self.path.exists()):
             return 0
         tensors, meta = read_file(self.path, expect=FORMAT)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise CnnmodError(f"{self.path}: expected saved statistics of format {FORMAT_VERSION}, found "
+                              f"{meta.get('format_version')!r} (another cnnmod version); delete it or rerun "
+                              "without --resume.")
         if meta.get("key") != self.key:
             raise CnnmodError(f"{self.path}: saved statistics of another run (other model, data or options); "
                               "delete it or rerun without --resume.")
@@ -44,7 +49,7 @@ class ProgressSaver:
             return
         tensors = {f"{part}/{layer}": t for part in counts for layer, t in counts[part].items()}
         tensors.update({f"{part}/seen": seen[part] for part in seen})
-        write_file(self.path, tensors, {"format": FORMAT, "format_version": 1, "key": self.key,
+        write_file(self.path, tensors, {"format": FORMAT, "format_version": FORMAT_VERSION, "key": self.key,
                                         "batches_done": batches_done})
         self.last = time.monotonic()
 

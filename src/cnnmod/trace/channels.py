@@ -132,11 +132,13 @@ def channel_spaces(graph: Graph) -> Spaces:
         if node.op in _ACTIVATIONS:
             relus.setdefault(of[node.name], []).append(node.name)
 
-    # After the fill: a space's ReLUs, and nodes of the space all of whose inputs are after it.
+    # After the fill: a space's ReLUs, nodes of the space all of whose inputs are after it, and derived
+    # spaces (their removed channels are constants computed from constants).
     after: set[str] = set()
     for node in graph.nodes:
-        if of[node.name] in derived or node.op in _ACTIVATIONS or ((node.op in _SAME_CHANNELS | _TIED or node.attrs.get("depthwise"))
-                                       and node.inputs and all(i in after for i in node.inputs)):
+        carried = node.op in _SAME_CHANNELS | _TIED or node.attrs.get("depthwise")
+        if of[node.name] in derived or node.op in _ACTIVATIONS or \
+                (carried and node.inputs and all(i in after for i in node.inputs)):
             after.add(node.name)
     why: dict[int, str] = {}
     for n, reason in whole.items():

@@ -77,7 +77,8 @@ def _conv(node, xs, w):
     # A depthwise convolution of a module keeps only its kept channels: its groups follow them.
     x, groups = xs[0], xs[0].shape[1] if a.get("depthwise") else a["groups"]
     if x.shape[1] == 0:  # every channel it read was removed (half of a split): zeros of the output's shape
-        x, weight, groups = x.new_zeros(x.shape[0], 1, *x.shape[2:]), weight.new_zeros(len(weight), 1, *weight.shape[2:]), 1
+        x, groups = x.new_zeros(x.shape[0], 1, *x.shape[2:]), 1
+        weight = weight.new_zeros(len(weight), 1, *weight.shape[2:])
     return F.conv2d(x, weight, w("bias"), a["stride"], padding, a["dilation"], groups)
 
 

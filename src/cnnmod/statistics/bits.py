@@ -1,0 +1,26 @@
+"""One bit per element: the paper's rule asks only whether an element was ever non-zero.
+
+``pack`` turns a bool tensor (..., E) into uint8 (..., ceil(E / 8)), element e in bit e % 8 of
+byte e // 8; ``unpack`` undoes it. A bit table is OR-ed with ``|=`` and across processes with
+all_reduce(BOR), so it is exact and independent of the order of the images.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """bool (..., E) -> uint8 (..., ceil(E / 8))."""
+    e = x.shape[-1]
+    groups = F.pad(x.to(torch.uint8), (0, -e % 8)).view(*x.shape[:-1], -1, 8)
+    return (groups << _SHIFTS.to(x.device)).sum(-1, dtype=torch.uint8)  # distinct bits: the sum is the OR
+
+
+def unpack(b: torch.Tensor, e: int) -> torch.Tensor:
+    """uint8 (..., ceil(E / 8)) -> bool (..., E)."""
+    bits = (b.unsqueeze(-1) >> _SHIFTS.to(b.device)) & 1
+    return bits.flatten(-2)[..., :e].bool()
