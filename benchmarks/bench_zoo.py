@@ -7,8 +7,8 @@ Each architecture is trained here from random weights for a CPU budget (the firs
 images of each class, 32x32, SGD with a cosine schedule, crop and flip), and its weights are
 cached in benchmarks/.cache/zoo/ (not committed). Then, on the validation split (the last 10% of
 each class by file name, 5,000 images): model top-1; the paper strategy's 10 modules composed
-(vote); the channels strategy with a shared trunk (``--trunk 1.0 --multiple 8``, ``--retain`` 0.9 and 0.97, and 0.97 with ``--score energy``)
-composed, with its multiply-accumulates per image against the model's; and the decomposition time
+(vote); the channels strategy with a shared trunk (``--trunk 1.0 --multiple 8``, ``--retain`` 0.9
+and 0.97, and 0.97 with ``--score energy``) composed, with its multiply-accumulates per image against the model's; and the decomposition time
 of each strategy against one plain inference pass over the same images, in the same run.
 Targets (issue #15): paper within 0.5 points of the model, channels within 1.5 points at <= 1.0x
 the model's MACs.
@@ -190,7 +190,8 @@ def render(rows: list[dict]) -> str:
         f"random weights on the first {PER_CLASS:,} CIFAR-10 training images of each class (32x32, {EPOCHS} epochs, "
         "SGD one-cycle, crop and flip, BatchNorm momentum 0.1): a CPU budget, so the models are far from their papers' accuracy; what "
         "matters is the modules against their own model. Validation: the last 10% of each class (5,000 images). "
-        "Channels: `--trunk 1.0 --multiple 8` with `--retain 0.9` or `0.97`, and `0.97` with `--score energy`. Each cell: composed top-1 (vote), "
+        "Channels: `--trunk 1.0 --multiple 8` with `--retain 0.9` or `0.97`, and `0.97` with `--score energy`. "
+        "Each cell: composed top-1 (vote), "
         "points against the model, composed MACs per image against the model's, decomposition time (statistics "
         "pass, modules, calibration) against one plain inference pass over the statistics sample, same run. "
         "Paper-strategy modules are the whole model with masks, so 10 of them cost about 10x its MACs.",
