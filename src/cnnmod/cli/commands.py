@@ -184,7 +184,7 @@ def cmd_decompose(args) -> int:
                                      negatives_per_class=args.negatives_per_class, seed=args.seed,
                                      batch_size=args.batch_size, progress=not args.json, only=_names(args.only),
                                      resume=args.resume, device=args.device, precision=args.precision,
-                                     **_strategy_options(args))
+                                     workers=args.workers, **_strategy_options(args))
     if summary["rank"] != 0:
         return 0  # rank 0 reports for the group
     if args.json:

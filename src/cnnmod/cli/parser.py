@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(more: closer re-fits, slower; default: 256)")
     p.add_argument("--seed", type=int, default=0, help="fixes which images are observed")
     p.add_argument("--batch-size", type=COUNT, default=256, help="images per batch of the statistics pass")
+    p.add_argument("--workers", type=COUNT0, default=None,
+                   help="processes decoding an image folder's batches ahead of the statistics pass "
+                        "(default: up to 4; 0: decode in the main process)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run's statistics")
     p.add_argument("--device", default="auto",
                    help="where to run the statistics pass: auto, cpu, cuda or cuda:N (torchrun: one process per "

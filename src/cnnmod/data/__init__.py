@@ -2,5 +2,6 @@
 
 from .inputspec import InputSpec
 from .sources import Dataset, Views, load_data, load_data_for
+from .stream import ImageFiles
 
-__all__ = ["Dataset", "InputSpec", "Views", "load_data", "load_data_for"]
+__all__ = ["Dataset", "ImageFiles", "InputSpec", "Views", "load_data", "load_data_for"]

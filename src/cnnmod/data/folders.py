@@ -47,6 +47,14 @@ def _list_files(path: Path) -> dict[str, "callable[[], bytes]"]:
 
 
 def _load_image_folder(path: Path, files: dict, *, channels: int | None, size, crop_pct: float | None) -> Dataset:
+    images, labels, classes = index_image_folder(path, files)
+    arrays = [_decode(path, name, files[name](), channels, size, crop_pct) for name in images]
+    arrays = _unify(path, images, arrays)
+    return Dataset(stack_images(arrays), torch.tensor(labels, dtype=torch.int64), classes, str(path))
+
+
+def index_image_folder(path: Path, files) -> tuple[list[str], list[int], list[str]]:
+    """(image file names, their labels, class names) of an ImageFolder tree, nothing decoded."""
     images = sorted(n for n in files if PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise CnnmodError(f"{path}: expected images in class sub-folders, found no image files.")
@@ -60,12 +68,7 @@ def _load_image_folder(path: Path, files: dict, *, channels: int | None, size, c
             if sub.is_dir() and sub.name not in class_of.values():
                 raise CnnmodError(f"{path}: class folder {sub.name!r} holds no images.")
     index = {c: i for i, c in enumerate(classes)}
-    arrays, labels = [], []
-    for name in images:
-        arrays.append(_decode(path, name, files[name](), channels, size, crop_pct))
-        labels.append(index[class_of[name]])
-    arrays = _unify(path, images, arrays)
-    return Dataset(stack_images(arrays), torch.tensor(labels, dtype=torch.int64), classes, str(path))
+    return images, [index[class_of[name]] for name in images], classes
 
 
 def _common_root(names: list[str]) -> PurePosixPath:

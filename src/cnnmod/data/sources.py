@@ -127,12 +127,15 @@ def load_data_for(spec: str, split: str | None, inputs: list, *, default_split: 
 
 def load_data(spec: str, split: str | None = None, *, default_split: str = "train",
               channels: int | None = None, size: tuple[int, int] | None = None,
-              crop_pct: float | None = None) -> Dataset:
+              crop_pct: float | None = None, stream: bool = False) -> "Dataset | ImageFiles":
     """Load the data set named by ``spec``; see the module docstring for the split rules.
 
     ``channels`` and ``size`` convert images while decoding files (folders and archives of
     images of mixed sizes need ``size``); with ``crop_pct`` a photo keeps its aspect ratio, its
     shorter side resized to size / crop_pct and its centre cropped (``InputSpec.crop_pct``).
+
+    ``stream=True`` (with ``channels`` and ``size``): an image folder is listed, not decoded
+    (``ImageFiles``: its images are read when a batch needs them); other data load as usual.
 
     >>> ds = load_data("mnist5k", "test")   # 1,000 images, 100 per class
     """
@@ -149,10 +152,26 @@ def load_data(spec: str, split: str | None = None, *, default_split: str = "trai
             raise CnnmodError(f"expected a data set name ({', '.join(BUILTIN)}), an image folder, "
                               f"a .tar/.tar.gz archive or a CIFAR pickle folder; found {spec!r}, "
                               "which is none of these and does not exist.")
-        ds = load_archive_or_folder(path, split, default_split, channels=channels, size=size, crop_pct=crop_pct)
+        ds = _streamed(path, split, default_split, channels, size, crop_pct) if stream else None
+        if ds is None:
+            ds = load_archive_or_folder(path, split, default_split, channels=channels, size=size, crop_pct=crop_pct)
     if len(ds) == 0:
         raise CnnmodError(f"{spec}: the {split or default_split} split holds no images.")
     return ds
+
+
+def _streamed(path: Path, split: str | None, default_split: str, channels, size, crop_pct):
+    """An ``ImageFiles`` for an ImageFolder directory (None for archives, CIFAR pickles, unknown sizes)."""
+    from .folders import _cifar_root
+    from .stream import ImageFiles
+
+    if not path.is_dir() or channels is None or size is None:
+        return None
+    names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    if _cifar_root(set(names)) is not None:
+        return None
+    files = ImageFiles.scan(path, names, channels=channels, size=size, crop_pct=crop_pct)
+    return choose_split(files, split or "all", lambda n: -(-n // 10), names=("train", "val"))
 
 
 def split_per_class(labels: torch.Tensor, held_out: "callable[[int], int]") -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +185,7 @@ def split_per_class(labels: torch.Tensor, held_out: "callable[[int], int]") -> t
     return torch.cat(keep).sort().values, torch.cat(hold).sort().values
 
 
-def choose_split(ds: Dataset, split: str, held_out: "callable[[int], int]", names=("train", "test")) -> Dataset:
+def choose_split(ds, split: str, held_out: "callable[[int], int]", names=("train", "test")):
     """Return the named part of ``ds`` under the per-class hold-out rule."""
     if split == "all":
         return ds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 
 import torch
@@ -12,6 +13,7 @@ from .. import __version__
 from ..concerns.channeling import append_logits_head
 from ..data.inputspec import InputSpec
 from ..data.sources import Dataset
+from ..data.stream import ImageFiles
 from ..distributed import check_resume_alone, rank_and_world, resolve_device
 from ..errors import CnnmodError
 from ..files import tensors_checksum
@@ -29,11 +31,12 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
               classes: list[str] | None = None, input_spec: InputSpec | None = None,
               progress: bool = False, progress_file: str | None = None, resume: bool = False,
               calibration: int = 50, device: str = "cpu", precision: str = "fp32", only: list[str] | None = None,
-              sample_images: int = 256, **options) -> list[Module]:
+              sample_images: int = 256, workers: int | None = None, **options) -> list[Module]:
     """Decompose ``model`` into one module per class (``only``: per class named), in the model's class order.
 
     ``dataset`` is a ``cnnmod.Dataset`` (raw images, prepared by the model's input
-    specification; classes matched by name) or any sequence of ``(input_tensor, label)`` pairs
+    specification; classes matched by name), an image folder read lazily (``load_data(...,
+    stream=True)``: its batches are decoded by ``workers`` processes, default up to 4) or any sequence of ``(input_tensor, label)`` pairs
     already prepared for the model. ``input_spec`` says how raw uint8 images are prepared
     (default: the model's, as ``load_model`` sets it); the modules record it and prepare raw
     images themselves. Prepared pairs with no specification give modules that take prepared
@@ -89,9 +92,11 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
         key = hashlib.sha256(f"{fingerprint}|{batch_size}|{num_classes}|{needs_sums}|{only and focus}".encode()
                              + sample.negatives.numpy().tobytes() + sample.rest.numpy().tobytes()).hexdigest()
         saver = ProgressSaver(progress_file, key, resume=resume)
+    if workers is None:  # decoding files is the slow part of a streamed pass; tensors in memory need no help
+        workers = min(4, os.cpu_count() or 1) if isinstance(dataset, ImageFiles) else 0
     stats = collect_statistics(model, graph, batches, num_classes, progress=progress and rank_and_world()[0] == 0,
                                saver=saver, device=resolve_device(device), precision=precision, sums=needs_sums,
-                               weights=weights, classes_kept=None if only is None else focus)
+                               weights=weights, classes_kept=None if only is None else focus, workers=workers)
     stats_seconds = time.perf_counter() - start
 
     example = fetch(sample.rest[:1] if len(sample.rest) else sample.negatives[:1])
@@ -167,7 +172,7 @@ def _calibration_index(labels: torch.Tensor, sample, per_class: int, seed: int) 
 
 def _input_shape(dataset, spec: InputSpec | None) -> tuple[int, ...]:
     """One prepared input's shape, without the batch."""
-    if isinstance(dataset, Dataset) and spec is not None:
+    if isinstance(dataset, (Dataset, ImageFiles)) and spec is not None:
         return (spec.channels, *spec.size)
     if hasattr(dataset, "tensors"):
         return tuple(dataset.tensors[0].shape[1:])
@@ -179,13 +184,19 @@ def _input_shape(dataset, spec: InputSpec | None) -> tuple[int, ...]:
 
 def _adapt(dataset, classes: list[str], spec: InputSpec | None):
     """Return (labels (N,), fetch(indices) -> prepared batch) for any supported dataset."""
-    if isinstance(dataset, Dataset):
+    if isinstance(dataset, (Dataset, ImageFiles)):
         if spec is None:
             raise CnnmodError("expected the model's input specification to prepare raw images "
                               "(load the model with cnnmod.load_model, or pass input_spec=...).")
         from ..evaluate import match_classes
 
         labels = match_classes(dataset.classes, classes)[dataset.labels]
+        if isinstance(dataset, ImageFiles):
+            if (dataset.channels, tuple(dataset.size)) != (spec.channels, tuple(spec.size)):
+                raise CnnmodError(f"expected images read as {spec.channels}x{spec.size[0]}x{spec.size[1]} (the "
+                                  f"model's input), found a folder read as {dataset.channels}x{dataset.size[0]}x"
+                                  f"{dataset.size[1]}.")
+            return labels, lambda idx: spec.prepare(dataset.load(idx))
         return labels, lambda idx: spec.prepare(dataset.images[idx])
     if hasattr(dataset, "tensors") and len(dataset.tensors) == 2:  # torch TensorDataset
         x, y = dataset.tensors

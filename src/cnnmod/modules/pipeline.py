@@ -98,6 +98,9 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
                            progress: bool = False, resume: bool = False, **options) -> dict:
     """Decompose a checkpoint on a data spec and write its modules; return a summary.
 
+    An image folder is listed, not decoded: its images are read batch by batch as the statistics
+    pass needs them (``load_data(..., stream=True)``), so a folder of any size starts at once.
+
     The statistics are saved to ``<out>.stats-progress.safetensors`` while they are collected;
     ``resume=True`` continues an interrupted run from there.
     """
@@ -107,7 +110,7 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
     model = load_model(checkpoint)
     spec = model.input_spec
     dataset = load_data(data, split, default_split="train", channels=spec.channels, size=spec.size,
-                        crop_pct=spec.crop_pct)
+                        crop_pct=spec.crop_pct, stream=True)
     device = resolve_device(options.pop("device", "auto"))
     distributed = init_from_env(device)
     rank = rank_and_world()[0]
