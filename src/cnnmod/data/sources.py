@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import CnnmodError
+
+if TYPE_CHECKING:
+    from .stream import ImageFiles
 
 SPLITS = ("train", "test", "val", "all")
 

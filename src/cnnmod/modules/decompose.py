@@ -36,8 +36,8 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
 
     ``dataset`` is a ``cnnmod.Dataset`` (raw images, prepared by the model's input
     specification; classes matched by name), an image folder read lazily (``load_data(...,
-    stream=True)``: its batches are decoded by ``workers`` processes, default up to 4) or any sequence of ``(input_tensor, label)`` pairs
-    already prepared for the model. ``input_spec`` says how raw uint8 images are prepared
+    stream=True)``: its batches are decoded by ``workers`` processes, default up to 4) or any
+    sequence of ``(input_tensor, label)`` pairs already prepared for the model. ``input_spec`` says how raw uint8 images are prepared
     (default: the model's, as ``load_model`` sets it); the modules record it and prepare raw
     images themselves. Prepared pairs with no specification give modules that take prepared
     tensors only and refuse raw images (cnnmod cannot guess how they were prepared). ``options``
