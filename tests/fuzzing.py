@@ -76,3 +76,34 @@ def mutations(blob: bytes, count: int, seed: int = 0):
             h["__metadata__"]["cnnmod"] = json.dumps(meta, sort_keys=True)
             crafted = rng.random() < 0.5
             yield f"header:{name}{':crafted' if crafted else ''}", _join(_recheck(h, data) if crafted else h, data)
+
+
+def fuzz_loads(blob: bytes, count: int, folder, load, same_output, seed: int = 0) -> tuple[int, int]:
+    """Write ``count`` mutations of ``blob`` into ``folder`` and ``load`` each (10 s at most): return
+    (refused with CnnmodError, loaded). ``same_output(loaded, kind)`` asserts what a loaded one computes."""
+    import signal
+
+    from cnnmod import CnnmodError
+
+    def hung(*_):
+        raise TimeoutError("a load hung")
+
+    refused = loaded = 0
+    old = signal.signal(signal.SIGALRM, hung)
+    try:
+        for i, (kind, mutated) in enumerate(mutations(blob, count, seed=seed)):
+            path = folder / f"m{i}.safetensors"
+            path.write_bytes(mutated)
+            signal.alarm(10)
+            try:
+                result = load(path)
+            except CnnmodError:
+                refused += 1
+                continue
+            finally:
+                signal.alarm(0)
+            same_output(result, kind)
+            loaded += 1
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    return refused, loaded

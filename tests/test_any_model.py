@@ -47,7 +47,8 @@ def test_the_command_line_decomposes_a_graph_checkpoint(tmp_path, capsys):
     assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "mods"), "--only", "3,8",
                  "--json"]) == 0
     assert main(["evaluate", str(tmp_path / "mods"), "--data", "digits", "--json"]) == 0
-    assert sorted(p.name for p in (tmp_path / "mods").iterdir()) == ["3.safetensors", "8.safetensors"]
+    files = sorted(p.name for p in (tmp_path / "mods").iterdir())  # the two modules and the parent they share
+    assert files[:2] == ["3.safetensors", "8.safetensors"] and files[2].startswith("_parent-") and len(files) == 3
     grouped = tmp_path / "regnety.safetensors"  # grouped convolutions: spaces the channels strategy keeps whole
     save_checkpoint(create("timm", "regnety_002", num_classes=10), grouped, classes=[str(d) for d in range(10)],
                     input_spec=InputSpec(3, (16, 16), (0.5,) * 3, (0.25,) * 3))

@@ -5,6 +5,7 @@ import pytest
 from cnnmod import load_data
 from cnnmod.cli import main
 from cnnmod.modules import load_module, save_module
+from cnnmod.modules.shared import module_files
 
 
 def _json(capsys):
@@ -13,7 +14,8 @@ def _json(capsys):
 
 def test_decompose_writes_one_file_per_class_and_a_summary(decomposed, tmp_path, capsys):
     root, ckpt, mods = decomposed
-    assert sorted(p.name for p in mods.iterdir()) == [f"{d}.safetensors" for d in range(10)]
+    assert sorted(p.name for p in module_files(mods)) == [f"{d}.safetensors" for d in range(10)]
+    assert len(list(mods.glob("_parent-*.safetensors"))) == 1  # the parent's tensors, shared by the ten
     assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "again"), "--json"]) == 0
     summary = _json(capsys)
     assert summary["strategy"] == "paper"

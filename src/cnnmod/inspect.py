@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .errors import CnnmodError
 from .files import read_file
+from .modules.shared import module_files
 
 
 def describe(path: str) -> tuple[str, dict]:
@@ -78,7 +79,7 @@ def module_row(path) -> dict:
 def describe_folder(path: str) -> tuple[str, dict]:
     """One table row per module file of a folder (other files are named and left alone)."""
     folder = Path(path)
-    files = sorted(folder.glob("*.safetensors"))
+    files = module_files(folder)
     if not files:
         raise CnnmodError(f"{folder}: expected module files (*.safetensors), found none.")
     rows = [module_row(f) for f in files]
@@ -89,10 +90,14 @@ def describe_folder(path: str) -> tuple[str, dict]:
                          r["parent"]) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     right = {2, 3, 4}
+    parents = [p for p in sorted(folder.glob("*.safetensors")) if p not in files]
+    shared = sum(p.stat().st_size for p in parents)
     lines = [f"{folder}: {len(rows)} module file{'s' if len(rows) != 1 else ''}, "
-             f"{sum(r['file_bytes'] for r in rows):,} bytes on disk, "
+             f"{sum(r['file_bytes'] for r in rows) + shared:,} bytes on disk"
+             + (f" (the parent's tensors, shared, {shared:,} of them)" if parents else "") + ", "
              f"{len({r['parent'] for r in rows})} parent model{'s' if len({r['parent'] for r in rows}) != 1 else ''}"]
     for row in table:
         lines.append(("  " + "  ".join(f"{str(v):>{w}}" if i in right else f"{str(v):<{w}}"
                                        for i, (v, w) in enumerate(zip(row, widths)))).rstrip())
-    return "\n".join(lines), {"folder": str(folder), "modules": rows}
+    return "\n".join(lines), {"folder": str(folder), "modules": rows,
+                              "parent_files": {p.name: p.stat().st_size for p in parents}}

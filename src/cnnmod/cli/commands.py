@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from ..errors import CnnmodError
 
@@ -213,6 +214,16 @@ def cmd_decompose(args) -> int:
 def cmd_export(args) -> int:
     from ..export import export_onnx
 
+    if args.module is not None:
+        from ..modules import load_module, save_module
+
+        if len(args.file) != 1:
+            raise CnnmodError(f"expected one module file for --module, found {len(args.file)} files.")
+        module = load_module(args.file[0])
+        save_module(module, args.module)
+        print(f"wrote {args.module}: class {module.class_name!r}, self-contained, "
+              f"{os.path.getsize(args.module):,} bytes")
+        return 0
     info = export_onnx(args.file, args.onnx)
     print(f"wrote {args.onnx}: {info['kind']} ({_plural(len(info['classes']), 'class')}), "
           f"input uint8 {info['input']['channels']}x{info['input']['size'][0]}x{info['input']['size'][1]}")

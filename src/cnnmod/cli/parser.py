@@ -177,9 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: autocast statistics pass (faster on GPUs; may change masks, see BENCHMARKS.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = command("export", "write a module, composed classifier or checkpoint as ONNX")
+    p = command("export", "write a module, composed classifier or checkpoint as ONNX, or a module of a "
+                          "decomposition folder as one self-contained file")
     p.add_argument("file", nargs="+", help="a module file, a composed file, a module folder or a checkpoint")
-    p.add_argument("--onnx", required=True, help="the ONNX file to write")
+    to = p.add_mutually_exclusive_group(required=True)
+    to.add_argument("--onnx", help="the ONNX file to write")
+    to.add_argument("--module", help="the self-contained module file to write (the parent's tensors included), "
+                                     "to give a module of a folder to someone else")
 
     p = command("inspect", "show what a checkpoint, module or composed file, or a module folder holds")
     p.add_argument("file", help="a cnnmod file, or a folder of module files (one row per module)")

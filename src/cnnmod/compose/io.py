@@ -18,6 +18,7 @@ from ..errors import CnnmodError
 from ..files import read_file, read_metadata, write_file
 from ..modules.io import FORMAT as MODULE_FORMAT
 from ..modules.io import load_module, module_from_record, module_record
+from ..modules.shared import module_files
 from .composed import ComposedClassifier, compose
 
 FORMAT = "cnnmod.composed"
@@ -95,7 +96,7 @@ def load_composed(path: str | os.PathLike) -> ComposedClassifier:
 def load_modules(path: str | os.PathLike) -> list:
     """Load every module file of a directory, ordered by class index then name."""
     path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
+    files = module_files(path)
     if not files:
         raise CnnmodError(f"{path}: expected module files (*.safetensors), found none.")
     modules = [load_module(f) for f in files]

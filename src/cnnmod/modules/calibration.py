@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..trace.network import GraphNetwork
 from .module import Module
 
 
@@ -70,12 +71,15 @@ def calibrate_(modules: list[Module], batches: list[tuple[torch.Tensor, torch.Te
 @torch.no_grad()
 def margins64(module: Module, inputs) -> torch.Tensor:
     """The module's margins on prepared batches, computed in float64 (the same numbers on any
-    device and thread count); the network is back in float32 afterwards."""
-    module.network.double()  # exact round trip: float32 -> float64 -> float32
-    try:
-        return torch.cat([module.margin(x.double()) for x in inputs])
-    finally:
-        module.network.float()
+    device and thread count) by a float64 copy of its network: the module's own tensors, which it
+    may share with its parent and sibling modules, are left as they are."""
+    net = module.network
+    wide = GraphNetwork(net.graph, {k: v.double() if v.is_floating_point() else v for k, v in net.weights().items()})
+    margins = []
+    for x in inputs:
+        z = wide(x.double())
+        margins.append(z[:, 1] - z[:, 0])
+    return torch.cat(margins)
 
 
 def calibrated_logit(module: Module, margin: torch.Tensor) -> torch.Tensor:

@@ -16,13 +16,13 @@ from ..data.sources import Dataset
 from ..data.stream import ImageFiles
 from ..distributed import check_resume_alone, rank_and_world, resolve_device
 from ..errors import CnnmodError
-from ..files import tensors_checksum
 from ..statistics import collect_statistics, select_sample
 from ..statistics.collect import ends_in_linear, head_layer
 from ..statistics.progress import ProgressSaver
 from ..trace import GraphNetwork, trace_graph, weights_of
 from .calibration import calibrate_
 from .module import Module
+from .shared import ParentTensors
 from .strategies import STRATEGIES, Parent
 
 
@@ -37,9 +37,9 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     ``dataset`` is a ``cnnmod.Dataset`` (raw images, prepared by the model's input
     specification; classes matched by name), an image folder read lazily (``load_data(...,
     stream=True)``: its batches are decoded by ``workers`` processes, default up to 4) or any
-    sequence of ``(input_tensor, label)`` pairs already prepared for the model. ``input_spec`` says how raw uint8 images are prepared
-    (default: the model's, as ``load_model`` sets it); the modules record it and prepare raw
-    images themselves. Prepared pairs with no specification give modules that take prepared
+    sequence of ``(input_tensor, label)`` pairs already prepared for the model. ``input_spec`` says
+    how raw uint8 images are prepared (default: the model's, as ``load_model`` sets it); the
+    modules record it and prepare raw images themselves. Prepared pairs with no specification give modules that take prepared
     tensors only and refuse raw images (cnnmod cannot guess how they were prepared). ``options``
     go to the strategy (``paper``: ``delta``).
     With ``progress_file`` the statistics are saved there as they are collected, and with
@@ -84,7 +84,8 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     sample = select_sample(labels, num_classes, positives=positives, negatives_per_class=negatives_per_class,
                            seed=seed, required=focus, names=classes)
     batches = sample_batches(fetch, labels, sample, batch_size)
-    fingerprint = tensors_checksum(weights)[:16]
+    shared = ParentTensors.of(weights)  # what every module's network shares (views, not copies)
+    fingerprint = shared.checksum[:16]
     saver = None
     needs_sums = getattr(STRATEGIES[strategy], "needs_sums", False)
     check_resume_alone(resume)
@@ -126,7 +127,7 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
         network, summary = STRATEGIES[strategy](parent, c, **options)
         m_meta = dict(common, class_index=c, class_name=name, observed_images=stats.observed(c),
                       positives_observed=int(stats.seen_neg[c] + stats.seen_rest[c]), **summary)
-        modules.append(Module(c, name, network, spec, m_meta))
+        modules.append(Module(c, name, network, spec, m_meta, parent=shared))
     if saver is not None:
         saver.finish()
     built = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -12,6 +13,7 @@ from ..files import read_file, write_file
 from ..trace import Graph, overlaid, overlay_maps, plain
 from ..trace.network import run_on_blank
 from .compact import compact_map, expand_map
+from .shared import PART_VERSION, full_record
 from .module import Module
 
 FORMAT = "cnnmod.module"
@@ -105,10 +107,16 @@ def save_module(module: Module, path: str | os.PathLike) -> None:
 
 
 def load_module(path: str | os.PathLike) -> Module:
-    """Load a module file; nothing is executed, damaged files are refused.
+    """Load a module file; nothing is executed, damaged files are refused. A module of a
+    decomposition folder reads its parent's tensors from the parent file beside it (shared.py).
 
     >>> m = load_module("modules/cat.safetensors")
     >>> m.network(x)  # (B, 2) logits: not-cat, cat
     """
     tensors, meta = read_file(path, expect=FORMAT)
-    return module_from_record(tensors, meta, str(path))
+    if meta.get("format_version") != PART_VERSION:
+        return module_from_record(tensors, meta, str(path))
+    tensors, meta, parent = full_record(tensors, meta, Path(path).parent, str(path))
+    module = module_from_record(tensors, meta, str(path))
+    module.parent = parent
+    return module

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..data.inputspec import InputSpec
 from ..trace.network import GraphNetwork
+
+if TYPE_CHECKING:
+    from .shared import ParentTensors
 
 
 @dataclass
@@ -23,6 +27,9 @@ class Module:
     network: GraphNetwork
     input_spec: InputSpec
     meta: dict = field(default_factory=dict)
+    # The parent tensors its network shares (set by decompose and by loading a module of a
+    # decomposition folder): what lets a folder store the parent once (shared.py).
+    parent: "ParentTensors | None" = field(default=None, repr=False, compare=False)
 
     @torch.no_grad()
     def margin(self, x: torch.Tensor) -> torch.Tensor:

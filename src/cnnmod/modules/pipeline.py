@@ -18,18 +18,25 @@ from ..distributed import finish, init_from_env, rank_and_world, resolve_device 
 from ..errors import CnnmodError
 from ..files import read_metadata
 from .decompose import decompose
+from ..files import write_file
 from .io import FORMAT as MODULE_FORMAT
-from .io import save_module
+from .io import module_record
 from .module import Module
+from .shared import PARENT_FORMAT, is_parent_file, part_record, shared_bytes, write_parent
 
 
 def module_filename(name: str) -> str:
     """A safe file name for a class: letters, digits, '.', '_' and '-' kept, the rest '_'."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "class"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "class"
+    return "class" + name if is_parent_file(Path(name + ".safetensors")) else name
 
 
-def write_modules(modules: list[Module], out: str | os.PathLike, *, progress: bool = False) -> list[Path]:
+def write_modules(modules: list[Module], out: str | os.PathLike, *, progress: bool = False,
+                  shared: bool = True) -> list[Path]:
     """Write ``out/<class>.safetensors`` for every module; other modules already in ``out`` are kept.
+
+    ``shared``: modules that share their parent's tensors store them once, in a parent file of the
+    folder (shared.py), wherever that takes fewer bytes than self-contained files.
 
     ``out`` must be missing, empty, or a module folder (nothing but cnnmod module files): cnnmod
     never deletes or overwrites a file it did not write, so any other folder is refused before
@@ -46,18 +53,36 @@ def write_modules(modules: list[Module], out: str | os.PathLike, *, progress: bo
             raise CnnmodError(f"{out / (name + '.safetensors')}: expected class {module.class_name!r}'s module "
                               f"to replace, found class {held!r}'s; choose another folder.")
     out.mkdir(parents=True, exist_ok=True)  # with the user's umask
+    parents = _worth_sharing(modules) if shared else set()
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".cnnmod-staging-"))
     try:
         bar = tqdm(modules, desc="writing modules", unit="module", disable=not (progress and sys.stderr.isatty()))
         for name, m in zip(names, bar):
-            save_module(m, staging / f"{name}.safetensors")
+            tensors, meta = module_record(m)
+            if m.parent is not None and m.parent.checksum in parents:
+                if not (out / m.parent.filename).exists():
+                    write_parent(staging, m.parent)
+                tensors, meta = part_record(tensors, meta, m.parent)
+            write_file(staging / f"{name}.safetensors", tensors, meta)
         paths = []
+        for entry in sorted(staging.iterdir(), key=lambda p: not is_parent_file(p)):  # no module without its parent
+            os.replace(entry, out / entry.name)
         for name in names:
-            os.replace(staging / f"{name}.safetensors", out / f"{name}.safetensors")
             paths.append(out / f"{name}.safetensors")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return paths
+
+
+def _worth_sharing(modules: list[Module]) -> set[str]:
+    """The parents (checksums) whose modules, stored as parts, take fewer bytes than self-contained."""
+    saved: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for m in modules:
+        if m.parent is not None:
+            saved[m.parent.checksum] = saved.get(m.parent.checksum, 0) + shared_bytes(m.network.weights(), m.parent)
+            sizes[m.parent.checksum] = sum(t.numel() * t.element_size() for t in m.parent.tensors.values())
+    return {c for c in saved if saved[c] > sizes[c]}
 
 
 def _file_names(modules: list[Module]) -> list[str]:
@@ -86,6 +111,8 @@ def module_folder_contents(folder: Path) -> dict[str, str]:
                 meta = read_metadata(entry)
             except CnnmodError:
                 pass
+        if meta is not None and meta.get("format") == PARENT_FORMAT and is_parent_file(entry):
+            continue  # the parent its modules share
         if meta is None or meta.get("format") != MODULE_FORMAT:
             raise CnnmodError(f"{folder}: expected an empty folder or a folder of cnnmod module files, found "
                               f"{entry.name!r}; cnnmod never deletes or overwrites files it did not write "

@@ -1,0 +1,143 @@
+"""Modules that share their parent: a decomposition folder stores the parent's tensors once.
+
+A folder written by ``decompose`` holds ``_parent-<checksum>.safetensors`` (the parent's tensors,
+written once) and one small file per module: the tensors it does not share with the parent (its
+head, its re-fitted layers), its masks packed as bits, and the checksum of the parent it needs
+(format version 4). Loading such a module reads the parent file beside it (once per process and
+parent: the modules' networks hold the same tensors, not copies) and refuses a parent whose
+checksum differs. ``save_module`` still writes one self-contained file, to give to someone else.
+
+    decomposition/
+      _parent-1f0c3a9e2b7d4c61.safetensors   the parent's tensors (cnnmod.parent)
+      cat.safetensors                         cat's module: head, masks as bits, ...
+      dog.safetensors
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CnnmodError
+from ..files import read_file, tensors_checksum, write_file
+from ..statistics.bits import pack, unpack
+
+PARENT_FORMAT = "cnnmod.parent"
+PART_VERSION = 4  # a module file that names its parent (module format version 4)
+_PARENT_NAME = re.compile(r"_parent-[0-9a-f]{16}\.safetensors")
+
+
+@dataclass
+class ParentTensors:
+    """The tensors modules of one parent share, and their checksum (``files.tensors_checksum``)."""
+
+    checksum: str
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> "ParentTensors":
+        return cls(tensors_checksum(tensors), tensors)
+
+    @property
+    def filename(self) -> str:
+        return f"_parent-{self.checksum[:16]}.safetensors"
+
+
+def is_parent_file(path: Path) -> bool:
+    return _PARENT_NAME.fullmatch(path.name) is not None
+
+
+def module_files(folder: Path) -> list[Path]:
+    """The module files of a folder (its parent files aside), sorted by name."""
+    return [p for p in sorted(folder.glob("*.safetensors")) if not is_parent_file(p)]
+
+
+def write_parent(folder: Path, parent: ParentTensors) -> Path:
+    """Write the parent file into ``folder`` unless it is there already (its name is its checksum)."""
+    path = folder / parent.filename
+    if not path.exists():
+        write_file(path, parent.tensors, {"format": PARENT_FORMAT, "format_version": 1,
+                                          "tensors_checksum": parent.checksum})
+    return path
+
+
+def part_record(tensors: dict[str, torch.Tensor], meta: dict, parent: ParentTensors) -> tuple[dict, dict]:
+    """A self-contained module record (``io.module_record``) less what ``parent`` holds: the parent's
+    own tensors are left out (by identity: the module's network holds them as views), masks become bits."""
+    out, shapes = {}, {}
+    for key, t in tensors.items():
+        kind, _, name = key.partition(".")
+        if kind == "w" and name in parent.tensors and _same_storage(t, parent.tensors[name]):
+            continue
+        if kind == "mask":
+            out[f"bits.{name}"] = pack(t.flatten())
+            shapes[name] = list(t.shape)
+        else:
+            out[key] = t
+    meta = dict(meta, format_version=PART_VERSION, mask_shapes=shapes,
+                parent={"file": parent.filename, "checksum": parent.checksum})
+    return out, meta
+
+
+def full_record(tensors: dict, meta: dict, folder: Path, source: str) -> tuple[dict, dict, ParentTensors]:
+    """The self-contained record of a module part read from ``folder``: its parent's tensors added,
+    its bits unpacked to masks; refuses a missing parent or one with another checksum."""
+    ref = meta.get("parent")
+    if not (isinstance(ref, dict) and isinstance(ref.get("file"), str) and _PARENT_NAME.fullmatch(ref["file"])
+            and isinstance(ref.get("checksum"), str)):
+        raise CnnmodError(f"{source}: expected the name and checksum of the module's parent file, found {ref!r}.")
+    parent = load_parent(folder / ref["file"], source)
+    if parent.checksum != ref["checksum"]:
+        raise CnnmodError(f"{source}: expected parent {ref['checksum'][:16]}, found {folder / ref['file']} holding "
+                          f"parent {parent.checksum[:16]}; the module belongs to another model.")
+    full = {f"w.{k}": v for k, v in parent.tensors.items()}
+    shapes = meta.get("mask_shapes")
+    if not isinstance(shapes, dict):
+        raise CnnmodError(f"{source}: expected the shapes of the module's masks, found {shapes!r}.")
+    for key, t in tensors.items():
+        kind, _, name = key.partition(".")
+        if kind != "bits":
+            full[key] = t
+            continue
+        shape = shapes.get(name)
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape)
+                and t.dtype == torch.uint8 and t.shape == ((math.prod(shape) + 7) // 8,)):
+            raise CnnmodError(f"{source}: the bits of layer {name} do not fit its mask shape {shape!r} (damaged file).")
+        full[f"mask.{name}"] = unpack(t, math.prod(shape)).view(shape)
+    meta = {k: v for k, v in meta.items() if k not in ("parent", "mask_shapes")}
+    meta["format_version"] = 3  # a self-contained record, as io.module_from_record reads it
+    return full, meta, parent
+
+
+_CACHE: dict[tuple, ParentTensors] = {}
+
+
+def load_parent(path: Path, source: str) -> ParentTensors:
+    """Read a parent file (once per file version: modules of a folder share its tensors)."""
+    if not path.is_file():
+        raise CnnmodError(f"{source}: expected its parent file {path.name} beside it, found none.")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _CACHE:
+        tensors, meta = read_file(path, expect=PARENT_FORMAT)
+        if meta.get("tensors_checksum") != tensors_checksum(tensors):
+            raise CnnmodError(f"{path}: the tensors do not match the parent checksum in its metadata (damaged file).")
+        while len(_CACHE) >= 4:  # a few parents at a time are enough for a folder; files can be large
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = ParentTensors(meta["tensors_checksum"], tensors)
+    return _CACHE[key]
+
+
+def shared_bytes(weights: dict[str, torch.Tensor], parent: ParentTensors) -> int:
+    """Bytes of a network's tensors that are the parent's own (what a part file leaves out)."""
+    return sum(t.numel() * t.element_size() for key, t in weights.items()
+               if key in parent.tensors and _same_storage(t, parent.tensors[key]))
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)

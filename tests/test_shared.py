@@ -1,0 +1,97 @@
+"""Modules that share their parent (issue #16): a decomposition folder stores the parent once."""
+
+import shutil
+
+import torch
+
+from cnnmod import CnnmodError, create_model, decompose, load_data, load_module, save_module
+from cnnmod.cli import main
+from cnnmod.compose import load_modules
+from cnnmod.data.inputspec import measure_spec
+from cnnmod.modules.pipeline import write_modules
+from cnnmod.modules.shared import module_files
+
+from fuzzing import fuzz_loads
+
+import pytest
+
+
+def _modules(seed=0, **options):
+    torch.manual_seed(seed)
+    data = load_data("digits", "train")
+    model = create_model("smallcnn", num_classes=10, image_size=8).eval()
+    return decompose(model, data, input_spec=measure_spec(data.images), calibration=10, positives=40, **options)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shared")
+    modules = _modules()
+    write_modules(modules, root / "mods")
+    return root, modules
+
+
+def test_a_folder_stores_the_parent_once_and_its_modules_answer_as_before(folder, tmp_path):
+    root, modules = folder
+    files = sorted(p.name for p in (root / "mods").iterdir())
+    parents = [f for f in files if f.startswith("_parent-")]
+    assert len(parents) == 1 and len(files) == 11 and len(module_files(root / "mods")) == 10
+    for m in modules:
+        save_module(m, tmp_path / f"{m.class_name}.safetensors")
+    alone = sum(p.stat().st_size for p in tmp_path.glob("*.safetensors"))
+    together = sum(p.stat().st_size for p in (root / "mods").iterdir())
+    assert together < 0.25 * alone  # the parent once, masks as bits
+    x = measure_spec(load_data("digits", "test").images).prepare(load_data("digits", "test").images[:32])
+    loaded = load_modules(root / "mods")
+    for m, back in zip(modules, loaded):
+        assert torch.equal(back.margin(x), m.margin(x))
+        assert torch.equal(back.margin(x), load_module(tmp_path / f"{m.class_name}.safetensors").margin(x))
+        assert back.meta["calibration"] == m.meta["calibration"]
+    # the loaded modules hold the parent's tensors once: views, not copies
+    key = "features.0.weight"
+    assert loaded[0].network.weight(key).data_ptr() == loaded[7].network.weight(key).data_ptr()
+
+
+def test_a_module_refuses_a_missing_parent_or_another_models(folder, tmp_path):
+    root, _ = folder
+    mine = tmp_path / "mine"
+    shutil.copytree(root / "mods", mine)
+    parent = next(mine.glob("_parent-*"))
+    other = tmp_path / "other"
+    write_modules(_modules(seed=1), other)
+    shutil.copy(next(other.glob("_parent-*")), parent)  # another model's parent under this one's name
+    with pytest.raises(CnnmodError, match="belongs to another model"):
+        load_module(mine / "3.safetensors")
+    parent.unlink()
+    with pytest.raises(CnnmodError, match="expected its parent file _parent-.* beside it, found none"):
+        load_module(mine / "3.safetensors")
+
+
+def test_export_module_writes_one_self_contained_file(folder, tmp_path, capsys):
+    root, modules = folder
+    assert main(["export", str(root / "mods" / "3.safetensors"), "--module", str(tmp_path / "three.safetensors")]) == 0
+    assert "self-contained" in capsys.readouterr().out
+    alone = tmp_path / "elsewhere" / "three.safetensors"
+    alone.parent.mkdir()
+    shutil.move(tmp_path / "three.safetensors", alone)  # no parent file beside it
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(load_module(alone).margin(x), modules[3].margin(x))
+
+
+def test_modules_that_share_nothing_are_written_self_contained(tmp_path):
+    write_modules(_modules(strategy="channels", keep=0.5), tmp_path / "mods")
+    assert not list((tmp_path / "mods").glob("_parent-*"))
+
+
+def test_fuzzed_module_parts_load_identically_or_are_refused(folder, tmp_path):
+    root, modules = folder
+    shutil.copy(next((root / "mods").glob("_parent-*")), tmp_path)  # the parent beside the mutated parts
+    x = torch.randn(4, 1, 8, 8)
+    expected = modules[2].network(x)
+
+    def same_output(loaded, kind):
+        assert torch.equal(loaded.network(x), expected), kind
+
+    refused, same = fuzz_loads((root / "mods" / "2.safetensors").read_bytes(), 90, tmp_path, load_module,
+                               same_output, seed=2)
+    assert refused + same == 90 and refused >= 70
