@@ -59,7 +59,7 @@ def one_size(k: int, images: int, device: str) -> dict:
             "gpu_peak_allocated_mb": gpu_peak,
             "statistics_per_image_ms": 1000 * t["statistics_seconds"] / t["images"],
             "plain_per_image_ms": 1000 * plain / images,
-            "count_tables_mb": 2 * k * observed * 2 / 2**20,  # two parts, int16
+            "count_tables_mb": t["statistics_bytes"] / 2**20,  # bits and channel counts (issue #16)
             "peak_rss_mb": rss_after / 1024, "rss_before_decompose_mb": rss_before / 1024,
             "observed_elements": observed}
 
@@ -71,7 +71,7 @@ def render(rows: list[dict], command: str, where: str) -> str:
              f"{rows[0]['images']} random 32x32 colour images, labels i mod K, a randomly initialised ResNet-20 with K outputs "
              "(cost only, no accuracy). Each row runs in its own process.", "",
              "| classes | statistics pass, ms/image | plain inference, ms/image | statistics / plain | vs 10 classes | "
-             "decompose incl. building all modules (s) | count tables (MB, int16) | peak RSS of the process (MB) | "
+             "decompose incl. building all modules (s) | statistics tables (MB) | peak RSS of the process (MB) | "
              "peak GPU memory allocated (MB) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -82,8 +82,9 @@ def render(rows: list[dict], command: str, where: str) -> str:
                      f"{r['peak_rss_mb']:.0f} | {gpu} |")
     lines += ["", "\"vs 10 classes\" compares the statistics pass's cost relative to plain inference (measured in the "
               "same process) at K classes with the same ratio at 10 classes, so that machine noise between "
-              "processes cancels. Count tables: one per observed layer and per part (negatives, rest), "
-              f"{rows[0]['observed_elements']:,} observed elements per class."]
+              "processes cancels. Statistics tables (issue #16): one bit per class and observed element, one per element for "
+              f"the shared negatives, a count per class and channel; {rows[0]['observed_elements']:,} observed "
+              "elements per class."]
     return "\n".join(lines)
 
 

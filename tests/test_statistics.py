@@ -5,7 +5,7 @@ import torch.nn as nn
 from cnnmod import CnnmodError
 from cnnmod.modules.decompose import _adapt, sample_batches
 from cnnmod.statistics import collect_statistics, observed_layers, select_sample
-from cnnmod.statistics.bits import pack, unpack
+from cnnmod.bits import pack, unpack
 from cnnmod.trace import GraphNetwork, trace_graph
 
 from nets import PixelNet, Unfamiliar, pixel_data

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from .errors import CnnmodError
 from .files import atomic_write_bytes, read_metadata, refuse_unless_ours
+from .trace.overlays import unpacked
 
 
 class _FromRaw(nn.Module):
@@ -70,7 +71,7 @@ def export_onnx(paths: list[str], out: str | os.PathLike) -> dict:
                           "install cnnmod[export].") from None
     if len(paths) == 1 and Path(paths[0]).is_file() and read_metadata(paths[0]).get("format") == MODULE_FORMAT:
         module = load_module(paths[0])
-        net, spec, output = _FromRaw(module.network, module.input_spec), module.input_spec, "logits"
+        net, spec, output = _FromRaw(unpacked(module.network), module.input_spec), module.input_spec, "logits"
         info = {"kind": "module", "classes": [module.class_name], "outputs": ["not " + module.class_name,
                                                                               module.class_name]}
     else:
@@ -79,6 +80,8 @@ def export_onnx(paths: list[str], out: str | os.PathLike) -> dict:
             net, spec, output = _FromRaw(obj, obj.input_spec), obj.input_spec, "logits"
             info = {"kind": "checkpoint", "classes": obj.cnnmod_meta["classes"]}
         else:
+            for k, network in enumerate(obj.networks):
+                obj.networks[k] = unpacked(network)
             net, spec, output = _Composed(obj), obj.modules_[0].input_spec, "scores"
             info = {"kind": "composed", "classes": obj.classes, "rule": obj.rule,
                     "unknown_below_score": obj.reject_below()}

@@ -13,6 +13,7 @@ from ..concerns import backtrack_removed, mc_bln_features
 from ..errors import CnnmodError
 from ..statistics.collect import head_layer
 from ..trace import GraphNetwork, overlay_maps, plain
+from ..trace.overlays import set_mask
 from .module import Module
 
 
@@ -41,7 +42,7 @@ def adapt_(module: Module, images: torch.Tensor, *, batch_size: int = 256) -> in
     for name, k in keep.items():
         new = k | (active[name] & ~gone.get(name, torch.zeros_like(k)))
         added += int((new & ~k).sum())
-        net.set_weight(f"{name}.mask", new)
+        set_mask(net, name, new)
     kept = sum(int(m.sum()) for m in overlay_maps(net, "mask").values())
     module.meta["share_kept"] = kept / module.meta["elements_total"]
     module.meta["elements_kept"] = kept

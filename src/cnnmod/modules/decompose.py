@@ -141,6 +141,7 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     for m in modules:  # timings stay out of files (they would break byte-identical output)
         m.timing = {"statistics_seconds": stats_seconds, "total_seconds": total,
                     "calibration_seconds": calibration_seconds, "images": len(sample.negatives) + len(sample.rest),
+                    "statistics_bytes": stats.nbytes(),
                     "negatives_from": negatives_from}
     return modules
 

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import CnnmodError
 from ..files import read_file, tensors_checksum, write_file
-from ..statistics.bits import pack, unpack
+from ..bits import pack, unpack
 
 PARENT_FORMAT = "cnnmod.parent"
 PART_VERSION = 4  # a module file that names its parent (module format version 4)

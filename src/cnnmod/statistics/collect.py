@@ -30,7 +30,7 @@ from ..trace.graph import Graph
 from ..trace.network import GraphNetwork, weights_of
 from ..trace.ops import REGISTRY
 from ..distributed import all_reduce_or_, all_reduce_sum_, rank_and_world
-from .bits import pack, unpack
+from ..bits import pack, unpack
 from .progress import ProgressSaver
 
 

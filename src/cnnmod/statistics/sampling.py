@@ -69,6 +69,7 @@ def select_sample(labels: torch.Tensor, num_classes: int, *, positives: int = 10
 
 @torch.inference_mode()
 @torch.inference_mode()  # as the statistics pass runs: no autograd bookkeeping in either
+@torch.inference_mode()
 def plain_pass(model, spec, data, sample: Sample, batch_size: int = 256) -> None:
     """One plain inference pass over the sample's images: the statistics pass's cost baseline."""
     for part in (sample.negatives, sample.rest):

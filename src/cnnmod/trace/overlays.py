@@ -1,47 +1,71 @@
-"""What a strategy adds to its parent's layers, as overlays of the graph (ops.py: mask, fill, addmap).
+"""What a strategy adds to its parent's layers, as overlays of the graph (ops.py: mask, bitmask,
+fill, addmap).
 
-The paper strategy masks elements (``mask``); the channels strategy first replaces removed channels
-by constants (``fill``), then, once they are physically removed, adds what they contributed
-(``addmap``). ``overlaid`` builds such a network from the parent's graph and tensors, ``overlay_maps``
-reads its overlays back by layer, and ``plain`` strips them (module files store the two apart).
+The paper strategy masks elements (``bitmask``: the keep-mask packed as bits, with its shape); the
+channels strategy first replaces removed channels by constants (``fill``), then, once they are
+physically removed, adds what they contributed (``addmap``). ``overlaid`` builds such a network
+from the parent's graph and tensors, ``overlay_maps`` reads its overlays back by layer (masks as
+bools, whichever way they are stored), and ``plain`` strips them (module files store the two apart).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..bits import pack, unpack
 from .graph import Graph, Node
 from .network import GraphNetwork
 from .ops import REGISTRY
 
 
 def overlaid(graph: Graph, weights: dict[str, torch.Tensor], *, masks: dict[str, torch.Tensor] | None = None,
-             fills: dict[str, torch.Tensor] | None = None,
-             addmaps: dict[str, torch.Tensor] | None = None) -> GraphNetwork:
+             fills: dict[str, torch.Tensor] | None = None, addmaps: dict[str, torch.Tensor] | None = None,
+             packed: bool = True) -> GraphNetwork:
     """A network running ``graph`` with ``weights``, and on layer L's output, in this order: ``addmaps[L]``
-    added, then elements where ``masks[L]`` is False replaced by ``fills[L]`` (or zeroed, without a fill)."""
+    added, then elements where ``masks[L]`` is False replaced by ``fills[L]`` (or zeroed, without a fill).
+    A mask without a fill is kept as bits unless ``packed=False``."""
     masks, fills, addmaps = masks or {}, fills or {}, addmaps or {}
     if not fills.keys() <= masks.keys():
         raise ValueError(f"a fill needs its mask; layers {sorted(fills.keys() - masks.keys())} have none")
     tensors, nodes = dict(weights), []
     for node in graph.nodes:
-        then = list(node.then)
-        if node.name in addmaps:
+        then, name = list(node.then), node.name
+        if name in addmaps:
             then.append("addmap")
-            tensors[f"{node.name}.addmap"] = addmaps[node.name].float()
-        if node.name in masks:
-            then.append("fill" if node.name in fills else "mask")
-            tensors[f"{node.name}.mask"] = masks[node.name].bool()
-            if node.name in fills:
-                tensors[f"{node.name}.fill"] = fills[node.name].float()
-        nodes.append(Node(node.name, node.op, node.inputs, node.attrs, then))
+            tensors[f"{name}.addmap"] = addmaps[name].float()
+        if name in fills:
+            then.append("fill")
+            tensors[f"{name}.mask"], tensors[f"{name}.fill"] = masks[name].bool(), fills[name].float()
+        elif name in masks and packed:
+            then.append("bitmask")
+            tensors[f"{name}.bits"] = pack(masks[name].bool().flatten())
+            tensors[f"{name}.shape"] = torch.tensor(masks[name].shape, dtype=torch.int64)
+        elif name in masks:
+            then.append("mask")
+            tensors[f"{name}.mask"] = masks[name].bool()
+        nodes.append(Node(name, node.op, node.inputs, node.attrs, then))
     return GraphNetwork(Graph(nodes, graph.output), tensors)
 
 
 def overlay_maps(net: GraphNetwork, kind: str) -> dict[str, torch.Tensor]:
-    """The ``kind`` ("mask", "fill" or "addmap") tensor of each layer that has one."""
-    return {n.name: net.weight(f"{n.name}.{kind}") for n in net.graph.nodes
-            if any(kind in REGISTRY[o].params for o in n.then)}
+    """The ``kind`` ("mask", "fill" or "addmap") tensor of each layer that has one; a bitmask is
+    read as the bool mask it packs."""
+    found = {}
+    for n in net.graph.nodes:
+        if kind == "mask" and "bitmask" in n.then:
+            shape = net.weight(f"{n.name}.shape").tolist()
+            found[n.name] = unpack(net.weight(f"{n.name}.bits"), int(torch.tensor(shape).prod())).view(shape)
+        elif any(kind in REGISTRY[o].params for o in n.then):
+            found[n.name] = net.weight(f"{n.name}.{kind}")
+    return found
+
+
+def set_mask(net: GraphNetwork, layer: str, mask: torch.Tensor) -> None:
+    """Bind layer ``layer``'s mask (a bool tensor) to ``mask``, in the form the network keeps it."""
+    if "bitmask" in net.graph.by_name[layer].then:
+        net.set_weight(f"{layer}.bits", pack(mask.bool().flatten()))
+    else:
+        net.set_weight(f"{layer}.mask", mask.bool())
 
 
 def plain(net: GraphNetwork) -> tuple[Graph, dict[str, torch.Tensor]]:
@@ -50,3 +74,11 @@ def plain(net: GraphNetwork) -> tuple[Graph, dict[str, torch.Tensor]]:
     overlay_keys = {f"{n.name}.{role}" for n in net.graph.nodes for o in n.then for role in REGISTRY[o].params}
     return graph, {k: v for k, v in net.weights().items() if k not in overlay_keys}
 
+
+def unpacked(net: GraphNetwork) -> GraphNetwork:
+    """The same network with its bitmasks as bool masks (for an ONNX export: ONNX cannot unpack bits)."""
+    if not any("bitmask" in n.then for n in net.graph.nodes):
+        return net
+    graph, weights = plain(net)
+    return overlaid(graph, weights, masks=overlay_maps(net, "mask"), fills=overlay_maps(net, "fill"),
+                    addmaps=overlay_maps(net, "addmap"), packed=False)

@@ -1,0 +1,150 @@
+"""Benchmark of issue #16: ImageNet-size models with 1,000 classes on one machine.
+
+    .venv/bin/python benchmarks/bench_imagenet_scale.py              # every configuration, one process each
+    .venv/bin/python benchmarks/bench_imagenet_scale.py --one NAME   # one configuration (what each process runs)
+
+GENERATED data and random weights (cost, not accuracy): torchvision ResNet-50 and EfficientNet-B0
+with 1,000 outputs, 2 random 224x224 images per class (2,000 images, uint8 in memory), ImageNet
+input preparation. Each configuration runs in its own process, so that its peak resident memory
+(max RSS, generated images included) is its own. In that process: one plain inference pass over
+the statistics sample (the baseline), then ``decompose`` (statistics pass and every module) and
+``write_modules`` (the folder layout: the parent once, each module's part), timed together; the
+bytes of all module files and of one self-contained module file, against the parent's tensors.
+No calibration (``calibration=0``): with 2 images per class there are none to hold out, and
+calibrating 1,000 modules is 1,000 passes. Targets (issue #16), ResNet-50 with 1,000 classes:
+peak memory <= 4 GB, decomposition <= 2x one inference pass, all modules on disk <= 3x the
+parent's bytes; ``--only`` 10 classes: peak memory <= 1.5 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common import machine, write_section  # noqa: E402
+from zoo import create  # noqa: E402  (torchvision models, imported as the tests do)
+
+from cnnmod import Dataset, decompose, save_module  # noqa: E402
+from cnnmod.data.inputspec import InputSpec  # noqa: E402
+from cnnmod.modules.pipeline import write_modules  # noqa: E402
+from cnnmod.statistics import plain_pass, select_sample  # noqa: E402
+
+K, PER_CLASS, BATCH = 1000, 2, 32
+IMAGENET = InputSpec(3, (224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# (name, architecture, strategy, options); "only" builds the modules of 10 classes
+CONFIGS = [
+    ("resnet50 paper", "resnet50", "paper", {}),
+    ("resnet50 paper --only 10", "resnet50", "paper", {"only": 10}),
+    ("resnet50 channels --only 10", "resnet50", "channels", {"only": 10, "trunk": 1.0, "retain": 0.9,
+                                                             "multiple": 8, "sample_images": 64}),
+    ("efficientnet_b0 paper", "efficientnet_b0", "paper", {}),
+    ("efficientnet_b0 paper --only 10", "efficientnet_b0", "paper", {"only": 10}),
+]
+
+
+def one(name: str) -> dict:
+    _, arch, strategy, options = next(c for c in CONFIGS if c[0] == name)
+    options = dict(options)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    classes = [f"c{i}" for i in range(K)]
+    data = Dataset(torch.randint(0, 256, (K * PER_CLASS, 3, 224, 224), dtype=torch.uint8, generator=gen),
+                   torch.arange(K * PER_CLASS) % K, classes, "generated")
+    model = create("torchvision", arch, num_classes=K).eval()
+    only = classes[:options.pop("only")] if "only" in options else None
+    sample = select_sample(data.labels, K, positives=PER_CLASS, required=list(range(len(only))) if only else None)
+    start = time.perf_counter()
+    plain_pass(model, IMAGENET, data, sample, batch_size=BATCH)
+    plain = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        modules = decompose(model, data, input_spec=IMAGENET, classes=classes, strategy=strategy, positives=PER_CLASS,
+                            calibration=0, batch_size=BATCH, only=only, **options)
+        paths = write_modules(modules, Path(tmp) / "modules")
+        seconds = time.perf_counter() - start
+        folder = Path(tmp) / "modules"
+        on_disk = sum(p.stat().st_size for p in folder.iterdir())
+        parent_files = list(folder.glob("_parent-*.safetensors"))
+        save_module(modules[0], Path(tmp) / "alone.safetensors")
+        alone = (Path(tmp) / "alone.safetensors").stat().st_size
+        parent_bytes = sum(t.numel() * t.element_size() for t in modules[0].parent.tensors.values())
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KB -> GB
+    return {"config": name, "arch": arch, "strategy": strategy, "modules": len(paths),
+            "images": modules[0].timing["images"], "plain_seconds": plain, "decompose_seconds": seconds,
+            "statistics_seconds": modules[0].timing["statistics_seconds"],
+            "statistics_mb": modules[0].timing["statistics_bytes"] / 2**20, "peak_rss_gb": peak,
+            "disk_bytes": on_disk, "parent_bytes": parent_bytes, "parent_file": bool(parent_files),
+            "self_contained_bytes": alone, "observed_elements": modules[0].meta.get("elements_total")}
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "## ImageNet scale (issue #16): 1,000 classes at 224 px on one machine",
+        "",
+        f"Command: `.venv/bin/python benchmarks/bench_imagenet_scale.py` ({rows[0]['machine']}). **Generated data, "
+        f"random weights** (cost, not accuracy): {PER_CLASS} random 224x224 images per class, {K} classes, "
+        "torchvision architectures with 1,000 outputs, ImageNet preparation, batches of 32, no calibration. Each row "
+        "is its own process: peak RSS includes the 0.3 GB of generated images. Time: `decompose` plus writing the "
+        "folder, against one plain inference pass over the same sample in the same process.",
+        "",
+        "| configuration | modules | observed elements | statistics tables (MB) | peak RSS (GB) | "
+        "decomposition / one inference pass | statistics pass / inference | all module files / parent's bytes | "
+        "one self-contained module / parent | targets |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['modules']} | {r['observed_elements'] or '-':,} | {r['statistics_mb']:.0f} | "
+            f"{r['peak_rss_gb']:.2f} | {r['decompose_seconds'] / r['plain_seconds']:.2f}x | "
+            f"{r['statistics_seconds'] / r['plain_seconds']:.2f}x | {r['disk_bytes'] / r['parent_bytes']:.2f}x | "
+            f"{r['self_contained_bytes'] / r['parent_bytes']:.2f}x | {_targets(r)} |")
+    return "\n".join(lines)
+
+
+def _targets(r: dict) -> str:
+    if r["arch"] != "resnet50" or r["strategy"] != "paper":
+        return "-"
+    if r["modules"] < K:
+        return "memory " + ("met" if r["peak_rss_gb"] <= 1.5 else "MISSED")
+    met = [("memory", r["peak_rss_gb"] <= 4), ("time", r["decompose_seconds"] <= 2 * r["plain_seconds"]),
+           ("disk", r["disk_bytes"] <= 3 * r["parent_bytes"])]
+    return "; ".join(f"{what} {'met' if ok else 'MISSED'}" for what, ok in met)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--one", default=None, help="run one configuration and print its row as JSON")
+    parser.add_argument("--only", default=None, help="comma-separated configuration names to run")
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(one(args.one)))
+        return 0
+    cache = Path(__file__).resolve().parent / ".cache" / "imagenet_scale.json"
+    rows = json.loads(cache.read_text()) if cache.exists() else {}
+    for name, *_ in CONFIGS:
+        if args.only is None or name in args.only.split(","):
+            out = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-3000:], file=sys.stderr)
+                return 1
+            rows[name] = dict(json.loads(out.stdout.strip().splitlines()[-1]), machine=machine())
+            print(rows[name], flush=True)
+            cache.parent.mkdir(exist_ok=True)
+            cache.write_text(json.dumps(rows, indent=1))
+    ordered = [rows[name] for name, *_ in CONFIGS if name in rows]
+    write_section("imagenet_scale", render(ordered), {"rows": ordered})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
