@@ -82,8 +82,8 @@ def render(rows: list[dict], command: str, where: str) -> str:
                      f"{r['peak_rss_mb']:.0f} | {gpu} |")
     lines += ["", "\"vs 10 classes\" compares the statistics pass's cost relative to plain inference (measured in the "
               "same process) at K classes with the same ratio at 10 classes, so that machine noise between "
-              "processes cancels. Statistics tables (issue #16): one bit per class and observed element, one per element for "
-              f"the shared negatives, a count per class and channel; {rows[0]['observed_elements']:,} observed "
+              "processes cancels. Statistics tables (issue #16): one bit per class and observed element, one "
+              f"per element for the shared negatives, a count per class and channel; {rows[0]['observed_elements']:,} observed "
               "elements per class."]
     return "\n".join(lines)
 

@@ -39,9 +39,9 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     stream=True)``: its batches are decoded by ``workers`` processes, default up to 4) or any
     sequence of ``(input_tensor, label)`` pairs already prepared for the model. ``input_spec`` says
     how raw uint8 images are prepared (default: the model's, as ``load_model`` sets it); the
-    modules record it and prepare raw images themselves. Prepared pairs with no specification give modules that take prepared
-    tensors only and refuse raw images (cnnmod cannot guess how they were prepared). ``options``
-    go to the strategy (``paper``: ``delta``).
+    modules record it and prepare raw images themselves. Prepared pairs with no specification give
+    modules that take prepared tensors only and refuse raw images (cnnmod cannot guess how they
+    were prepared). ``options`` go to the strategy (``paper``: ``delta``).
     With ``progress_file`` the statistics are saved there as they are collected, and with
     ``resume=True`` a saved state of the same run is continued. ``calibration`` images per
     class, held out from the statistics sample where the data has them, fit each module's
