@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CHECKPOINTS, CIFAR_TAR, RESULTS, machine, write_section  # noqa: E402
 
-from cnnmod import compose, decompose, load_data, load_model  # noqa: E402
+from cnnmod import build, compose, decompose, load_data, load_model, observe  # noqa: E402
 from cnnmod.evaluate import evaluate_scores  # noqa: E402
 from cnnmod.modules import strategies  # noqa: E402
 from cnnmod.modules.extract import cost  # noqa: E402
@@ -50,19 +50,10 @@ PAIR_LABEL = "energy, trunk 1.0, keep 0.625, multiple 8"
 
 
 def parent_of(model, data, options: dict):
-    """Decompose once with the real strategy and keep the parent it was given (for rebuilding)."""
-    real, seen = strategies.channels_strategy, []
-
-    def recording(parent, c, **o):
-        seen.append(parent)
-        return real(parent, c, **o)
-    recording.needs_sums, recording.check_options = real.needs_sums, real.check_options
-    strategies.STRATEGIES["channels"] = recording
-    try:
-        decompose(model, data, strategy="channels", calibration=0, **options)
-    finally:
-        strategies.STRATEGIES["channels"] = real
-    return seen[0]
+    """The parent (statistics, sample, shared re-fits) the channels strategy builds its modules from."""
+    obs = observe(model, data)
+    build(obs, "channels", **options)
+    return obs.parent
 
 
 def speed(model, train_set) -> dict:

@@ -309,30 +309,25 @@ def _trained_digits(tmp_path):
     return load_model(tmp_path / "m.safetensors"), data
 
 
-def test_shared_refits_are_computed_once_and_equal_fresh_ones(tmp_path, monkeypatch):
+def test_shared_refits_are_computed_once_and_equal_fresh_ones(tmp_path):
     import dataclasses
 
-    from cnnmod.modules import strategies
+    from cnnmod import build, observe
+    from cnnmod.modules.strategies import channels_strategy
 
     model, data = _trained_digits(tmp_path)
-    real, seen = strategies.channels_strategy, []
-
-    def recording(parent, c, **options):  # the real strategy; we keep its parent to rebuild a module
-        seen.append(parent)
-        return real(parent, c, **options)
-    recording.needs_sums, recording.check_options = real.needs_sums, real.check_options
-    monkeypatch.setitem(strategies.STRATEGIES, "channels", recording)
-    modules = decompose(model, data, strategy="channels", score="energy", retain=0.8, trunk=1.0, calibration=0)
-    parent = seen[0]
+    obs = observe(model, data)
+    modules = build(obs, "channels", score="energy", retain=0.8, trunk=1.0)
+    parent = obs.parent
     assert len(parent._refits) == 1 and len(next(iter(parent._refits.values()))) >= 2  # one trunk, its re-fits
     # Oracle: class 6's module built from scratch (no re-fit reused) is the same module, bit for bit.
-    fresh, _ = real(dataclasses.replace(parent, _refits={}), 6, score="energy", retain=0.8, trunk=1.0)
+    fresh, _ = channels_strategy(dataclasses.replace(parent, _refits={}), 6, score="energy", retain=0.8, trunk=1.0)
     assert fresh.weights().keys() == modules[6].network.weights().keys()
     assert all(torch.equal(w, modules[6].network.weight(k)) for k, w in fresh.weights().items())  # maps too
     # Without a trunk every class chooses its own channels: nothing can be reused.
-    seen.clear()
-    decompose(model, data, strategy="channels", score="energy", retain=0.8, calibration=0)
-    assert all(not cache for cache in seen[0]._refits.values())
+    parent._refits.clear()
+    build(obs, "channels", score="energy", retain=0.8)
+    assert all(not cache for cache in parent._refits.values())
 
 
 def test_refits_summed_in_chunks_equal_one_solve(tmp_path, monkeypatch):

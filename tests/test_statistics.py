@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from cnnmod import CnnmodError
-from cnnmod.modules.decompose import _adapt, sample_batches
+from cnnmod.modules.observe import _adapt, sample_batches
 from cnnmod.statistics import collect_statistics, observed_layers, select_sample
 from cnnmod.bits import pack, unpack
 from cnnmod.trace import GraphNetwork, trace_graph

@@ -7,11 +7,13 @@ from .compose import ComposedClassifier, compose, fit_composed_, load_composed, 
 from .data import Dataset, InputSpec, load_data  # noqa: E402
 from .errors import CnnmodError  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
-from .modules import Module, decompose, load_module, save_module  # noqa: E402
+from .modules import (ChannelsOptions, Module, Observation, PaperOptions, build, decompose,  # noqa: E402
+                      load_module, load_observation, observe, save_module, save_observation)
 from .training import TrainConfig, train  # noqa: E402
 
 __all__ = [
-    "CnnmodError", "ComposedClassifier", "Dataset", "InputSpec", "Module", "TrainConfig", "compose",
-    "create_model", "decompose", "fit_composed_", "list_models", "load_composed", "load_data", "load_model",
-    "load_module", "replace", "save_checkpoint", "save_composed", "save_module", "train",
+    "ChannelsOptions", "CnnmodError", "ComposedClassifier", "Dataset", "InputSpec", "Module", "Observation",
+    "PaperOptions", "TrainConfig", "build", "compose", "create_model", "decompose", "fit_composed_", "list_models",
+    "load_composed", "load_data", "load_model", "load_module", "load_observation", "observe", "replace",
+    "save_checkpoint", "save_composed", "save_module", "save_observation", "train",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -158,22 +159,30 @@ def _print_result(result: dict, what: str) -> None:
             print(f"  {t:<{rw}}" + "".join(f"  {v:>{w}}" for v, w in zip(row, cols)))
 
 
-CHANNELS_OPTIONS = ("keep", "trunk", "trunk_keep", "keep_streams", "score", "retain", "multiple", "sample_images")
+WHAT = {"paper": "which keeps whole layers and masks elements", "channels": "which removes whole channels"}
 
 
 def _strategy_options(args) -> dict:
-    """The options of the chosen strategy; an option of the other strategy is an error, not ignored."""
-    given = [k for k in CHANNELS_OPTIONS if getattr(args, k) is not None]
-    if args.strategy == "paper":
-        if given:
-            raise CnnmodError(f"expected --{given[0].replace('_', '-')} only with --strategy channels, found it with "
-                              "--strategy paper (which keeps whole layers and masks elements).")
-        return {} if args.delta is None else {"delta": args.delta}
-    if args.delta is not None:
-        raise CnnmodError("expected --delta only with --strategy paper, found it with --strategy channels.")
-    options = {k: getattr(args, k) for k in given if k != "keep_streams"}
-    if args.keep_streams:
-        options["streams"] = False
+    """The options of the chosen strategy given on the command line; an option of another strategy
+    is an error, not ignored (the options are the fields of each strategy's dataclass)."""
+    from ..modules.strategies import STRATEGIES
+
+    options = {}
+    for name, strategy in STRATEGIES.items():
+        for f in dataclasses.fields(strategy.options):
+            value = getattr(args, f.name, None)
+            if value is None:
+                continue
+            if name != args.strategy:
+                flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+                raise CnnmodError(f"expected {flag} only with --strategy {name}, found it with --strategy "
+                                  f"{args.strategy} ({WHAT[args.strategy]}).")
+            options[f.name] = value
+    if args.sample_images is not None:
+        if args.strategy != "channels":
+            raise CnnmodError(f"expected --sample-images only with --strategy channels, found it with --strategy "
+                              f"{args.strategy} ({WHAT[args.strategy]}).")
+        options["sample_images"] = args.sample_images
     return options
 
 

@@ -7,7 +7,7 @@ option, exit code 2, before anything is loaded or written.
 from __future__ import annotations
 
 import argparse
-import inspect
+import dataclasses
 import textwrap
 
 from .. import __version__
@@ -77,10 +77,26 @@ def _data_args(p: argparse.ArgumentParser, *, size: bool = False) -> None:
                             "photos of mixed sizes)")
 
 
-def _strategy_default(strategy: str, option: str):
+KINDS = {"share": SHARE, "share0": SHARE0, "count": COUNT, "positive": POSITIVE, "choice": str}
+
+
+def _strategy_options(p: argparse.ArgumentParser) -> None:
+    """One option per field of each strategy's options dataclass (modules/strategies.py)."""
     from ..modules.strategies import STRATEGIES
 
-    return inspect.signature(STRATEGIES[strategy]).parameters[option].default
+    for name, strategy in STRATEGIES.items():
+        for f in dataclasses.fields(strategy.options):
+            md = f.metadata
+            if md.get("help") is None:
+                continue  # a Python-only option
+            flag, help_text = md.get("flag", "--" + f.name.replace("_", "-")), f"{name} strategy: {md['help']}"
+            if md["kind"] == "switch":
+                p.add_argument(flag, dest=f.name, action="store_const", const=md["const"], default=None,
+                               help=help_text)
+                continue
+            default = "" if f.default is None else f" (default: {f.default})"
+            p.add_argument(flag, dest=f.name, type=KINDS[md["kind"]], choices=md.get("choices"), default=None,
+                           help=help_text + default)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,31 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positives", type=COUNT, default=1000, help="images per class observed (paper: 1000)")
     p.add_argument("--negatives-per-class", type=COUNT0, default=None,
                    help="negatives of each other class (default: positives // (classes - 1), 1:1)")
-    p.add_argument("--delta", type=POSITIVE, default=None,
-                   help=f"paper strategy: MC-BLN threshold (default: {_strategy_default('paper', 'delta')})")
-    ch = "channels strategy: "
-    p.add_argument("--keep", type=SHARE, default=None,
-                   help=ch + "share of each channel space a module keeps "
-                             f"(default: {_strategy_default('channels', 'keep')})")
-    p.add_argument("--trunk", type=SHARE0, default=None,
-                   help=ch + "share of the parent's MACs, from the input, pruned alike for every class, so that "
-                             "composed modules run it once (default: 0, no trunk)")
-    p.add_argument("--trunk-keep", type=SHARE, default=None,
-                   help=ch + "share of each trunk channel space kept (default: --keep, or --retain)")
-    p.add_argument("--keep-streams", action="store_true", default=None,
-                   help=ch + "keep residual streams whole, prune only inside blocks")
-    p.add_argument("--score", default=None, choices=["rate", "energy"],
-                   help=ch + "rank channels by firing rate per class or by the error removing them causes "
-                             f"(default: {_strategy_default('channels', 'score')})")
-    p.add_argument("--retain", type=SHARE, default=None,
-                   help=ch + "instead of --keep, keep per space the best channels holding this share of the "
-                             "space's total score")
-    p.add_argument("--multiple", type=COUNT, default=None,
-                   help=ch + "round each space's kept channels to a multiple of this (8: the block size of CPU "
-                             "convolution kernels, so that every removed channel saves time; default: 1)")
+    _strategy_options(p)
     p.add_argument("--sample-images", type=COUNT, default=None,
-                   help=ch + "images of the observed sample that channels are scored and layers re-fitted on "
-                             "(more: closer re-fits, slower; default: 256)")
+                   help="channels strategy: images of the observed sample that channels are scored and layers "
+                        "re-fitted on (more: closer re-fits, slower; default: 256)")
     p.add_argument("--seed", type=int, default=0, help="fixes which images are observed")
     p.add_argument("--batch-size", type=COUNT, default=256, help="images per batch of the statistics pass")
     p.add_argument("--workers", type=COUNT0, default=None,

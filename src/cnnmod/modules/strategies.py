@@ -8,7 +8,7 @@ extracts a physically smaller network (ours; see ``channels_strategy``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -186,7 +186,7 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     count between two multiples saves MACs but no time.
     Finally each BatchNorm that follows a convolution is folded into it (``fold_batchnorm``).
     """
-    _check_channels_options(keep, refit, streams, trunk, trunk_keep, score, retain, multiple)
+    ChannelsOptions(keep, refit, streams, trunk, trunk_keep, score, retain, multiple)  # validates them
     trunk_retain = retain if trunk_keep is None else None  # --trunk-keep, when given, rules the trunk
     trunk_keep = keep if trunk_keep is None else trunk_keep
     spaces = parent.channel_spaces()
@@ -263,25 +263,73 @@ def _kept_index(k: torch.Tensor | None) -> torch.Tensor | None:
     return None if k is None or bool(k.all()) else k.nonzero().flatten()
 
 
-def _check_channels_options(keep: float = 0.5, refit: bool = True, streams: bool = True, trunk: float = 0.0,
-                            trunk_keep: float | None = None, score: str = "rate", retain: float | None = None,
-                            multiple: int = 1) -> None:
-    if not (isinstance(multiple, int) and multiple >= 1):
-        raise CnnmodError(f"expected --multiple to be a whole number >= 1, found {multiple}.")
-    if retain is not None and not 0.0 < retain <= 1.0:
-        raise CnnmodError(f"expected --retain in (0, 1], found {retain}.")
-    if score not in ("rate", "energy"):
-        raise CnnmodError(f"expected --score rate or energy, found {score!r}.")
-    if not 0.0 < keep <= 1.0:
-        raise CnnmodError(f"expected --keep in (0, 1], found {keep}.")
-    if not 0.0 <= trunk <= 1.0:
-        raise CnnmodError(f"expected --trunk in [0, 1], found {trunk}.")
-    if trunk_keep is not None and not 0.0 < trunk_keep <= 1.0:
-        raise CnnmodError(f"expected --trunk-keep in (0, 1], found {trunk_keep}.")
+def _share(name: str, value, *, zero: bool = False) -> None:
+    low_ok = value >= 0.0 if zero else value > 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value <= 1.0):
+        raise CnnmodError(f"expected --{name} in {'[0' if zero else '(0'}, 1], found {value!r}.")
 
 
-channels_strategy.needs_sums = True  # the statistics pass also sums values (the fills' means)
-channels_strategy.check_options = _check_channels_options  # called before the statistics pass
+# Each strategy's options: a small validated dataclass. The command line is generated from the
+# fields (cli/parser.py): ``help`` and ``kind`` (the argparse type: share, share0, count, positive,
+# choice) in each field's metadata; ``flag`` and ``const`` for a switch that sets another value.
+def _option(default, help_text: str, kind: str, **more):
+    return field(default=default, metadata=dict(help=help_text, kind=kind, **more))
 
-Strategy = Callable[..., tuple[GraphNetwork, dict]]
-STRATEGIES: dict[str, Strategy] = {"paper": paper_strategy, "channels": channels_strategy}
+
+@dataclass(frozen=True)
+class PaperOptions:
+    delta: float = _option(0.5, "MC-BLN threshold: a head feature is removed when its weight to "
+                                "not-this-class is >= delta and to this class below delta in size", "positive")
+
+    def __post_init__(self):
+        if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not self.delta > 0:
+            raise CnnmodError(f"expected --delta > 0, found {self.delta!r}.")
+
+
+@dataclass(frozen=True)
+class ChannelsOptions:
+    keep: float = _option(0.5, "share of each channel space a module keeps", "share")
+    refit: bool = field(default=True, metadata=dict(help=None))  # Python only: the ablation without re-fits
+    streams: bool = _option(True, "keep residual streams whole, prune only inside blocks", "switch",
+                            flag="--keep-streams", const=False)
+    trunk: float = _option(0.0, "share of the parent's MACs, from the input, pruned alike for every class, so "
+                                "that composed modules run it once (0: none)", "share0")
+    trunk_keep: float | None = _option(None, "share of each trunk channel space kept (default: --keep, or "
+                                             "--retain)", "share")
+    score: str = _option("rate", "rank channels by firing rate per class or by the error removing them causes",
+                         "choice", choices=("rate", "energy"))
+    retain: float | None = _option(None, "instead of --keep, keep per space the best channels holding this share "
+                                         "of the space's total score", "share")
+    multiple: int = _option(1, "round each space's kept channels to a multiple of this (8: the block size of CPU "
+                               "convolution kernels, so that every removed channel saves time)", "count")
+
+    def __post_init__(self):
+        if isinstance(self.multiple, bool) or not (isinstance(self.multiple, int) and self.multiple >= 1):
+            raise CnnmodError(f"expected --multiple to be a whole number >= 1, found {self.multiple!r}.")
+        if self.score not in ("rate", "energy"):
+            raise CnnmodError(f"expected --score rate or energy, found {self.score!r}.")
+        for name in ("keep", "retain", "trunk_keep"):
+            if getattr(self, name) is not None:
+                _share(name.replace("_", "-"), getattr(self, name))
+        _share("trunk", self.trunk, zero=True)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    build: Callable[..., tuple[GraphNetwork, dict]]  # (parent, class index, **options) -> (network, summary)
+    options: type  # its options dataclass
+    needs_sums: bool  # the statistics pass must also sum values and keep a sample of images
+
+    def check(self, options) -> object:
+        """``options`` (a dict of keyword options, or the dataclass itself) as the validated dataclass."""
+        if isinstance(options, self.options):
+            return options
+        unknown = set(options) - {f.name for f in fields(self.options)}
+        if unknown:
+            raise CnnmodError(f"expected options of this strategy ({', '.join(f.name for f in fields(self.options))}), "
+                              f"found {', '.join(sorted(unknown))}.")
+        return self.options(**options)
+
+
+STRATEGIES: dict[str, Strategy] = {"paper": Strategy(paper_strategy, PaperOptions, needs_sums=False),
+                                   "channels": Strategy(channels_strategy, ChannelsOptions, needs_sums=True)}

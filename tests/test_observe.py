@@ -1,0 +1,59 @@
+"""Observe once, build many (issue #16): an observation is saveable and builds any strategy's modules."""
+
+import pytest
+import torch
+
+from cnnmod import (ChannelsOptions, CnnmodError, PaperOptions, build, create_model, decompose, load_data,
+                    load_observation, observe, save_module, save_observation)
+from cnnmod.data.inputspec import measure_spec
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    data = load_data("digits", "train")
+    model = create_model("smallcnn", num_classes=10, image_size=8).eval()
+    return model, data, measure_spec(data.images)
+
+
+def _bytes(modules, folder, tag):
+    out = []
+    for m in modules:
+        save_module(m, folder / f"{tag}_{m.class_name}.safetensors")
+        out.append((folder / f"{tag}_{m.class_name}.safetensors").read_bytes())
+    return out
+
+
+def test_build_from_one_observation_gives_what_decompose_gives(setup, tmp_path):
+    model, data, spec = setup
+    obs = observe(model, data, input_spec=spec, positives=40)
+    for strategy, options in [("paper", {}), ("paper", {"delta": 0.3}), ("channels", {"keep": 0.5, "trunk": 0.2})]:
+        once = decompose(model, data, input_spec=spec, positives=40, calibration=0, strategy=strategy, **options)
+        assert _bytes(build(obs, strategy, **options), tmp_path, "b") == _bytes(once, tmp_path, "d"), strategy
+    # a dataclass of options records the options that differ from their defaults, as the keywords do
+    assert _bytes(build(obs, "channels", ChannelsOptions(keep=0.5, trunk=0.2)), tmp_path, "c") == \
+        _bytes(build(obs, "channels", trunk=0.2), tmp_path, "k")
+
+
+def test_a_saved_observation_builds_the_same_modules(setup, tmp_path):
+    model, data, spec = setup
+    obs = observe(model, data, input_spec=spec, positives=40, only=["3", "5"])
+    save_observation(obs, tmp_path / "obs.safetensors")
+    back = load_observation(tmp_path / "obs.safetensors")
+    for strategy in ("paper", "channels"):
+        assert _bytes(build(back, strategy), tmp_path, "l") == _bytes(build(obs, strategy), tmp_path, "o")
+    assert [m.class_name for m in build(back, "paper")] == ["3", "5"]
+
+
+def test_options_are_validated_and_a_paper_observation_cannot_build_channels(setup):
+    model, data, spec = setup
+    with pytest.raises(CnnmodError, match=r"expected --keep in \(0, 1\], found 0"):
+        ChannelsOptions(keep=0)
+    with pytest.raises(CnnmodError, match="expected --delta > 0"):
+        PaperOptions(delta=-1.0)
+    obs = observe(model, data, input_spec=spec, positives=20, sums=False)
+    with pytest.raises(CnnmodError, match="expected options of this strategy"):
+        build(obs, "paper", keep=0.5)
+    with pytest.raises(CnnmodError, match="observation made with sums=True"):
+        build(obs, "channels")
+    assert len(build(obs, "paper", PaperOptions(delta=0.4))) == 10
