@@ -57,3 +57,11 @@ def test_options_are_validated_and_a_paper_observation_cannot_build_channels(set
     with pytest.raises(CnnmodError, match="observation made with sums=True"):
         build(obs, "channels")
     assert len(build(obs, "paper", PaperOptions(delta=0.4))) == 10
+
+
+def test_a_paper_reuse_skips_the_other_classes_own_images_and_changes_nothing(setup, tmp_path):
+    model, data, spec = setup
+    lean = observe(model, data, input_spec=spec, positives=40, only=["2", "7"], sums=False)
+    full = observe(model, data, input_spec=spec, positives=40, only=["2", "7"])
+    assert lean.timing["images"] < 0.4 * full.timing["images"]  # their negatives and the two classes' images
+    assert _bytes(build(lean, "paper"), tmp_path, "lean") == _bytes(build(full, "paper"), tmp_path, "full")
