@@ -6,9 +6,10 @@
 GENERATED data and random weights (cost, not accuracy): torchvision ResNet-50 and EfficientNet-B0
 with 1,000 outputs, 2 random 224x224 images per class (2,000 images, uint8 in memory), ImageNet
 input preparation. Each configuration runs in its own process, so that its peak resident memory
-(max RSS, generated images included) is its own. In that process: one plain inference pass over
-the statistics sample (the baseline), then ``decompose`` (statistics pass and every module) and
-``write_modules`` (the folder layout: the parent once, each module's part), timed together; the
+(max RSS, generated images included) is its own. In that process: ``observe`` and ``build`` (what
+``decompose`` does: the statistics pass and every module) and ``write_modules`` (the folder
+layout: the parent once, each module's part), timed together, then one plain inference pass over
+the images the statistics pass saw (the baseline); the
 bytes of all module files and of one self-contained module file, against the parent's tensors.
 No calibration (``calibration=0``): with 2 images per class there are none to hold out, and
 calibrating 1,000 modules is 1,000 passes. Targets (issue #16), ResNet-50 with 1,000 classes:
@@ -34,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import machine, write_section  # noqa: E402
 from zoo import create  # noqa: E402  (torchvision models, imported as the tests do)
 
-from cnnmod import Dataset, decompose, save_module  # noqa: E402
+from cnnmod import Dataset, build, observe, save_module  # noqa: E402
 from cnnmod.data.inputspec import InputSpec  # noqa: E402
 from cnnmod.modules.pipeline import write_modules  # noqa: E402
-from cnnmod.statistics import plain_pass, select_sample  # noqa: E402
+from cnnmod.modules.strategies import STRATEGIES  # noqa: E402
+from cnnmod.statistics import plain_pass  # noqa: E402
 
 K, PER_CLASS, BATCH = 1000, 2, 32
 IMAGENET = InputSpec(3, (224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -62,16 +64,17 @@ def one(name: str) -> dict:
                    torch.arange(K * PER_CLASS) % K, classes, "generated")
     model = create("torchvision", arch, num_classes=K).eval()
     only = classes[:options.pop("only")] if "only" in options else None
-    sample = select_sample(data.labels, K, positives=PER_CLASS, required=list(range(len(only))) if only else None)
-    start = time.perf_counter()
-    plain_pass(model, IMAGENET, data, sample, batch_size=BATCH)
-    plain = time.perf_counter() - start
+    sample_images = options.pop("sample_images", 256)
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        modules = decompose(model, data, input_spec=IMAGENET, classes=classes, strategy=strategy, positives=PER_CLASS,
-                            calibration=0, batch_size=BATCH, only=only, **options)
+        start = time.perf_counter()  # what decompose does (without calibration), then the folder written
+        obs = observe(model, data, input_spec=IMAGENET, classes=classes, positives=PER_CLASS, batch_size=BATCH,
+                      only=only, sample_images=sample_images, sums=STRATEGIES[strategy].needs_sums)
+        modules = build(obs, strategy, **options)
         paths = write_modules(modules, Path(tmp) / "modules")
         seconds = time.perf_counter() - start
+        start = time.perf_counter()  # the baseline: one plain pass over the images the statistics pass saw
+        plain_pass(model, IMAGENET, data, obs.sample, batch_size=BATCH)
+        plain = time.perf_counter() - start
         folder = Path(tmp) / "modules"
         on_disk = sum(p.stat().st_size for p in folder.iterdir())
         parent_files = list(folder.glob("_parent-*.safetensors"))
