@@ -61,7 +61,8 @@ def test_one_pass_counts_equal_a_per_class_loop(num_classes, batch_size):
     graph = trace_graph(model)
     sample = select_sample(dataset.tensors[1], num_classes, positives=5, negatives_per_class=2)
     labels, fetch = _adapt(dataset, None, None)
-    stats = collect_statistics(model, graph, sample_batches(fetch, labels, sample, batch_size), num_classes)
+    stats = collect_statistics(model, graph, sample_batches(fetch, labels, sample, batch_size), num_classes,
+                               sums=True)
     expected = _per_class_loop_oracle(model, dataset, sample, num_classes, stats.layers)
     for c in range(num_classes):
         got = stats.active(c)
@@ -85,7 +86,7 @@ def test_exact_counts_on_the_pixel_net():
     data = pixel_data()
     sample = select_sample(data.tensors[1], 3, positives=2, negatives_per_class=0)
     labels, fetch = _adapt(data, None, None)
-    stats = collect_statistics(model, trace_graph(model), sample_batches(fetch, labels, sample, 4), 3)
+    stats = collect_statistics(model, trace_graph(model), sample_batches(fetch, labels, sample, 4), 3, sums=True)
     # class c's two images light pixel c of channel 0 (weight +1); channel 1 (weight -1) never fires
     for c in range(3):
         expected = torch.zeros(2, 2, 2, dtype=torch.bool)

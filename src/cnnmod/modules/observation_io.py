@@ -51,7 +51,7 @@ def load_observation(path: str | os.PathLike) -> Observation:
         tables = {t: {k[len(t) + 1:]: v for k, v in tensors.items() if k.startswith(t + ".")} for t in TABLES}
         layers = [str(n) for n in meta["layers"]]
         stats = ActivationStats(layers, {k: tuple(v) for k, v in meta["layer_shapes"].items()}, tables["active_rest"],
-                                tables["active_neg"], tables["channel_counts"], tensors["seen_neg"],
+                                tables["active_neg"], tables["channel_counts"] or None, tensors["seen_neg"],
                                 tensors["seen_rest"], tensors["rows"], tables["sums"] or None)
         if not all(name in t for name in layers for t in (tables["active_rest"], tables["active_neg"])):
             raise KeyError("statistics of an observed layer")

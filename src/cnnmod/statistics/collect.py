@@ -95,7 +95,8 @@ class ActivationStats:
     shapes: dict[str, tuple[int, ...]]  # layer -> element shape (C, H, W) or (F,)
     active_rest: dict[str, torch.Tensor]  # layer -> (R, ceil(E/8)) uint8: non-zero on a rest image of class rows[r]
     active_neg: dict[str, torch.Tensor]  # layer -> (ceil(E/8),) uint8: non-zero on a negatives image (any class)
-    channel_counts: dict[str, torch.Tensor]  # layer -> (K, C) int64: non-zero elements per class and channel
+    channel_counts: dict[str, torch.Tensor] | None  # layer -> (K, C) int64: non-zero elements per class and
+    # channel (with ``sums``: the channels strategy's alone)
     seen_neg: torch.Tensor  # (K,) images of Neg_j
     seen_rest: torch.Tensor  # (K,)
     rows: torch.Tensor  # (K,) int64: each class's row of ``active_rest``; -1 for a class left out (``--only``)
@@ -123,7 +124,7 @@ class ActivationStats:
 
     def nbytes(self) -> int:
         """Bytes the tables take (the measure of issue #16's memory target)."""
-        tables = [self.active_rest, self.active_neg, self.channel_counts, self.sums or {}]
+        tables = [self.active_rest, self.active_neg, self.channel_counts or {}, self.sums or {}]
         return sum(t.numel() * t.element_size() for table in tables for t in table.values())
 
 
@@ -186,11 +187,12 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
     sample is ordered by class), never one pass per class and never a loop over examples. With a
     ``saver``, the tables are saved every so often and a saved state is resumed from.
 
-    Memory: one bit per element for each kept class and one for the negatives, plus (K, C) channel
-    counts: 1,000 classes on a CIFAR ResNet-20 (188,416 observed elements) take 29 MB (the int16
-    counts before issue #16 took 754 MB; measured with ``ActivationStats.nbytes``).
+    Memory: one bit per element for each kept class and one for the negatives (with ``sums``, (K, C)
+    channel counts and the sums too): 1,000 classes on a CIFAR ResNet-20 (188,416 observed elements)
+    take 24 MB (the int16 counts before issue #16 took 754 MB; measured with ``ActivationStats.nbytes``).
     In a torchrun group each rank counts every world-th batch; bits are OR-ed, counts summed.
-    With ``sums`` the values themselves are also summed per layer over all images (not per class).
+    With ``sums`` (what the channels strategy needs) the values themselves are also summed per layer
+    over all images (not per class), and the non-zero elements counted per class and channel.
     ``precision="bf16"`` runs the pass under bfloat16 autocast: faster on a GPU, but an element
     near 0 can change sign, so masks may differ from float32's (the GPU session measures how many).
     """
@@ -205,7 +207,7 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
     was_training = model.training
     model.eval()
     network = GraphNetwork(graph, weights if weights is not None else weights_of(model)).to(device)
-    tables = {"neg": {}, "rest": {}, "channels": {}, **({"sum": {}} if sums else {})}
+    tables = {"neg": {}, "rest": {}, **({"channels": {}, "sum": {}} if sums else {})}
     seen = {"neg": torch.zeros(num_classes, dtype=torch.int64), "rest": torch.zeros(num_classes, dtype=torch.int64)}
     done = saver.load(tables, seen) if saver is not None else 0
     state = {"part": "neg", "y": None, "runs": None}
@@ -217,8 +219,9 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
         e = math.prod(shape)
         tables["neg"].setdefault(name, torch.zeros((e + 7) // 8, dtype=torch.uint8, device=out_device))
         tables["rest"].setdefault(name, torch.zeros(len(kept), (e + 7) // 8, dtype=torch.uint8, device=out_device))
-        tables["channels"].setdefault(name, torch.zeros(num_classes, shape[0], dtype=torch.int64, device=out_device))
         if sums:
+            tables["channels"].setdefault(name, torch.zeros(num_classes, shape[0], dtype=torch.int64,
+                                                            device=out_device))
             tables["sum"].setdefault(name, torch.zeros(shape, dtype=torch.int64, device=out_device))
 
     wanted = set(layers)
@@ -236,8 +239,9 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
             tables["neg"][name] |= pack(pos.any(0))
         else:
             _or_runs(tables["rest"][name], rows, pos, state["runs"])
-        per_channel = pos.view(len(pos), shapes[name][0], -1).sum(2)  # (B, C)
-        tables["channels"][name].index_add_(0, state["y"], per_channel)
+        if sums:
+            per_channel = pos.view(len(pos), shapes[name][0], -1).sum(2)  # (B, C)
+            tables["channels"][name].index_add_(0, state["y"], per_channel)
 
     sizes = [size for _, size, _ in batches]
     bar = tqdm(total=sum(sizes[rank::world]), initial=sum(sizes[rank:done:world]),
@@ -276,5 +280,5 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
             (all_reduce_or_ if part in ("neg", "rest") else all_reduce_sum_)(table[name])
     for part in seen.values():
         all_reduce_sum_(part)
-    return ActivationStats(layers, shapes, tables["rest"], tables["neg"], tables["channels"], seen["neg"],
+    return ActivationStats(layers, shapes, tables["rest"], tables["neg"], tables.get("channels"), seen["neg"],
                            seen["rest"], rows, tables["sum"] if sums else None)
