@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import posixpath
 import tarfile
 from pathlib import Path, PurePosixPath
 
@@ -54,14 +55,19 @@ def _load_image_folder(path: Path, files: dict, *, channels: int | None, size, c
 
 
 def index_image_folder(path: Path, files) -> tuple[list[str], list[int], list[str]]:
-    """(image file names, their labels, class names) of an ImageFolder tree, nothing decoded."""
-    images = sorted(n for n in files if PurePosixPath(n).suffix.lower() in IMAGE_SUFFIXES)
+    """(image file names, their labels, class names) of an ImageFolder tree, nothing decoded.
+
+    String operations on the "/"-separated names, not PurePosixPath: a folder of a million files
+    is indexed in seconds (issue #16)."""
+    images = sorted(n for n in files if posixpath.splitext(n)[1].lower() in IMAGE_SUFFIXES)
     if not images:
         raise CnnmodError(f"{path}: expected images in class sub-folders, found no image files.")
-    root = _common_root(images)
-    class_of = {n: PurePosixPath(n).relative_to(root).parts[0] for n in images}
-    if any(len(PurePosixPath(n).relative_to(root).parts) < 2 for n in images):
+    parts = [n.split("/") for n in images]
+    root = _common_root(parts)
+    depth = len(root.parts) if str(root) != "." else 0
+    if any(len(p) - depth < 2 for p in parts):
         raise CnnmodError(f"{path}: expected one sub-folder per class, found images outside class folders.")
+    class_of = {n: p[depth] for n, p in zip(images, parts)}
     classes = sorted(set(class_of.values()))
     if path.is_dir():
         for sub in sorted((path / root).iterdir()):
@@ -71,9 +77,10 @@ def index_image_folder(path: Path, files) -> tuple[list[str], list[int], list[st
     return images, [index[class_of[name]] for name in images], classes
 
 
-def _common_root(names: list[str]) -> PurePosixPath:
-    """The deepest folder above every class folder (``cifar10/train`` in the CIFAR archive)."""
-    parents = [PurePosixPath(n).parent.parts for n in names]
+def _common_root(parts: list[list[str]]) -> PurePosixPath:
+    """The deepest folder above every class folder (``cifar10/train`` in the CIFAR archive), of
+    files given as their path parts."""
+    parents = [p[:-1] for p in parts]
     common = []
     for level in zip(*parents):
         if len(set(level)) != 1:
@@ -145,11 +152,11 @@ def _unpickle_arrays(path: Path, name: str, blob: bytes) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
 
 
-def _cifar_root(files: dict) -> str | None:
+def _cifar_root(files) -> str | None:
     for name in files:
-        p = PurePosixPath(name)
-        if p.name == "data_batch_1" or (p.name == "train" and (p.parent / "meta").as_posix() in files):
-            return p.parent.as_posix()
+        folder, base = posixpath.split(name)
+        if base == "data_batch_1" or (base == "train" and posixpath.join(folder, "meta") in files):
+            return folder or "."
     return None
 
 

@@ -16,6 +16,7 @@ Split rules (fixed, so that results repeat):
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from pathlib import Path
@@ -171,7 +172,11 @@ def _streamed(path: Path, split: str | None, default_split: str, channels, size,
 
     if not path.is_dir() or channels is None or size is None:
         return None
-    names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+    names = []
+    for folder, _, found in os.walk(path):  # scandir underneath: no stat per file
+        prefix = Path(folder).relative_to(path).as_posix()
+        names += [f if prefix == "." else f"{prefix}/{f}" for f in found]
+    names.sort()
     if _cifar_root(set(names)) is not None:
         return None
     files = ImageFiles.scan(path, names, channels=channels, size=size, crop_pct=crop_pct)
