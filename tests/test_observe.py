@@ -7,6 +7,8 @@ from cnnmod import (ChannelsOptions, CnnmodError, PaperOptions, build, create_mo
                     load_observation, observe, save_module, save_observation)
 from cnnmod.data.inputspec import measure_spec
 
+from fuzzing import fuzz_loads
+
 
 @pytest.fixture(scope="module")
 def setup():
@@ -65,3 +67,27 @@ def test_a_paper_reuse_skips_the_other_classes_own_images_and_changes_nothing(se
     full = observe(model, data, input_spec=spec, positives=40, only=["2", "7"])
     assert lean.timing["images"] < 0.4 * full.timing["images"]  # their negatives and the two classes' images
     assert _bytes(build(lean, "paper"), tmp_path, "lean") == _bytes(build(full, "paper"), tmp_path, "full")
+
+
+def test_fuzzed_observation_files_build_the_same_or_are_refused(setup, tmp_path):
+    model, data, spec = setup
+    obs = observe(model, data, input_spec=spec, positives=20, only=["3", "5"], sums=False)
+    save_observation(obs, tmp_path / "obs.safetensors")
+    x = torch.randn(4, 1, 8, 8)
+    expected = [m.network(x) for m in build(obs, "paper")]
+
+    def same_output(loaded, kind):
+        assert all(torch.equal(m.network(x), e) for m, e in zip(build(loaded, "paper"), expected)), kind
+
+    refused, same = fuzz_loads((tmp_path / "obs.safetensors").read_bytes(), 60, tmp_path, load_observation,
+                               same_output, seed=3)
+    assert refused + same == 60 and refused >= 50
+
+
+def test_build_takes_its_strategys_dataclass_and_keywords_on_top(setup, tmp_path):
+    model, data, spec = setup
+    obs = observe(model, data, input_spec=spec, positives=20, only=["4"])
+    with pytest.raises(CnnmodError, match="expected ChannelsOptions for the channels strategy, found PaperOptions"):
+        build(obs, "channels", PaperOptions())
+    both = build(obs, "channels", ChannelsOptions(keep=0.25), trunk=0.5)[0]
+    assert both.meta["options"]["keep"] == 0.25 and both.meta["options"]["trunk"] == 0.5

@@ -78,6 +78,19 @@ def test_export_module_writes_one_self_contained_file(folder, tmp_path, capsys):
     assert torch.equal(load_module(alone).margin(x), modules[3].margin(x))
 
 
+def test_a_parent_no_module_names_any_more_is_removed(folder, tmp_path):
+    root, modules = folder
+    mine = tmp_path / "mods"
+    shutil.copytree(root / "mods", mine)
+    other = _modules(seed=1)
+    write_modules(other[:3], mine)  # three classes replaced by another model's: both parents needed
+    assert len(list(mine.glob("_parent-*"))) == 2
+    write_modules(other, mine)  # every class replaced: the first parent is no longer needed
+    parents = list(mine.glob("_parent-*"))
+    assert [p.name for p in parents] == [other[0].parent.filename]
+    assert all(load_module(p).parent.checksum == other[0].parent.checksum for p in module_files(mine))
+
+
 def test_modules_that_share_nothing_are_written_self_contained(tmp_path):
     write_modules(_modules(strategy="channels", keep=0.5), tmp_path / "mods")
     assert not list((tmp_path / "mods").glob("_parent-*"))

@@ -45,6 +45,12 @@ def describe(path: str) -> tuple[str, dict]:
                   f"  {row['params']:,} parameters, {row['macs']:,} multiply-accumulates per image"
                   + (f" ({meta['params_fraction']:.3f} and {_macs_fraction(meta):.3f} of the parent's)"
                      if "params_fraction" in meta else "")]
+    elif kind == "parent":
+        lines += ["  the parent's tensors, shared by the modules of its folder (each names this checksum): "
+                  f"{meta['tensors_checksum'][:16]}"]
+    elif kind == "observation":
+        lines += [f"  one statistics pass: classes ({len(meta['classes'])}): {', '.join(meta['classes'][:20])}",
+                  f"  input {meta['input']}; build modules from it with cnnmod.build(cnnmod.load_observation(...))"]
     else:
         from .compose.io import load_composed
 

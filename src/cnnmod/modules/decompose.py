@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import fields
 
@@ -75,7 +76,13 @@ def build(observation: Observation, strategy: str = "paper", options=None, **mor
     """
     start = time.perf_counter()
     chosen = _strategy(strategy)
-    given = dict(options or {}, **more) if not isinstance(options, chosen.options) else options
+    if dataclasses.is_dataclass(options) and not isinstance(options, chosen.options):
+        raise CnnmodError(f"expected {chosen.options.__name__} for the {strategy} strategy, found "
+                          f"{type(options).__name__}.")
+    if isinstance(options, chosen.options):
+        given = dataclasses.replace(options, **more) if more else options
+    else:
+        given = dict(options or {}, **more)
     opts = chosen.check(given)
     if isinstance(given, chosen.options):  # what differs from the defaults, as a dict of keyword options
         given = {f.name: getattr(opts, f.name) for f in fields(opts) if getattr(opts, f.name) != f.default}
@@ -93,7 +100,7 @@ def build(observation: Observation, strategy: str = "paper", options=None, **mor
         meta = dict(common, class_index=c, class_name=observation.classes[c], observed_images=stats.observed(c),
                     positives_observed=int(stats.seen_neg[c] + stats.seen_rest[c]), **summary)
         module = Module(c, observation.classes[c], network, observation.spec, meta, parent=observation.shared)
-        module.timing = dict(observation.timing, total_seconds=observation.timing["statistics_seconds"]
+        module.timing = dict(observation.timing, total_seconds=observation.timing.get("statistics_seconds", 0.0)
                              + time.perf_counter() - start)
         modules.append(module)
     return modules

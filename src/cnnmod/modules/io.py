@@ -1,4 +1,5 @@
-"""Module files: one self-contained, data-only safetensors file per class."""
+"""Module files: one data-only safetensors file per class, self-contained (this file) or naming the
+parent file it shares with the other modules of its folder (shared.py, format version 4)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ FORMAT = "cnnmod.module"
 # 2 added "fill." and "addmap." tensors (the channels strategy); 3 stores such a map in its exact
 # compact form where that is smaller ("<kind>_rows." and "<kind>_cols." index it; compact.py).
 # Versions 1 and 2 still load, and a file is written in the lowest version that can hold it.
+# 4 (shared.py) is a module of a decomposition folder: the parent's tensors in the parent file.
 FORMAT_VERSION = 3
 MAPS = ("fill", "addmap")
 
@@ -63,6 +65,14 @@ def module_from_record(tensors: dict, meta: dict, source: str = "module") -> Mod
     except (KeyError, TypeError, ValueError) as e:
         raise CnnmodError(f"{source}: the module metadata is incomplete ({e}).") from None
     _check_runs(module, source)
+    if masks or fills or addmaps:  # each shaped like its layer's output (a longer mask would be cut silently)
+        spec = module.input_spec
+        shapes = module.network.shapes((spec.channels, *spec.size))
+        for kind, found in (("mask", masks), ("fill", fills), ("addmap", addmaps)):
+            for layer, t in found.items():
+                if tuple(t.shape) != shapes.get(layer):
+                    raise CnnmodError(f"{source}: expected the {kind} of layer {layer} shaped like its output "
+                                      f"{shapes.get(layer)}, found {tuple(t.shape)} (damaged file).")
     return module
 
 

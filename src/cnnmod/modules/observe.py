@@ -43,7 +43,7 @@ class Observation:
     common: dict  # metadata every module records (sample options, parent, library version)
     labels: torch.Tensor  # (N,) each data image's class (model index)
     sample: Sample  # which images the pass observed
-    timing: dict = field(default_factory=dict)  # statistics_seconds, images, statistics_bytes, negatives_from
+    timing: dict = field(default_factory=dict)  # statistics_seconds, images, ... (this run's; not saved)
 
     @property
     def focus(self) -> list[int]:

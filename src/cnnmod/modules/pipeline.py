@@ -22,7 +22,7 @@ from ..files import write_file
 from .io import FORMAT as MODULE_FORMAT
 from .io import module_record
 from .module import Module
-from .shared import PARENT_FORMAT, is_parent_file, part_record, shared_bytes, write_parent
+from .shared import PARENT_FORMAT, is_parent_file, module_files, part_record, shared_bytes, write_parent
 
 
 def module_filename(name: str) -> str:
@@ -69,9 +69,22 @@ def write_modules(modules: list[Module], out: str | os.PathLike, *, progress: bo
             os.replace(entry, out / entry.name)
         for name in names:
             paths.append(out / f"{name}.safetensors")
+        _remove_unused_parents(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return paths
+
+
+def _remove_unused_parents(folder: Path) -> None:
+    """Delete the parent files (ours) that no module of the folder names any more (all replaced)."""
+    try:
+        needed = {(read_metadata(p).get("parent") or {}).get("file") for p in module_files(folder)}
+    except CnnmodError:  # a module we cannot read: keep every parent
+        return
+    for parent in folder.glob("_parent-*.safetensors"):
+        if is_parent_file(parent) and parent.name not in needed \
+                and read_metadata(parent).get("format") == PARENT_FORMAT:
+            parent.unlink()
 
 
 def _worth_sharing(modules: list[Module]) -> set[str]:

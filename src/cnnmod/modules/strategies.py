@@ -108,7 +108,8 @@ class Parent:
             for node in self.graph.nodes:
                 first.setdefault(spaces.of[node.name], node.name)
                 s = spaces.of[node.inputs[0]] if node.inputs else None
-                if node.op in ("conv", "linear") and s != spaces.of[node.name]:
+                if node.op in ("conv", "linear") and s != spaces.of[node.name] \
+                        and (s in spaces.prunable or s in spaces.derived):  # not a grouped conv's space
                     w, c = self.weights[f"{node.name}.weight"], self.shapes[first[s]][0]
                     norm[s] = norm.get(s, 0) + w.pow(2).reshape(w.shape[0], c, -1).sum((0, 2))
             for s, node in reversed(spaces.derived.items()):  # who reads a concat or split reads its sources

@@ -1,4 +1,4 @@
-"""Step 2: one pass over the data, counting per class how often each observed element is > 0."""
+"""Step 2: one pass over the data, recording per class which observed elements were ever non-zero (bits)."""
 
 from .collect import ActivationStats, collect_statistics, observed_layers
 from .sampling import Sample, plain_pass, select_sample

@@ -17,6 +17,7 @@ batch) rather than hooks on the user's model: functional ReLUs and adds have no 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -160,11 +161,12 @@ class _Loads(torch.utils.data.Dataset):
 
 def _loaded(batches: list[Batch], mine: list[int], workers: int):
     """The loaded batches ``mine``, in order: here, or ``workers`` processes ahead (one batch each)."""
-    if workers <= 0:
+    # The loaders are closures over the data: workers must be forked (Linux, macOS), not spawned.
+    if workers <= 0 or "fork" not in multiprocessing.get_all_start_methods():
         yield from (batches[i][2]() for i in mine)
         return
     loader = torch.utils.data.DataLoader(_Loads(batches, mine), batch_size=None, num_workers=workers,
-                                         prefetch_factor=1)
+                                         prefetch_factor=1, multiprocessing_context="fork")
     for item in loader:
         if isinstance(item, CnnmodError):
             raise item

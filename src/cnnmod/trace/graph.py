@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from ..errors import CnnmodError
 from .ops import PARAMS, REGISTRY  # noqa: F401  (PARAMS is re-exported for the pipeline)
 
-# Operations a graph's layers may be, and the overlays a strategy may add to a layer: the registry's.
+# Operations a graph's layers may be: the registry's, less the overlays a strategy adds to a layer.
 OPS = {name for name, op in REGISTRY.items() if not op.overlay}
-OVERLAYS = {name for name, op in REGISTRY.items() if op.overlay}
 
 
 @dataclass
@@ -79,15 +78,19 @@ class Graph:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Graph":
-        """Rebuild a graph read from a file, refusing anything that is not a valid graph."""
+        """Rebuild a graph read from a file, refusing anything that is not a valid graph. Files store a
+        strategy's overlays apart from the graph (module files: masks, fills, added constants), so a
+        graph read from one has none."""
         try:
             graph = cls([Node(**n) for n in d["nodes"]], d["output"])
         except (KeyError, TypeError) as e:
             raise CnnmodError(f"expected a layer graph (nodes, output), found a damaged one ({e}).") from None
         seen = set()
         for n in graph.nodes:
-            if n.op not in OPS or not set(n.inputs) <= seen or not isinstance(n.attrs, dict) \
-                    or not (isinstance(n.then, list) and all(isinstance(t, str) and t in OVERLAYS for t in n.then)):
+            if n.then != []:
+                raise CnnmodError(f"expected a layer graph without overlays (a file stores them apart), found "
+                                  f"node {n.name!r} with {n.then!r}.")
+            if n.op not in OPS or not set(n.inputs) <= seen or not isinstance(n.attrs, dict):
                 raise CnnmodError(f"expected a layer graph of known operations, found node {n.name!r} "
                                   f"({n.op!r}) that is unknown or uses a later layer.")
             seen.add(n.name)

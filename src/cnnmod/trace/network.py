@@ -1,7 +1,8 @@
 """Run a ``Graph`` on a dictionary of weights: the network, rebuilt without the model's code.
 
-``GraphNetwork`` is what module files hold. It can zero elements of chosen layers (``masks``),
-replace the final layer by a module's head, and it exports to ONNX since it is plain torch ops.
+``GraphNetwork`` is what module files hold. It runs the graph's layers and their overlays (what a
+strategy adds to the parent: masks, fills, added constants; ops.py) and nothing else; it exports
+to ONNX since it is plain torch ops.
 """
 
 from __future__ import annotations

@@ -156,8 +156,12 @@ register(Op("leaky_relu", lambda node, xs, w: F.leaky_relu(xs[0], node.attrs["ne
 # packed as bits (a paper-strategy module of a ResNet-50 at 224 px: 1.2 MB instead of 9.6 MB) with
 # its shape, the others float32.
 register(Op("mask", lambda node, xs, w: xs[0] * w("mask"), params=("mask",), overlay=True))
-register(Op("bitmask", lambda node, xs, w: xs[0] * unpack(w("bits"), xs[0][0].numel()).view(xs[0].shape[1:]),
-            params=("bits", "shape"), overlay=True))
+def _bitmask(node, xs, w):
+    shape = xs[0].shape[1:]
+    return xs[0] * unpack(w("bits"), math.prod(shape)).view(shape)
+
+
+register(Op("bitmask", _bitmask, params=("bits", "shape"), overlay=True))
 register(Op("fill", lambda node, xs, w: torch.where(w("mask"), xs[0], w("fill")), params=("mask", "fill"),
             overlay=True))
 register(Op("addmap", lambda node, xs, w: xs[0] + w("addmap"), params=("addmap",), overlay=True))
