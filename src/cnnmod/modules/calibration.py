@@ -54,16 +54,25 @@ def fit_platt(margins: torch.Tensor, positive: torch.Tensor, iterations: int = 1
 
 
 @torch.no_grad()
-def calibrate_(modules: list[Module], batches: list[tuple[torch.Tensor, torch.Tensor]], *, source: str) -> None:
+def calibrate_(modules: list[Module], batches, *, source: str) -> None:
     """Fit each module's calibration on prepared (x, parent label) batches; store it in ``meta``.
 
     Module files must not depend on where they were built: float32 margins differ in their last
     bits with the device and the number of threads (seen between CPU, CUDA and torchrun runs), so
-    the margins are computed in float64 and (a, b) are stored to 6 significant digits.
+    the margins are computed in float64 and (a, b) are stored to 6 significant digits. ``batches``
+    may be a generator: each batch is loaded once and every module scores it, so memory holds one
+    batch (and one float64 copy of the tensors the modules share), not every calibration image.
     """
-    labels = torch.cat([y for _, y in batches])
-    for m in modules:
-        a, b = fit_platt(margins64(m, [x for x, _ in batches]), labels == m.class_index)
+    wide = _float64(modules)
+    margins, labels = [[] for _ in modules], []
+    for x, y in batches:
+        labels.append(y)
+        for k, net in enumerate(wide):
+            z = net(x.double())
+            margins[k].append(z[:, 1] - z[:, 0])
+    labels = torch.cat(labels)
+    for m, found in zip(modules, margins):
+        a, b = fit_platt(torch.cat(found), labels == m.class_index)
         m.meta["calibration"] = {"a": float(f"{a:.6g}"), "b": float(f"{b:.6g}"), "images": int(len(labels)),
                                  "source": source}
 
@@ -73,13 +82,27 @@ def margins64(module: Module, inputs) -> torch.Tensor:
     """The module's margins on prepared batches, computed in float64 (the same numbers on any
     device and thread count) by a float64 copy of its network: the module's own tensors, which it
     may share with its parent and sibling modules, are left as they are."""
-    net = module.network
-    wide = GraphNetwork(net.graph, {k: v.double() if v.is_floating_point() else v for k, v in net.weights().items()})
+    wide = _float64([module])[0]
     margins = []
     for x in inputs:
         z = wide(x.double())
         margins.append(z[:, 1] - z[:, 0])
     return torch.cat(margins)
+
+
+def _float64(modules: list[Module]) -> list[GraphNetwork]:
+    """float64 copies of the modules' networks; a tensor several modules share is converted once."""
+    done: dict[tuple, torch.Tensor] = {}
+
+    def wide(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if key not in done:
+            done[key] = t.double()
+        return done[key]
+
+    return [GraphNetwork(m.network.graph, {k: wide(v) for k, v in m.network.weights().items()}) for m in modules]
 
 
 def calibrated_logit(module: Module, margin: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     if calibration > 0:
         labels, fetch = _adapt(dataset, obs.classes, input_spec or getattr(model, "input_spec", None))
         index, source = _calibration_index(labels, obs.sample, calibration, seed)
-        calibrate_(modules, [(fetch(i), labels[i]) for i in index.split(batch_size)], source=source)
+        calibrate_(modules, ((fetch(i), labels[i]) for i in index.split(batch_size)), source=source)
     for m in modules:  # timings stay out of files (they would break byte-identical output)
         m.timing["calibration_seconds"] = time.perf_counter() - built
     return modules
