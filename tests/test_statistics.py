@@ -5,7 +5,7 @@ import torch.nn as nn
 from cnnmod import CnnmodError
 from cnnmod.modules.observe import _adapt, sample_batches
 from cnnmod.statistics import collect_statistics, observed_layers, select_sample
-from cnnmod.bits import pack, unpack
+from cnnmod.bits import count, pack, unpack
 from cnnmod.trace import GraphNetwork, trace_graph
 
 from nets import PixelNet, Unfamiliar, pixel_data
@@ -149,6 +149,7 @@ def test_bits_round_trip_and_or_like_the_bools():
         assert pack(a).shape == (3, (e + 7) // 8)
         assert torch.equal(unpack(pack(a), e), a)
         assert torch.equal(unpack(pack(a) | pack(b), e), a | b)
+        assert count(pack(a)) == int(a.sum())
 
 
 def test_only_keeps_bits_for_the_named_classes():

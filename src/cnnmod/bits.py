@@ -24,3 +24,11 @@ def unpack(b: torch.Tensor, e: int) -> torch.Tensor:
     """uint8 (..., ceil(E / 8)) -> bool (..., E)."""
     bits = (b.unsqueeze(-1) >> _SHIFTS.to(b.device)) & 1
     return bits.flatten(-2)[..., :e].bool()
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def count(b: torch.Tensor) -> int:
+    """How many bits are set (padding bits are never set by ``pack``)."""
+    return int(_POPCOUNT.to(b.device)[b.long()].sum())

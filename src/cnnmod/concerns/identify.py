@@ -10,12 +10,13 @@ from ..statistics import ActivationStats
 
 
 def active_masks(stats: ActivationStats, c: int) -> dict[str, torch.Tensor]:
-    """Return, per observed layer, which elements module ``c`` keeps (bool, shaped like the layer).
+    """Return, per observed layer, which elements module ``c`` keeps, packed as bits (``bits.pack``
+    of the flattened layer; ``stats.active(c)`` unpacks them).
 
     The paper's rule: an element is inactive iff it is <= 0 on every observed input (the class's
     positives and the 1:1 negatives); a single positive value keeps it.
     """
-    return stats.active(c)
+    return stats.active_bits(c)
 
 
 def channel_scores(stats: ActivationStats, spaces, c: int) -> dict[int, torch.Tensor]:

@@ -8,11 +8,13 @@ extracts a physically smaller network (ours; see ``channels_strategy``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
 
+from ..bits import count, pack, unpack
 from ..concerns import active_masks, backtrack_removed, channel_head, channel_scores, mc_bln_features
 from ..concerns.channeling import LOGITS_HEAD
 from ..errors import CnnmodError
@@ -142,7 +144,10 @@ class Parent:
 
 
 def paper_strategy(parent: Parent, c: int, *, delta: float = 0.5) -> tuple[GraphNetwork, dict]:
-    """CI + TI (inactive elements), channeled head, MC-BLN backtracking (delta)."""
+    """CI + TI (inactive elements), channeled head, MC-BLN backtracking (delta).
+
+    The masks stay packed as bits from the statistics to the module (``active_bits``): only the
+    few layers MC-BLN reaches are unpacked (a ResNet-50 at 224 px observes 9.6M elements)."""
     keep = active_masks(parent.stats, c)
     w, b = parent.weights[f"{parent.head}.weight"], parent.weights.get(f"{parent.head}.bias")
     w2, b2 = channel_head(w, b, c)
@@ -150,13 +155,14 @@ def paper_strategy(parent: Parent, c: int, *, delta: float = 0.5) -> tuple[Graph
     removed = mc_bln_features(w2, delta) if parent.head != LOGITS_HEAD else torch.zeros(w2.shape[1], dtype=torch.bool)
     head_input = parent.graph.by_name[parent.head].inputs[0]
     for layer, gone in backtrack_removed(parent.graph, head_input, removed, set(keep), parent.shapes).items():
-        keep[layer] = keep[layer] & ~gone
+        keep[layer] = pack(unpack(keep[layer], gone.numel()) & ~gone.flatten())
     weights = dict(parent.weights, **{f"{parent.head}.weight": w2, f"{parent.head}.bias": b2})
-    kept = sum(int(m.sum()) for m in keep.values())
-    total = sum(m.numel() for m in keep.values())
+    kept = sum(count(bits) for bits in keep.values())
+    total = sum(math.prod(parent.stats.shapes[layer]) for layer in keep)
     summary = {"elements_kept": kept, "elements_total": total, "share_kept": kept / total,
                "mc_bln_features_removed": int(removed.sum())}
-    return overlaid(parent.graph, weights, masks=keep), summary
+    bitmasks = {layer: (bits, parent.stats.shapes[layer]) for layer, bits in keep.items()}
+    return overlaid(parent.graph, weights, bitmasks=bitmasks), summary
 
 
 def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool = True, streams: bool = True,

@@ -117,11 +117,15 @@ class ActivationStats:
 
     def active(self, c: int) -> dict[str, torch.Tensor]:
         """Per layer, which elements were non-zero on some image module ``c`` observed (bool, layer-shaped)."""
+        return {name: unpack(bits, math.prod(self.shapes[name])).view(self.shapes[name])
+                for name, bits in self.active_bits(c).items()}
+
+    def active_bits(self, c: int) -> dict[str, torch.Tensor]:
+        """``active(c)`` packed as bits (``bits.pack`` of the flattened layer): no unpacking needed."""
         row = int(self.rows[c])
         if row < 0:
             raise CnnmodError(f"expected statistics of class {c}, found them left out (--only).")
-        return {name: unpack(self.active_rest[name][row] | self.active_neg[name], math.prod(self.shapes[name]))
-                .view(self.shapes[name]) for name in self.layers}
+        return {name: self.active_rest[name][row] | self.active_neg[name] for name in self.layers}
 
     def nbytes(self) -> int:
         """Bytes the tables take (the measure of issue #16's memory target)."""

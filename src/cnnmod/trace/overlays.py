@@ -20,11 +20,12 @@ from .ops import REGISTRY
 
 def overlaid(graph: Graph, weights: dict[str, torch.Tensor], *, masks: dict[str, torch.Tensor] | None = None,
              fills: dict[str, torch.Tensor] | None = None, addmaps: dict[str, torch.Tensor] | None = None,
-             packed: bool = True) -> GraphNetwork:
+             packed: bool = True, bitmasks: dict[str, tuple[torch.Tensor, tuple]] | None = None) -> GraphNetwork:
     """A network running ``graph`` with ``weights``, and on layer L's output, in this order: ``addmaps[L]``
     added, then elements where ``masks[L]`` is False replaced by ``fills[L]`` (or zeroed, without a fill).
-    A mask without a fill is kept as bits unless ``packed=False``."""
-    masks, fills, addmaps = masks or {}, fills or {}, addmaps or {}
+    A mask without a fill is kept as bits unless ``packed=False``; ``bitmasks[L]`` gives one already
+    packed (``bits.pack`` of the flattened mask, and its shape)."""
+    masks, fills, addmaps, bitmasks = masks or {}, fills or {}, addmaps or {}, bitmasks or {}
     if not fills.keys() <= masks.keys():
         raise ValueError(f"a fill needs its mask; layers {sorted(fills.keys() - masks.keys())} have none")
     tensors, nodes = dict(weights), []
@@ -36,10 +37,12 @@ def overlaid(graph: Graph, weights: dict[str, torch.Tensor], *, masks: dict[str,
         if name in fills:
             then.append("fill")
             tensors[f"{name}.mask"], tensors[f"{name}.fill"] = masks[name].bool(), fills[name].float()
-        elif name in masks and packed:
+        elif name in bitmasks or (name in masks and packed):
+            bits, shape = bitmasks[name] if name in bitmasks else (pack(masks[name].bool().flatten()),
+                                                                   masks[name].shape)
             then.append("bitmask")
-            tensors[f"{name}.bits"] = pack(masks[name].bool().flatten())
-            tensors[f"{name}.shape"] = torch.tensor(masks[name].shape, dtype=torch.int64)
+            tensors[f"{name}.bits"] = bits
+            tensors[f"{name}.shape"] = torch.tensor(tuple(shape), dtype=torch.int64)
         elif name in masks:
             then.append("mask")
             tensors[f"{name}.mask"] = masks[name].bool()
