@@ -16,9 +16,8 @@ from ..checkpoint import load_model
 from ..data import load_data
 from ..distributed import finish, init_from_env, rank_and_world, resolve_device  # noqa: F401
 from ..errors import CnnmodError
-from ..files import read_metadata
+from ..files import read_metadata, write_file
 from .decompose import decompose
-from ..files import write_file
 from .io import FORMAT as MODULE_FORMAT
 from .io import module_record
 from .module import Module
