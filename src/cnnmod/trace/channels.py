@@ -53,8 +53,8 @@ class Spaces:
         for space, node in self.derived.items():
             masks = [keep.get(self.of[i], torch.ones(shapes[i][0], dtype=torch.bool)) for i in node.inputs]
             which, channel = index_map(node, [len(m) for m in masks])
-            keep[space] = torch.stack([masks[w][c] for w, c in zip(which.tolist(), channel.tolist())]) \
-                if len(which) else torch.zeros(0, dtype=torch.bool)
+            starts = torch.tensor([0, *[len(m) for m in masks]]).cumsum(0)
+            keep[space] = torch.cat(masks)[starts[which] + channel]
         return keep
 
 
