@@ -26,12 +26,14 @@ FORMAT_VERSION = 3
 MAPS = ("fill", "addmap")
 
 
-def module_record(module: Module) -> tuple[dict, dict]:
-    """Return (tensors, metadata) that describe ``module`` completely."""
+def module_record(module: Module, *, masks: bool = True) -> tuple[dict, dict]:
+    """Return (tensors, metadata) that describe ``module`` completely (its masks too, unless a module
+    part of a folder stores them itself: ``shared.part_record``)."""
     net = module.network
     graph, weights = plain(net)  # the file keeps the parent's layers and the overlays apart
     tensors = {f"w.{k}": v for k, v in weights.items()}
-    tensors.update({f"mask.{k}": v for k, v in overlay_maps(net, "mask").items()})
+    if masks:
+        tensors.update({f"mask.{k}": v for k, v in overlay_maps(net, "mask").items()})
     compacted, maps_of = False, {kind: overlay_maps(net, kind) for kind in MAPS}
     for kind, maps in maps_of.items():
         for k, full in maps.items():

@@ -57,11 +57,12 @@ def write_modules(modules: list[Module], out: str | os.PathLike, *, progress: bo
     try:
         bar = tqdm(modules, desc="writing modules", unit="module", disable=not (progress and sys.stderr.isatty()))
         for name, m in zip(names, bar):
-            tensors, meta = module_record(m)
             if m.parent is not None and m.parent.checksum in parents:
                 if not (out / m.parent.filename).exists():
                     write_parent(staging, m.parent)
-                tensors, meta = part_record(tensors, meta, m.parent)
+                tensors, meta = part_record(m.network, *module_record(m, masks=False), m.parent)
+            else:
+                tensors, meta = module_record(m)
             write_file(staging / f"{name}.safetensors", tensors, meta)
         paths = []
         for entry in sorted(staging.iterdir(), key=lambda p: not is_parent_file(p)):  # no module without its parent

@@ -25,6 +25,7 @@ import torch
 from ..errors import CnnmodError
 from ..files import read_file, tensors_checksum, write_file
 from ..bits import pack, unpack
+from ..trace.network import GraphNetwork
 
 PARENT_FORMAT = "cnnmod.parent"
 PART_VERSION = 4  # a module file that names its parent (module format version 4)
@@ -65,19 +66,21 @@ def write_parent(folder: Path, parent: ParentTensors) -> Path:
     return path
 
 
-def part_record(tensors: dict[str, torch.Tensor], meta: dict, parent: ParentTensors) -> tuple[dict, dict]:
-    """A self-contained module record (``io.module_record``) less what ``parent`` holds: the parent's
-    own tensors are left out (by identity: the module's network holds them as views), masks become bits."""
-    out, shapes = {}, {}
-    for key, t in tensors.items():
-        kind, _, name = key.partition(".")
-        if kind == "w" and name in parent.tensors and _same_storage(t, parent.tensors[name]):
-            continue
-        if kind == "mask":
-            out[f"bits.{name}"] = pack(t.flatten())
-            shapes[name] = list(t.shape)
-        else:
-            out[key] = t
+def part_record(net: GraphNetwork, tensors: dict[str, torch.Tensor], meta: dict,
+                parent: ParentTensors) -> tuple[dict, dict]:
+    """A module record without its masks (``io.module_record(masks=False)``) made a part: the parent's
+    own tensors left out (by identity: the network holds them as views), the masks added as bits
+    (a bitmask's own, no unpacking)."""
+    out = {key: t for key, t in tensors.items()
+           if not (key.startswith("w.") and key[2:] in parent.tensors and _same_storage(t, parent.tensors[key[2:]]))}
+    shapes = {}
+    for node in net.graph.nodes:
+        name = node.name
+        if "bitmask" in node.then:
+            out[f"bits.{name}"], shapes[name] = net.weight(f"{name}.bits"), net.weight(f"{name}.shape").tolist()
+        elif "mask" in node.then or "fill" in node.then:
+            out[f"bits.{name}"], shapes[name] = pack(net.weight(f"{name}.mask").flatten()), \
+                list(net.weight(f"{name}.mask").shape)
     meta = dict(meta, format_version=PART_VERSION, mask_shapes=shapes,
                 parent={"file": parent.filename, "checksum": parent.checksum})
     return out, meta
