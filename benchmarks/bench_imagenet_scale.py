@@ -111,7 +111,25 @@ def render(rows: list[dict]) -> str:
             f"{r['peak_rss_gb']:.2f} | {r['decompose_seconds'] / r['plain_seconds']:.2f}x | "
             f"{r['statistics_seconds'] / r['plain_seconds']:.2f}x | {r['disk_bytes'] / r['parent_bytes']:.2f}x | "
             f"{r['self_contained_bytes'] / r['parent_bytes']:.2f}x | {_targets(r)} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *NOTES])
+
+
+# What the table cannot say, written after reading it (the numbers above are the run's).
+NOTES = [
+    "- These rows ran while `bench_zoo.py` used the other core: each time is against a plain pass in the same "
+    "process, but both under that load.",
+    "- Disk: a paper module's masks are one bit per observed element, 9.6M elements = 1.2 MB per module, so "
+    "1,000 modules hold 1.2 GB of masks, 11.7x the parent's 102 MB by themselves. The 3x target would need "
+    "under 0.25 bit per element (masks compressed across classes): not attempted.",
+    "- Memory: of the 9.76 GB peak, the statistics bits are 1.15 GB, the 1,000 modules' masks 1.2 GB, the "
+    "generated images 0.3 GB, the parent 0.1 GB; the rest is not accounted for yet (a 30-class run at 224 px "
+    "with a fixed malloc threshold retains 1.5 MB per module, so allocator fragmentation is the suspect). Two "
+    "changes made after this run are not measured here: module parts take the bits as they are (this run "
+    "unpacked and packed each module's masks when writing) and `bits.count` keeps its temporaries small.",
+    "- Time: the statistics pass costs 3x a plain pass with 16 labels in each batch of 32 (per layer, one OR "
+    "of packed bits per run of one label). The GPU measurement (item 5) needs a lent device; none was.",
+    "- Not run this session (CPU time): EfficientNet-B0, and the channels strategy with `--only 10`.",
+]
 
 
 def _targets(r: dict) -> str:
