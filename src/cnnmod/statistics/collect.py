@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -134,12 +135,28 @@ class ActivationStats:
 
 
 @torch.no_grad()
-def _or_runs(table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, runs) -> None:
-    """OR into ``table`` the elements each run of one label lit (a row per class kept; -1: none)."""
+def _or_runs(table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, runs, y: torch.Tensor) -> None:
+    """OR into ``table`` the elements each label of the batch lit (a row per class kept; -1: none).
+
+    A few runs of one label (the sample is ordered by class): one reduction each. Many labels in a
+    batch (1,000 classes of 2 images): one max per label and element (``index_reduce_``, as fast as
+    the int16 ``index_add_`` of the count tables before; a per-run loop was 2.2x slower there, an
+    int32 ``index_add_`` 2.5x: measured on 256 x 16,384 elements) and one packing for all of them.
+    """
     labels, lengths = runs
-    for c, run in zip(labels.tolist(), pos.split(lengths.tolist())):
-        if rows[c] >= 0:
-            table[rows[c]] |= pack(run.any(0))
+    if len(labels) <= 8:
+        for c, run in zip(labels.tolist(), pos.split(lengths.tolist())):
+            if rows[c] >= 0:
+                table[rows[c]] |= pack(run.any(0))
+        return
+    present, index = torch.unique(y, return_inverse=True)
+    lit = torch.zeros(len(present), pos.shape[1], dtype=torch.uint8, device=pos.device)
+    with warnings.catch_warnings():  # torch marks index_reduce_'s API beta; nothing a user can act on
+        warnings.simplefilter("ignore", UserWarning)
+        lit.index_reduce_(0, index, pos.view(torch.uint8), "amax")
+    kept = rows.to(present.device)[present]
+    mine = kept >= 0
+    table[kept[mine]] |= pack(lit[mine].bool())
 
 
 # (part "neg" | "rest", number of images, loader of (x (B, ...), y (B,))): loaded only when counted
@@ -244,7 +261,7 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
         if state["part"] == "neg":
             tables["neg"][name] |= pack(pos.any(0))
         else:
-            _or_runs(tables["rest"][name], rows, pos, state["runs"])
+            _or_runs(tables["rest"][name], rows, pos, state["runs"], state["y"])
         if sums:
             per_channel = pos.view(len(pos), shapes[name][0], -1).sum(2)  # (B, C)
             tables["channels"][name].index_add_(0, state["y"], per_channel)
