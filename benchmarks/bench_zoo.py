@@ -161,9 +161,12 @@ def _targets(r: dict, strategies: list[str]) -> str:
 
 # What the table cannot say, written after reading it (the numbers above are the run's).
 NOTES = {
-    "torchvision:mobilenet_v3_small": "the one channels miss: 4.70 points lost at 0.80x the MACs with retain 0.97 "
-                                      "(its depthwise and squeeze-excitation spaces are pruned; retain shares closer "
-                                      "to 1 were not tried in this run).",
+    "torchvision:mobilenet_v3_small": "rate scores lose 4.70 points at 0.80x the MACs with retain 0.97; energy "
+                                      "scores (what removing a channel costs its readers) keep it within 1 point at "
+                                      "0.88x (its depthwise and squeeze-excitation spaces are pruned).",
+    "torchvision:shufflenet_v2_x1_0": "pruned through its channel splits and shuffles (index maps between spaces, "
+                                      "issue #15); within 0.2 points at 0.84x with energy scores.",
+    "torchvision:googlenet": "its Inception branches are pruned through the concatenations (derived spaces).",
     "torchvision:mnasnet0_5": "weakly trained by this recipe (19% top-1): the differences are within a few dozen "
                               "images of 5,000.",
     "torchvision:efficientnet_b0": "not trained by this recipe (13% top-1, chance is 10%): its row shows the "
@@ -178,6 +181,11 @@ def _cells(r: dict, s: str) -> list[str]:
         return ["refused", "-", "-", "-"]
     return [f"{r[f'{s}_top1']:.4f}", f"{100 * (r[f'{s}_top1'] - r['model_top1']):+.2f}",
             f"{r[f'{s}_macs_fraction']:.2f}x", f"{r[f'{s}_seconds'] / r['inference_seconds']:.1f}x"]
+
+
+TIMING_NOTE = ("- Timing: this run shared the 2 cores with another benchmark for most architectures, so the "
+               "decomposition-time ratios (each against a plain pass in the same process) are noisy; the "
+               "accuracy and MACs columns are not affected.")
 
 
 def render(rows: list[dict]) -> str:
@@ -206,6 +214,7 @@ def render(rows: list[dict]) -> str:
     for arch, note in NOTES.items():
         if any(r["arch"] == arch for r in rows):
             lines.append(f"- {arch}: {note}")
+    lines.append(TIMING_NOTE)
     for r in rows:
         for s in strategies:
             if f"{s}_error" in r:
