@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .errors import CnnmodError
 from .files import read_file
-from .modules.shared import module_files
+from .modules.shared import is_parent_file, module_files
 
 
 def describe(path: str) -> tuple[str, dict]:
@@ -96,7 +96,7 @@ def describe_folder(path: str) -> tuple[str, dict]:
                          r["parent"]) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     right = {2, 3, 4}
-    parents = [p for p in sorted(folder.glob("*.safetensors")) if p not in files]
+    parents = [p for p in sorted(folder.glob("*.safetensors")) if is_parent_file(p)]
     shared = sum(p.stat().st_size for p in parents)
     lines = [f"{folder}: {len(rows)} module file{'s' if len(rows) != 1 else ''}, "
              f"{sum(r['file_bytes'] for r in rows) + shared:,} bytes on disk"

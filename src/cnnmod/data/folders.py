@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import posixpath
 import tarfile
@@ -32,10 +33,24 @@ def load_archive_or_folder(path: Path, split: str | None, default_split: str, *,
     return choose_split(ds, split or "all", lambda n: -(-n // 10), names=("train", "val"))
 
 
+def list_folder(path: Path) -> list[str]:
+    """The files under ``path`` as sorted relative posix paths. ``os.scandir`` knows from the
+    directory entries which are files, so a folder of a million photos is listed in seconds."""
+    names, pending = [], [("", path)]
+    while pending:
+        prefix, folder = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):  # as rglob: no loops through links
+                    pending.append((prefix + entry.name + "/", entry.path))
+                elif entry.is_file():
+                    names.append(prefix + entry.name)
+    return sorted(names)
+
+
 def _list_files(path: Path) -> dict[str, "callable[[], bytes]"]:
     if path.is_dir():
-        return {p.relative_to(path).as_posix(): p.read_bytes
-                for p in sorted(path.rglob("*")) if p.is_file()}
+        return {name: (path / name).read_bytes for name in list_folder(path)}
     try:
         tar = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError) as e:

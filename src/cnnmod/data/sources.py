@@ -16,7 +16,6 @@ Split rules (fixed, so that results repeat):
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from pathlib import Path
@@ -167,16 +166,12 @@ def load_data(spec: str, split: str | None = None, *, default_split: str = "trai
 
 def _streamed(path: Path, split: str | None, default_split: str, channels, size, crop_pct):
     """An ``ImageFiles`` for an ImageFolder directory (None for archives, CIFAR pickles, unknown sizes)."""
-    from .folders import _cifar_root
+    from .folders import _cifar_root, list_folder
     from .stream import ImageFiles
 
     if not path.is_dir() or channels is None or size is None:
         return None
-    names = []
-    for folder, _, found in os.walk(path):  # scandir underneath: no stat per file
-        prefix = Path(folder).relative_to(path).as_posix()
-        names += [f if prefix == "." else f"{prefix}/{f}" for f in found]
-    names.sort()
+    names = list_folder(path)
     if _cifar_root(set(names)) is not None:
         return None
     files = ImageFiles.scan(path, names, channels=channels, size=size, crop_pct=crop_pct)

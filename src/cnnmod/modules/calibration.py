@@ -13,6 +13,7 @@ import torch
 
 from ..trace.network import GraphNetwork
 from .module import Module
+from .shared import identity
 
 
 def fit_platt(margins: torch.Tensor, positive: torch.Tensor, iterations: int = 100) -> tuple[float, float]:
@@ -97,7 +98,7 @@ def _float64(modules: list[Module]) -> list[GraphNetwork]:
     def wide(t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point():
             return t
-        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        key = identity(t)
         if key not in done:
             done[key] = t.double()
         return done[key]

@@ -48,12 +48,12 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     ('3', torch.Size([B, 2]))
     """
     chosen = _strategy(strategy)
-    opts = chosen.check(options)  # bad options fail now, not after the long pass
+    chosen.check(options)  # bad options fail now, not after the long pass
     obs = observe(model, dataset, positives=positives, negatives_per_class=negatives_per_class, seed=seed,
                   batch_size=batch_size, classes=classes, input_spec=input_spec, progress=progress,
                   progress_file=progress_file, resume=resume, device=device, precision=precision, only=only,
                   sample_images=sample_images, workers=workers, sums=chosen.needs_sums)
-    modules = build(obs, strategy, opts if not options else options)  # options given: recorded as given
+    modules = build(obs, strategy, options)  # recorded as given
     built = time.perf_counter()
     if calibration > 0:
         labels, fetch = _adapt(dataset, obs.classes, input_spec or getattr(model, "input_spec", None))

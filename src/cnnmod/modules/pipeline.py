@@ -94,7 +94,8 @@ def _worth_sharing(modules: list[Module]) -> set[str]:
     for m in modules:
         if m.parent is not None:
             saved[m.parent.checksum] = saved.get(m.parent.checksum, 0) + shared_bytes(m.network.weights(), m.parent)
-            sizes[m.parent.checksum] = sum(t.numel() * t.element_size() for t in m.parent.tensors.values())
+            if m.parent.checksum not in sizes:
+                sizes[m.parent.checksum] = sum(t.numel() * t.element_size() for t in m.parent.tensors.values())
     return {c for c in saved if saved[c] > sizes[c]}
 
 

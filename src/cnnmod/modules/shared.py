@@ -141,6 +141,10 @@ def shared_bytes(weights: dict[str, torch.Tensor], parent: ParentTensors) -> int
                if key in parent.tensors and _same_storage(t, parent.tensors[key]))
 
 
+def identity(t: torch.Tensor) -> tuple:
+    """What makes two tensors one and the same (the same memory viewed the same way)."""
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
+
+
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-            and a.dtype == b.dtype)
+    return identity(a) == identity(b)

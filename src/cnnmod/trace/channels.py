@@ -52,18 +52,22 @@ class Spaces:
         keep = dict(keep)
         for space, node in self.derived.items():
             masks = [keep.get(self.of[i], torch.ones(shapes[i][0], dtype=torch.bool)) for i in node.inputs]
-            which, channel = index_map(node, [len(m) for m in masks])
-            starts = torch.tensor([0, *[len(m) for m in masks]]).cumsum(0)
-            keep[space] = torch.cat(masks)[starts[which] + channel]
+            keep[space] = torch.cat(masks)[_sources(node, [len(m) for m in masks])]
         return keep
+
+
+def _sources(node: Node, channels: list[int]) -> torch.Tensor:
+    """For an index op reading inputs of ``channels`` channels: each output channel's position among
+    all the inputs' channels side by side (found by running the op on channel labels: exact below 2**24)."""
+    labels = torch.arange(sum(channels), dtype=torch.float32).split(channels)
+    return REGISTRY[node.op].run(node, [t.view(1, -1, 1, 1) for t in labels], None).flatten().long()
 
 
 def index_map(node: Node, channels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """For an index op reading inputs of ``channels`` channels: which input, and which channel of
-    it, each output channel is (found by running the op on channel labels: exact below 2**24)."""
+    it, each output channel is."""
     base = torch.tensor([0, *channels]).cumsum(0)
-    labels = [torch.arange(b, b + c, dtype=torch.float32).view(1, -1, 1, 1) for b, c in zip(base.tolist(), channels)]
-    out = REGISTRY[node.op].run(node, labels, None).flatten().long()
+    out = _sources(node, channels)
     which = torch.searchsorted(base, out, right=True) - 1
     return which, out - base[which]
 
