@@ -40,6 +40,13 @@ def test_channeled_head_and_mc_bln_follow_the_text():
     assert torch.allclose(w2, torch.tensor([[1.0, -0.5], [0.1, 2.0]])) and torch.allclose(b2, torch.tensor([1.5, 0.5]))
     # feature 0 goes strongly (1.0) to not-concern and weakly (0.1) to concern: removed
     assert mc_bln_features(w2, 0.5).tolist() == [True, False]
+    # the others' mean as the float64 total less one row: the plain mean over the others' rows
+    w, b = torch.randn(50, 7, generator=torch.Generator().manual_seed(0)), torch.arange(50.0)
+    for c in (0, 17, 49):
+        w2, b2 = channel_head(w, b, c)
+        others = torch.arange(50) != c
+        assert torch.allclose(w2[0], w[others].mean(0), atol=1e-6) and torch.equal(w2[1], w[c])
+        assert torch.allclose(b2, torch.stack([b[others].mean(), b[c]]))
 
 
 def test_mc_bln_backtracks_through_flatten_to_the_exact_position():

@@ -1,15 +1,17 @@
 """Modules that share their parent (issue #16): a decomposition folder stores the parent once."""
 
 import shutil
+import zlib
 
 import torch
 
 from cnnmod import CnnmodError, create_model, decompose, load_data, load_module, save_module
 from cnnmod.cli import main
 from cnnmod.compose import load_modules
+from cnnmod.files import read_file, write_file
 from cnnmod.data.inputspec import measure_spec
 from cnnmod.modules.pipeline import write_modules
-from cnnmod.modules.shared import module_files
+from cnnmod.modules.shared import _mask_bits, module_files
 
 from fuzzing import fuzz_loads
 
@@ -108,3 +110,21 @@ def test_fuzzed_module_parts_load_identically_or_are_refused(folder, tmp_path):
     refused, same = fuzz_loads((root / "mods" / "2.safetensors").read_bytes(), 90, tmp_path, load_module,
                                same_output, seed=2)
     assert refused + same == 90 and refused >= 70
+
+
+def test_masks_are_one_bounded_zlib_stream_and_version_4_parts_still_load(folder, tmp_path):
+    root, modules = folder
+    tensors, meta = read_file(root / "mods" / "2.safetensors")
+    assert meta["format_version"] == 5 and "masks.zlib" in tensors and not any(k.startswith("bits.") for k in tensors)
+    shutil.copy(next((root / "mods").glob("_parent-*")), tmp_path)
+    # the same part as version 4 wrote it: each layer's bits uncompressed
+    bits = _mask_bits(tensors, meta, meta["mask_shapes"], "test")
+    old = {k: v for k, v in tensors.items() if k != "masks.zlib"} | {f"bits.{k}": v for k, v in bits.items()}
+    write_file(tmp_path / "v4.safetensors", old, dict(meta, format_version=4))
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(load_module(tmp_path / "v4.safetensors").margin(x), modules[2].margin(x))
+    # a stream that would inflate past the masks' own size is refused, not inflated
+    bomb = torch.frombuffer(bytearray(zlib.compress(bytes(10**7))), dtype=torch.uint8)
+    write_file(tmp_path / "bomb.safetensors", dict(tensors, **{"masks.zlib": bomb}), meta)
+    with pytest.raises(CnnmodError, match="masks as one zlib stream, found a damaged one"):
+        load_module(tmp_path / "bomb.safetensors")

@@ -14,14 +14,14 @@ from ..files import read_file, write_file
 from ..trace import Graph, overlaid, overlay_maps, plain
 from ..trace.network import run_on_blank
 from .compact import compact_map, expand_map
-from .shared import PART_VERSION, full_record
+from .shared import PART_VERSIONS, full_record
 from .module import Module
 
 FORMAT = "cnnmod.module"
 # 2 added "fill." and "addmap." tensors (the channels strategy); 3 stores such a map in its exact
 # compact form where that is smaller ("<kind>_rows." and "<kind>_cols." index it; compact.py).
 # Versions 1 and 2 still load, and a file is written in the lowest version that can hold it.
-# 4 (shared.py) is a module of a decomposition folder: the parent's tensors in the parent file.
+# 4 and 5 (shared.py) are modules of a decomposition folder: the parent's tensors in the parent file.
 FORMAT_VERSION = 3
 MAPS = ("fill", "addmap")
 
@@ -126,7 +126,7 @@ def load_module(path: str | os.PathLike) -> Module:
     >>> m.network(x)  # (B, 2) logits: not-cat, cat
     """
     tensors, meta = read_file(path, expect=FORMAT)
-    if meta.get("format_version") != PART_VERSION:
+    if meta.get("format_version") not in PART_VERSIONS:
         return module_from_record(tensors, meta, str(path))
     tensors, meta, parent = full_record(tensors, meta, Path(path).parent, str(path))
     module = module_from_record(tensors, meta, str(path))

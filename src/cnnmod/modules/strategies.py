@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..bits import count, pack, unpack
-from ..concerns import active_masks, backtrack_removed, channel_head, channel_scores, mc_bln_features
+from ..concerns import active_masks, backtrack_removed, channel_head, channel_scores, head_totals, mc_bln_features
 from ..concerns.channeling import LOGITS_HEAD
 from ..errors import CnnmodError
 from ..statistics import ActivationStats
@@ -44,6 +44,14 @@ class Parent:
     _energy: tuple | None = None
     _cost: dict | None = None
     _refits: dict = field(default_factory=dict)  # re-fitted layers every module shares (``channels_strategy``)
+    _head_totals: tuple | None = None
+
+    def channel_head(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class c's 2-logit head (``concerns.channel_head``), the head's totals computed once."""
+        w, b = self.weights[f"{self.head}.weight"], self.weights.get(f"{self.head}.bias")
+        if self._head_totals is None:
+            self._head_totals = head_totals(w, b)
+        return channel_head(w, b, c, self._head_totals)
 
     def channel_spaces(self) -> Spaces:
         if self.spaces is None:
@@ -149,8 +157,7 @@ def paper_strategy(parent: Parent, c: int, *, delta: float = 0.5) -> tuple[Graph
     The masks stay packed as bits from the statistics to the module (``active_bits``): only the
     few layers MC-BLN reaches are unpacked (a ResNet-50 at 224 px observes 9.6M elements)."""
     keep = active_masks(parent.stats, c)
-    w, b = parent.weights[f"{parent.head}.weight"], parent.weights.get(f"{parent.head}.bias")
-    w2, b2 = channel_head(w, b, c)
+    w2, b2 = parent.channel_head(c)
     # MC-BLN applies where the head is the model's Linear layer, not over the logits of another classifier
     removed = mc_bln_features(w2, delta) if parent.head != LOGITS_HEAD else torch.zeros(w2.shape[1], dtype=torch.bool)
     head_input = parent.graph.by_name[parent.head].inputs[0]
@@ -197,8 +204,7 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     trunk_retain = retain if trunk_keep is None else None  # --trunk-keep, when given, rules the trunk
     trunk_keep = keep if trunk_keep is None else trunk_keep
     spaces = parent.channel_spaces()
-    w, b = parent.weights[f"{parent.head}.weight"], parent.weights.get(f"{parent.head}.bias")
-    w2, b2 = channel_head(w, b, c)
+    w2, b2 = parent.channel_head(c)
     weights = dict(parent.weights, **{f"{parent.head}.weight": w2, f"{parent.head}.bias": b2})
     shared = parent.trunk_spaces(trunk)
     keep_channels = {}

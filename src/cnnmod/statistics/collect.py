@@ -122,11 +122,16 @@ class ActivationStats:
                 for name, bits in self.active_bits(c).items()}
 
     def active_bits(self, c: int) -> dict[str, torch.Tensor]:
-        """``active(c)`` packed as bits (``bits.pack`` of the flattened layer): no unpacking needed."""
+        """``active(c)`` packed as bits (``bits.pack`` of the flattened layer): no unpacking needed.
+
+        Where no negative image lit an element of a layer (no negatives: 2 images per class of 1,000
+        classes), the bits are a view of the table's row, not a copy: the modules and the
+        statistics then hold them once (1.2 GB less for a 1,000-class ResNet-50)."""
         row = int(self.rows[c])
         if row < 0:
             raise CnnmodError(f"expected statistics of class {c}, found them left out (--only).")
-        return {name: self.active_rest[name][row] | self.active_neg[name] for name in self.layers}
+        rest, neg = self.active_rest, self.active_neg
+        return {name: rest[name][row] | neg[name] if neg[name].any() else rest[name][row] for name in self.layers}
 
     def nbytes(self) -> int:
         """Bytes the tables take (the measure of issue #16's memory target)."""
