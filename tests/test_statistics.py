@@ -52,8 +52,9 @@ def _per_class_loop_oracle(model, dataset, sample, num_classes, layers):
     return expected
 
 
-@pytest.mark.parametrize("num_classes, batch_size", [(3, 7), (12, 64)])  # runs of labels / index_add_ path
-def test_one_pass_counts_equal_a_per_class_loop(num_classes, batch_size):
+@pytest.mark.parametrize("num_classes, batch_size, shuffled", [(3, 7, False), (12, 64, False), (12, 64, True)])
+def test_one_pass_counts_equal_a_per_class_loop(num_classes, batch_size, shuffled):
+    """Few runs of one label, many, and batches whose labels come in any order (a label in two runs)."""
     torch.manual_seed(0)
     model = Unfamiliar(num_classes).eval()
     n = 6 * num_classes
@@ -61,8 +62,15 @@ def test_one_pass_counts_equal_a_per_class_loop(num_classes, batch_size):
     graph = trace_graph(model)
     sample = select_sample(dataset.tensors[1], num_classes, positives=5, negatives_per_class=2)
     labels, fetch = _adapt(dataset, None, None)
-    stats = collect_statistics(model, graph, sample_batches(fetch, labels, sample, batch_size), num_classes,
-                               sums=True)
+    batches = sample_batches(fetch, labels, sample, batch_size)
+    if shuffled:
+        def mixed(load, seed):
+            x, y = load()
+            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+            return x[order], y[order]
+        batches = [(part, size, lambda load=load, i=i: mixed(load, i)) for i, (part, size, load) in enumerate(batches)]
+        assert any(bool((y[1:] < y[:-1]).any()) for _, _, load in batches for y in [load()[1]])
+    stats = collect_statistics(model, graph, batches, num_classes, sums=True)
     expected = _per_class_loop_oracle(model, dataset, sample, num_classes, stats.layers)
     for c in range(num_classes):
         got = stats.active(c)
@@ -150,6 +158,13 @@ def test_bits_round_trip_and_or_like_the_bools():
         assert torch.equal(unpack(pack(a), e), a)
         assert torch.equal(unpack(pack(a) | pack(b), e), a | b)
         assert count(pack(a)) == int(a.sum())
+        expected = torch.zeros(3, (e + 7) // 8, dtype=torch.uint8)  # element i in bit i % 8 of byte i // 8
+        for i in range(e):
+            expected[:, i // 8] |= a[:, i].to(torch.uint8) << (i % 8)
+        assert torch.equal(pack(a), expected)
+    wide = torch.rand(2, 3 * 2**20, generator=gen) < 0.3  # several chunks of the one-multiply packing
+    assert torch.equal(unpack(pack(wide), wide.shape[1]), wide)
+    assert torch.equal(pack(wide[:, 8:16]), pack(wide[:, 8:16].clone()))  # a view that is not contiguous
 
 
 def test_only_keeps_bits_for_the_named_classes():
