@@ -3,9 +3,9 @@
 A folder written by ``decompose`` holds ``_parent-<checksum>.safetensors`` (the parent's tensors,
 written once) and one small file per module: the tensors it does not share with the parent (its
 head, its re-fitted layers), its masks packed as bits and compressed, and the checksum of the
-parent it needs (format version 5; version 4, the same with uncompressed bits, still loads). Loading such a module reads the parent file beside it (once per process and
-parent: the modules' networks hold the same tensors, not copies) and refuses a parent whose
-checksum differs. ``save_module`` still writes one self-contained file, to give to someone else.
+parent it needs (format version 5; version 4, the same with uncompressed bits, still loads).
+Loading such a module reads the parent file beside it (once per process and parent: the modules'
+networks hold the same tensors, not copies) and refuses a parent whose checksum differs. ``save_module`` still writes one self-contained file, to give to someone else.
 
     decomposition/
       _parent-1f0c3a9e2b7d4c61.safetensors   the parent's tensors (cnnmod.parent)
@@ -86,7 +86,8 @@ def part_record(net: GraphNetwork, tensors: dict[str, torch.Tensor], meta: dict,
         if "bitmask" in node.then:
             bits[name], shapes[name] = net.weight(f"{name}.bits"), net.weight(f"{name}.shape").tolist()
         elif "mask" in node.then or "fill" in node.then:
-            bits[name], shapes[name] = pack(net.weight(f"{name}.mask").flatten()), list(net.weight(f"{name}.mask").shape)
+            mask = net.weight(f"{name}.mask")
+            bits[name], shapes[name] = pack(mask.flatten()), list(mask.shape)
     if bits:
         stream = b"".join(bits[name].numpy().tobytes() for name in sorted(bits))
         out["masks.zlib"] = torch.frombuffer(bytearray(zlib.compress(stream, _ZLIB_LEVEL)), dtype=torch.uint8)
