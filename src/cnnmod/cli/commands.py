@@ -186,6 +186,14 @@ def _strategy_options(args) -> dict:
     return options
 
 
+def _distill_options(args) -> dict | None:
+    if args.distill is None:
+        if args.distill_lr is not None:
+            raise CnnmodError("expected --distill-lr only with --distill EPOCHS, found it alone.")
+        return None
+    return {"epochs": args.distill, "seed": args.seed, **({"lr": args.distill_lr} if args.distill_lr else {})}
+
+
 def cmd_decompose(args) -> int:
     from ..modules.pipeline import decompose_to_directory
 
@@ -194,7 +202,7 @@ def cmd_decompose(args) -> int:
                                      negatives_per_class=args.negatives_per_class, seed=args.seed,
                                      batch_size=args.batch_size, progress=not args.json, only=_names(args.only),
                                      resume=args.resume, device=args.device, precision=args.precision,
-                                     workers=args.workers, **_strategy_options(args))
+                                     workers=args.workers, distill=_distill_options(args), **_strategy_options(args))
     if summary["rank"] != 0:
         return 0  # rank 0 reports for the group
     if args.json:
@@ -209,6 +217,12 @@ def cmd_decompose(args) -> int:
         print(f"  negatives: {_plural(sum(neg.values()), 'image')}, of which {sum(others.values()):,} from "
               f"{_plural(len(others), 'other class')}"
               + (f" ({', '.join(others)})" if 0 < len(others) <= 12 else ""))
+    if "distillation" in summary:
+        d = summary["distillation"]
+        share = (f", {d['share_of_parent_training']:.2%} of what training the parent cost"
+                 if d["share_of_parent_training"] is not None else "")
+        print(f"  distilled: {_plural(d['steps'], 'step')} over {_plural(d['images'], 'image')}, "
+              f"{d['macs']:.3g} multiply-accumulates{share}; loss {d['loss_first']:.4g} -> {d['loss_last']:.4g}")
     for name, m in summary["modules"].items():
         if "params_fraction" in m:  # the channels strategy
             print(f"  {name:<12} keeps {m['share_kept']:.4f} of the prunable channels: "

@@ -61,6 +61,7 @@ COUNT0 = _number(int, low=0, what="a whole number")
 SHARE = _number(float, low=0.0, high=1.0, low_open=True, what="a share")
 SHARE0 = _number(float, low=0.0, high=1.0, what="a share")
 POSITIVE = _number(float, low=0.0, low_open=True, what="a number")
+POSITIVE = _number(float, low=0.0, low_open=True, what="a number")
 PROBABILITY = _number(float, low=0.0, high=1.0, low_open=True, high_open=True, what="a probability")
 
 
@@ -159,12 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-images", type=COUNT, default=None,
                    help="channels strategy: images of the observed sample that channels are scored and layers "
                         "re-fitted on (more: closer re-fits, slower; default: 256)")
+    p.add_argument("--distill", type=POSITIVE, default=None, metavar="EPOCHS",
+                   help="channels strategy: fine-tune the modules for EPOCHS passes over the observed images to "
+                        "reproduce the parent's logits (no labels needed; default: no training)")
+    p.add_argument("--distill-lr", type=POSITIVE, default=None, help="the distillation's learning rate (Adam; 3e-4)")
     p.add_argument("--seed", type=int, default=0, help="fixes which images are observed")
     p.add_argument("--batch-size", type=COUNT, default=256, help="images per batch of the statistics pass")
     p.add_argument("--workers", type=COUNT0, default=None,
                    help="processes decoding an image folder's batches ahead of the statistics pass "
                         "(default: up to 4; 0: decode in the main process)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run's statistics")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run's statistics and distillation")
     p.add_argument("--device", default="auto",
                    help="where to run the statistics pass: auto, cpu, cuda or cuda:N (torchrun: one process per "
                         "device)")

@@ -11,7 +11,9 @@ import torch.nn as nn
 
 from ..data.inputspec import InputSpec
 from ..errors import CnnmodError
+from ..trace.network import GraphNetwork
 from .calibration import calibrate_
+from .distill import DistillOptions, distill_
 from .module import Module
 from .observe import Observation, _adapt, observe
 from .strategies import STRATEGIES
@@ -22,7 +24,8 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
               classes: list[str] | None = None, input_spec: InputSpec | None = None,
               progress: bool = False, progress_file: str | None = None, resume: bool = False,
               calibration: int = 50, device: str = "cpu", precision: str = "fp32", only: list[str] | None = None,
-              sample_images: int = 256, workers: int | None = None, **options) -> list[Module]:
+              sample_images: int = 256, workers: int | None = None, distill: "DistillOptions | dict | None" = None,
+              distill_progress_file: str | None = None, **options) -> list[Module]:
     """Decompose ``model`` into one module per class (``only``: per class named), in the model's class order.
 
     ``dataset`` is a ``cnnmod.Dataset`` (raw images, prepared by the model's input
@@ -42,6 +45,10 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     strategy then scores channels, chooses its trunk and re-fits layers on their images alone.
     ``sample_images``: how many images of the statistics sample the channels strategy scores
     channels and re-fits layers on (more: closer re-fits, a longer decomposition).
+    ``distill``: fine-tune the channels strategy's modules to reproduce the parent's logits on the
+    images of the statistics sample (``DistillOptions``, or a dict of them: ``{"epochs": 2}``;
+    distill.py), before calibration. Off by default: decomposition stays training-free. With
+    ``distill_progress_file`` its state is saved there as it trains, and ``resume=True`` continues it.
 
     >>> modules = decompose(load_model("m.safetensors"), load_data("mnist5k", "train"))
     >>> modules[3].class_name, modules[3].network(x).shape
@@ -49,11 +56,24 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     """
     chosen = _strategy(strategy)
     chosen.check(options)  # bad options fail now, not after the long pass
+    if isinstance(distill, dict):
+        try:
+            distill = DistillOptions(**distill)
+        except TypeError as e:
+            raise CnnmodError(f"expected distillation options among epochs, batch_size, lr, seed ({e}).") from None
+    if distill is not None and strategy != "channels":
+        raise CnnmodError(f"expected the channels strategy to distil its modules, found {strategy!r} (a paper "
+                          "module is the whole parent, exact on its images: nothing to distil).")
     obs = observe(model, dataset, positives=positives, negatives_per_class=negatives_per_class, seed=seed,
                   batch_size=batch_size, classes=classes, input_spec=input_spec, progress=progress,
                   progress_file=progress_file, resume=resume, device=device, precision=precision, only=only,
                   sample_images=sample_images, workers=workers, sums=chosen.needs_sums)
     modules = build(obs, strategy, options)  # recorded as given
+    if distill is not None:
+        labels, fetch = _adapt(dataset, obs.classes, input_spec or getattr(model, "input_spec", None))
+        teacher = GraphNetwork(obs.parent.graph, obs.parent.weights)
+        distill_(modules, teacher, fetch, torch.cat([obs.sample.negatives, obs.sample.rest]),
+                 distill, progress=progress, progress_file=distill_progress_file, resume=resume)
     built = time.perf_counter()
     if calibration > 0:
         labels, fetch = _adapt(dataset, obs.classes, input_spec or getattr(model, "input_spec", None))

@@ -21,6 +21,7 @@ from .decompose import decompose
 from .io import FORMAT as MODULE_FORMAT
 from .io import module_record
 from .module import Module
+from .distill import training_macs
 from .shared import PARENT_FORMAT, is_parent_file, module_files, part_record, shared_bytes, write_parent
 
 
@@ -142,8 +143,9 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
     An image folder is listed, not decoded: its images are read batch by batch as the statistics
     pass needs them (``load_data(..., stream=True)``), so a folder of any size starts at once.
 
-    The statistics are saved to ``<out>.stats-progress.safetensors`` while they are collected;
-    ``resume=True`` continues an interrupted run from there.
+    The statistics are saved to ``<out>.stats-progress.safetensors`` while they are collected (a
+    distillation's state to ``<out>.distill-progress.safetensors``); ``resume=True`` continues an
+    interrupted run from there.
     """
     start = time.perf_counter()
     out = Path(out).resolve()  # "." and "dir/" have no name of their own to put the progress file beside
@@ -156,9 +158,10 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
     distributed = init_from_env(device)
     rank = rank_and_world()[0]
     progress_file = out.with_name(out.name + ".stats-progress.safetensors")
+    distill_file = out.with_name(out.name + ".distill-progress.safetensors")
     try:
         modules = decompose(model, dataset, progress=progress, progress_file=str(progress_file), resume=resume,
-                            device=str(device), **options)
+                            device=str(device), distill_progress_file=str(distill_file), **options)
         paths = write_modules(modules, out, progress=progress) if rank == 0 else []  # one writer
     finally:
         if distributed:
@@ -177,4 +180,11 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
                     for m, p in zip(modules, paths or [None] * len(modules))},
         "files": {str(p): p.stat().st_size for p in paths},
         "kept": sorted(set(before) - {p.name for p in paths}),  # other modules already in the folder
+        **({"distillation": _distillation(first.meta["distillation"], model)} if "distillation" in first.meta else {}),
     }
+
+
+def _distillation(report: dict, model) -> dict:
+    """The distillation's cost, and its share of what training the parent cost where its checkpoint says."""
+    parent = training_macs(getattr(model, "cnnmod_meta", {}), report["teacher_macs"] // max(1, report["images"]))
+    return dict(report, parent_training_macs=parent, share_of_parent_training=parent and report["macs"] / parent)

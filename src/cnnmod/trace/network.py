@@ -7,6 +7,8 @@ to ONNX since it is plain torch ops.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 
@@ -72,6 +74,20 @@ class GraphNetwork(nn.Module):
         if name not in self.weight_names:
             raise KeyError(f"the network holds no tensor {name!r}")
         self._buffers[_key(name)] = value.detach()
+
+    @contextmanager
+    def bound(self, tensors: dict[str, torch.Tensor]):
+        """Run on ``tensors`` (by name) instead of the network's own while the block lasts, autograd
+        kept (distillation trains them); the network's own tensors are bound again afterwards."""
+        unknown = sorted(set(tensors) - set(self.weight_names))
+        if unknown:
+            raise KeyError(f"the network holds no tensor {unknown[0]!r}")
+        own = {k: self.weight(k) for k in tensors}
+        self._buffers.update({_key(k): t for k, t in tensors.items()})
+        try:
+            yield self
+        finally:
+            self._buffers.update({_key(k): t for k, t in own.items()})
 
     def readers(self, name: str) -> set[str]:
         """The layers that read layer ``name``'s output."""

@@ -1,0 +1,136 @@
+"""Distilled modules (issue #17): the channels strategy's modules fine-tuned on the parent's logits."""
+
+import math
+
+import pytest
+import torch
+
+from cnnmod import CnnmodError, create_model, decompose, load_data, load_model, load_module, save_module
+from cnnmod.cli import main
+from cnnmod.compose.trunk import shared_layers
+from cnnmod.data.inputspec import measure_spec
+from cnnmod.modules.distill import DistillOptions, channeled_targets, distill_
+from cnnmod.modules.observe import _adapt
+from cnnmod.modules.shared import identity
+from cnnmod.trace.graph import trace_graph
+from cnnmod.trace.network import GraphNetwork, weights_of
+from cnnmod.training import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    path = tmp_path_factory.mktemp("distill") / "m.safetensors"
+    train("smallcnn", load_data("digits", "train"), path, TrainConfig(epochs=2, lr=0.05, batch_size=64), progress=False)
+    return path
+
+
+def _setup(path, **options):
+    data = load_data("digits", "train")
+    model = load_model(path)
+    modules = decompose(model, data, calibration=0, positives=40, strategy="channels", **options)
+    _, fetch = _adapt(data, data.classes, model.input_spec)
+    teacher = GraphNetwork(trace_graph(model), weights_of(model))
+    return modules, teacher, fetch, torch.arange(400)
+
+
+def _distance(modules, teacher, x):
+    """Mean squared distance of the modules' logits to the parent's channeled logits on ``x``."""
+    with torch.no_grad():
+        targets = channeled_targets(teacher(x), [m.class_index for m in modules])
+        return float(sum(torch.nn.functional.mse_loss(m.network(x), t) for m, t in zip(modules, targets)))
+
+
+def test_distillation_lowers_the_loss_within_its_budget_and_repeats_exactly(parent, tmp_path):
+    modules, teacher, fetch, index = _setup(parent, keep=0.25)
+    x = fetch(index)
+    before = _distance(modules, teacher, x)
+    options = DistillOptions(epochs=1.5, batch_size=64, lr=3e-3, seed=1)
+    report = distill_(modules, teacher, fetch, index, options)
+    assert report["steps"] == math.ceil(1.5 * math.ceil(400 / 64)) == 11 and report["images"] == 400 + 4 * 64  # an epoch of 7 steps, then 4
+    after = _distance(modules, teacher, x)
+    assert after < 0.9 * before and report["loss_last"] < report["loss_first"]
+    assert report["macs"] == report["teacher_macs"] + report["student_macs"] > 0
+    again, *_ = _setup(parent, keep=0.25)
+    distill_(again, teacher, fetch, index, options)
+    for m, n in zip(modules, again):  # the same seed: the same tensors, bit for bit
+        assert all(torch.equal(m.network.weight(k), n.network.weight(k)) for k in m.network.weight_names)
+    # a distilled module's file gives what the module in memory gives
+    save_module(modules[4], tmp_path / "four.safetensors")
+    loaded = load_module(tmp_path / "four.safetensors")
+    assert torch.equal(loaded.margin(x), modules[4].margin(x))
+    assert loaded.meta["distillation"]["steps"] == 11
+
+
+def test_a_shared_trunk_is_trained_once_and_stays_shared(parent):
+    modules, teacher, fetch, index = _setup(parent, keep=0.25, trunk=0.5)
+    nets = [m.network for m in modules]
+    trunk = shared_layers(nets)
+    assert trunk  # the setting shares layers
+    before = {k: nets[0].weight(k) for k in nets[0].weight_names}
+    report = distill_(modules, teacher, fetch, index, DistillOptions(epochs=1, batch_size=100, lr=3e-3))
+    assert report["trunk_layers"] == len(trunk)
+    assert shared_layers(nets) == trunk  # still computed identically by every module
+    keys = [k for k in nets[0].weight_names if k.rsplit(".", 1)[0] in trunk and k.endswith(".weight")]
+    assert keys and any(not torch.equal(nets[0].weight(k), before[k]) for k in keys)  # it trained
+    assert all(identity(net.weight(k)) == identity(nets[0].weight(k)) for net in nets for k in keys)  # one tensor
+
+
+def test_distillation_is_refused_for_paper_modules_before_the_pass():
+    data = load_data("digits", "train")
+    model = create_model("smallcnn", num_classes=10, image_size=8).eval()
+    with pytest.raises(CnnmodError, match="expected the channels strategy to distil"):
+        decompose(model, data, input_spec=measure_spec(data.images), distill={"epochs": 1})
+    with pytest.raises(CnnmodError, match="expected distillation epochs"):
+        DistillOptions(epochs=0)
+
+
+def test_decompose_distils_when_asked():
+    torch.manual_seed(0)
+    data = load_data("digits", "train")
+    model = create_model("smallcnn", num_classes=10, image_size=8).eval()
+    modules = decompose(model, data, input_spec=measure_spec(data.images), calibration=0, positives=20,
+                        strategy="channels", keep=0.5, distill={"epochs": 1, "batch_size": 50})
+    assert modules[0].meta["distillation"]["steps"] == math.ceil(200 / 50)
+
+
+def test_the_command_line_distils_and_reports_the_share_of_the_parents_training(parent, tmp_path, capsys):
+    out = tmp_path / "mods"
+    assert main(["decompose", str(parent), "--data", "digits", "--out", str(out), "--strategy", "channels",
+                 "--keep", "0.5", "--positives", "30", "--distill", "0.5", "--distill-lr", "0.002"]) == 0
+    printed = capsys.readouterr().out
+    assert "distilled: 2 steps over 256 images" in printed and "of what training the parent cost" in printed
+    # two epochs of ~1,400 digits trained the parent; half a pass over 300 images is a small share of that
+    assert load_module(out / "3.safetensors").meta["distillation"]["options"]["lr"] == 0.002
+    assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "p"), "--distill", "1"]) == 2
+    assert "expected the channels strategy to distil" in capsys.readouterr().err
+    assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "p"), "--strategy", "channels",
+                 "--distill-lr", "0.01"]) == 2
+
+
+def test_an_interrupted_distillation_resumes_to_the_same_tensors(parent, tmp_path):
+    options = DistillOptions(epochs=1.5, batch_size=64, lr=1e-3, seed=3)
+    whole, teacher, fetch, index = _setup(parent, keep=0.25, trunk=0.5)
+    distill_(whole, teacher, fetch, index, options)
+    cut, *_ = _setup(parent, keep=0.25, trunk=0.5)
+    calls = []
+
+    def interrupted(idx):  # the 6th batch never comes: Ctrl-C
+        calls.append(len(idx))
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return fetch(idx)
+
+    state = tmp_path / "distill-progress.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        distill_(cut, teacher, interrupted, index, options, progress_file=state, save_every=0)
+    assert state.exists()
+    other, *_ = _setup(parent, keep=0.5)
+    with pytest.raises(CnnmodError, match="a saved distillation of another run"):
+        distill_(other, teacher, fetch, index, options, progress_file=state, resume=True)
+    fetched = []
+    report = distill_(cut, teacher, lambda idx: fetched.append(len(idx)) or fetch(idx), index, options,
+                      progress_file=state, resume=True, save_every=0)
+    assert len(fetched) == 11 - 5 + 1  # the 6 steps left (and one image for the cost's shapes), not all 11
+    assert report["steps"] == 11 and report["images"] == 400 + 4 * 64 and not state.exists()
+    for m, n in zip(whole, cut):  # bit for bit the uninterrupted run
+        assert all(torch.equal(m.network.weight(k), n.network.weight(k)) for k in m.network.weight_names)
