@@ -134,3 +134,21 @@ def test_an_interrupted_distillation_resumes_to_the_same_tensors(parent, tmp_pat
     assert report["steps"] == 11 and report["images"] == 400 + 4 * 64 and not state.exists()
     for m, n in zip(whole, cut):  # bit for bit the uninterrupted run
         assert all(torch.equal(m.network.weight(k), n.network.weight(k)) for k in m.network.weight_names)
+
+
+def test_flip_mirrors_a_seeded_half_of_each_batch_for_teacher_and_students(parent):
+    modules, teacher, fetch, index = _setup(parent, keep=0.5)
+    fetched, shown = [], []
+
+    class Recording(GraphNetwork):
+        def forward(self, x, after=None):
+            shown.append(x.clone())
+            return super().forward(x, after)
+
+    recording = Recording(teacher.graph, teacher.weights())
+    distill_(modules, recording, lambda idx: fetched.append(fetch(idx)) or fetched[-1], index[:128],
+             DistillOptions(epochs=1, batch_size=128, flip=True))
+    given, seen = fetched[0], shown[0]
+    same = (seen == given).flatten(1).all(1)
+    mirrored = (seen == given.flip(-1)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and 30 < int((mirrored & ~same).sum()) < 98

@@ -188,10 +188,12 @@ def _strategy_options(args) -> dict:
 
 def _distill_options(args) -> dict | None:
     if args.distill is None:
-        if args.distill_lr is not None:
-            raise CnnmodError("expected --distill-lr only with --distill EPOCHS, found it alone.")
+        if args.distill_lr is not None or args.distill_flip:
+            flag = "--distill-lr" if args.distill_lr is not None else "--distill-flip"
+            raise CnnmodError(f"expected {flag} only with --distill EPOCHS, found it alone.")
         return None
-    return {"epochs": args.distill, "seed": args.seed, **({"lr": args.distill_lr} if args.distill_lr else {})}
+    return {"epochs": args.distill, "seed": args.seed, "flip": args.distill_flip,
+            **({"lr": args.distill_lr} if args.distill_lr else {})}
 
 
 def cmd_decompose(args) -> int:

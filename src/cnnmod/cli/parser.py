@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channels strategy: fine-tune the modules for EPOCHS passes over the observed images to "
                         "reproduce the parent's logits (no labels needed; default: no training)")
     p.add_argument("--distill-lr", type=POSITIVE, default=None, help="the distillation's learning rate (Adam; 3e-4)")
+    p.add_argument("--distill-flip", action="store_true",
+                   help="distil on left-right mirrored images too (photos; not digits or text)")
     p.add_argument("--seed", type=int, default=0, help="fixes which images are observed")
     p.add_argument("--batch-size", type=COUNT, default=256, help="images per batch of the statistics pass")
     p.add_argument("--workers", type=COUNT0, default=None,

@@ -32,6 +32,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+# The shared trunk is found and run by the code that composes modules: distillation trains through
+# exactly what a composition will run (a later stage's code, imported on purpose).
 from ..compose.trunk import Group, run_group, shared_layers
 from ..errors import CnnmodError
 from ..files import read_file, tensors_checksum, write_file
@@ -45,18 +47,22 @@ TRAINED_ROLES = ("weight", "bias")
 
 @dataclass(frozen=True)
 class DistillOptions:
-    """``epochs``: passes over the decomposition images (the budget; 0.5 is half of them once)."""
+    """``epochs``: passes over the decomposition images (the budget; 0.5 is half of them once).
+    ``flip``: mirror a seeded half of each batch left to right (for photos; not for digits or text)."""
 
     epochs: float = 1.0
     batch_size: int = 128
     lr: float = 3e-4
     seed: int = 0
+    flip: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.epochs, (int, float)) and 0 < self.epochs <= 1000 and math.isfinite(self.epochs)):
             raise CnnmodError(f"expected distillation epochs between 0 and 1000 (0 excluded), found {self.epochs!r}.")
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise CnnmodError(f"expected a distillation batch size >= 1, found {self.batch_size!r}.")
+        if not isinstance(self.flip, bool):
+            raise CnnmodError(f"expected flip to be true or false, found {self.flip!r}.")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise CnnmodError(f"expected a distillation learning rate in (0, 1), found {self.lr!r}.")
 
@@ -143,6 +149,9 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
                 order = index[torch.randperm(len(index), generator=gen)]
             batch, order = order[: options.batch_size], order[options.batch_size:]
             x = fetch(batch)
+            if options.flip:  # the teacher sees the mirrored image too: its logits stay the target
+                mirror = torch.rand(len(x), generator=gen) < 0.5
+                x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
             targets = channeled_targets(teacher(x), classes)
             with torch.enable_grad(), ExitStack() as stack:
                 for net, mine in zip(nets, own):
