@@ -1,6 +1,6 @@
 """Benchmark of issue #17, item 1: distilled quarter-size modules of the CIFAR-10 reference ResNet-20.
 
-    .venv/bin/python benchmarks/bench_distill.py [--epochs 0,1,4] [--lr 0.0003] [--keep 0.22] [--trunk 0] [--flip]
+    .venv/bin/python benchmarks/bench_distill.py [--epochs 0,1,4] [--lr 0.001] [--keep 0.22] [--trunk 0] [--flip]
 
 One observation of the reference ResNet-20 (``benchmarks/checkpoints/cifar10_resnet20.safetensors``)
 on its training split (1,000 images per class: the decomposition images), then for each budget
@@ -39,7 +39,7 @@ CACHE = Path(__file__).resolve().parent / ".cache" / "distill.json"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", default="0,1,4", help="comma-separated budgets (0: the training-free modules)")
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--keep", type=float, default=0.22)
     parser.add_argument("--trunk", type=float, default=0.0, help="the shared trunk's share of the MACs (--trunk)")
     parser.add_argument("--flip", action="store_true", help="mirror a seeded half of each batch (--distill-flip)")
@@ -59,14 +59,17 @@ def main(argv=None) -> int:
         options = dict(keep=args.keep, streams=False, score="energy", trunk=args.trunk)
         for epochs in (float(e) for e in args.epochs.split(",")):
             modules = build(obs, "channels", **options)
-            row = {"keep": args.keep, "trunk": args.trunk, "flip": args.flip, "epochs": epochs, "lr": args.lr, "model_top1": model_top1,
+            row = {"keep": args.keep, "trunk": args.trunk, "flip": args.flip, "epochs": epochs, "lr": args.lr,
+                   "model_top1": model_top1,
                    "params_fraction": max(m.meta["params_fraction"] for m in modules),
                    "macs_fraction": max(m.meta["macs_fraction"] for m in modules),
                    "decomposition_images": len(index), "parent_training_macs": parent_training}
             if epochs > 0:
-                report = distill_(modules, teacher, fetch, index, DistillOptions(epochs=epochs, lr=args.lr, flip=args.flip))
+                chosen = DistillOptions(epochs=epochs, lr=args.lr, flip=args.flip)
+                report = distill_(modules, teacher, fetch, index, chosen)
                 row.update({k: report[k] for k in ("steps", "images", "macs", "seconds", "loss_first", "loss_last")})
                 row["share_of_parent_training"] = report["macs"] / parent_training
+            row["composed_macs_fraction"] = compose(modules).cost()["macs"] / obs.parent.cost()["macs"]
             start = time.perf_counter()
             row["top1"] = evaluate_scores(compose(modules, rule="vote").score_images, val, val.classes)["top1"]
             row["evaluate_seconds"] = time.perf_counter() - start
@@ -84,27 +87,63 @@ def render(rows: list[dict]) -> str:
         "## Distilled modules (issue #17): quarter-size modules of the CIFAR-10 ResNet-20",
         "",
         f"Command: `.venv/bin/python benchmarks/bench_distill.py` ({rows[0]['machine']}). Reference ResNet-20, "
-        "channels strategy (inner channels, energy scores, `--keep K`, `--trunk T`: the first T of the MACs pruned alike "
-        "for every class and shared), 10 modules composed (vote) on the validation "
+        "channels strategy (inner channels, energy scores, `--keep K`, `--trunk T`: the first T of the MACs pruned "
+        "alike for every class and shared), 10 modules composed (vote) on the validation "
         f"split (5,000 images); distilled on the {rows[0]['decomposition_images']:,} decomposition images (the "
         "statistics sample: no labels used, the parent's logits are the targets), Adam, "
-        "warm-up then a cosine schedule, batches of 128. Cost: the distillation's multiply-accumulates (teacher forward + 3x the students) against "
-        "the parent's training (3 x MACs x 45,000 images x 48 epochs, from its checkpoint).",
+        "warm-up then a cosine schedule, batches of 128. Cost: the distillation's multiply-accumulates (teacher "
+        "forward + 3x the students) against the parent's training (3 x MACs x 45,000 images x 48 epochs, from its "
+        "checkpoint).",
         "",
-        "| keep | trunk | flip | lr | epochs | largest module: params / parent | MACs / parent | composed top-1 | points vs model "
+        "| keep | trunk | flip | lr | epochs | largest module: params / parent | MACs / parent | 10 composed: MACs / "
+        "parent | composed top-1 | points vs model "
         "| distillation / parent's training | distillation seconds | targets |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["keep"], r.get("trunk", 0.0), r.get("flip", False), r["lr"], r["epochs"])):
+    for r in sorted(rows, key=lambda r: (r["keep"], r.get("trunk", 0.0), bool(r.get("flip")), r["lr"], r["epochs"])):
         share = r.get("share_of_parent_training", 0.0)
         gap = 100 * (r["top1"] - r["model_top1"])
         met = (r["params_fraction"] <= 0.25 and r["macs_fraction"] <= 0.25, gap >= -1.5, share <= 0.05)
         verdict = "met" if all(met) else "MISSED (" + ", ".join(
             w for w, ok in zip(("size", "accuracy", "cost"), met) if not ok) + ")"
-        lines.append(f"| {r['keep']} | {r.get('trunk', 0.0):g} | {'yes' if r.get('flip') else 'no'} | {r['lr']} | {r['epochs']:g} | {r['params_fraction']:.3f} | "
-                     f"{r['macs_fraction']:.3f} | {100 * r['top1']:.2f} | {gap:+.2f} | {share:.2%} | "
-                     f"{r.get('seconds', 0):.0f} | {verdict} |")
-    return "\n".join(lines + ["", f"Model top-1: {100 * rows[0]['model_top1']:.2f}."])
+        flip = "yes" if r.get("flip") else "no"
+        lines.append(f"| {r['keep']} | {r.get('trunk', 0.0):g} | {flip} | {r['lr']} | {r['epochs']:g} | "
+                     f"{r['params_fraction']:.3f} | {r['macs_fraction']:.3f} | {_composed(r, rows)} | "
+                     f"{100 * r['top1']:.2f} | {gap:+.2f} | {share:.2%} | {r.get('seconds', 0):.0f} | {verdict} |")
+    return "\n".join(lines + ["", f"Model top-1: {100 * rows[0]['model_top1']:.2f}.", "", *NOTES])
+
+
+def _composed(r: dict, rows: list[dict]) -> str:
+    """The composition's MACs: measured on the row, or on its training-free row (distillation changes no
+    layer's shape, and a shared trunk stays shared)."""
+    def config(row):  # rows made before a column existed ran without it
+        return row["keep"], row.get("trunk", 0.0), bool(row.get("flip"))
+    same = [o for o in rows if o.get("composed_macs_fraction") is not None and config(o) == config(r)
+            and o["epochs"] == 0]
+    found = r.get("composed_macs_fraction") or (same[0]["composed_macs_fraction"] if same else None)
+    return "-" if found is None else f"{found:.2f}x"
+
+
+# What the table cannot say, written after reading it (the numbers above are the run's).
+NOTES = [
+    "- Size and cost are within the targets (the largest module holds 0.230 of the parameters and 0.243 of the "
+    "MACs at keep 0.22; every distillation here costs at most 4.3% of the parent's training); accuracy is not: "
+    "the best composition is 8.8 points below the model (79.3% against 88.1%), up from 57.2% training-free "
+    "(43.7% with the trunk). Issue #17's 1.5 points are missed by 7.3.",
+    "- A shared trunk (`--trunk 1.0`: every prunable space chosen alike for all classes) makes the 10 composed "
+    "modules cost 0.24x the model's MACs (without it 1.81x: only the layers the modules hold identically run once) "
+    "and a distillation step a quarter as much: "
+    "16 epochs with the trunk cost what 4 cost without, for 78.9% (79.3% without the trunk).",
+    "- Mirrored images (`--flip`) add 0.4 points at 4 epochs (79.3% against 78.9%). The 4-epoch row with flips "
+    "ran while the test suite used the cores: its seconds are not comparable.",
+    "- Learning rate: before the warm-up was added, lr 1e-3 first undid the closed-form fit (0.3 epochs: "
+    "39.0% composed; lr 3e-4: 66.2%; `--epochs 0.3` runs, not kept in the table); with the warm-up, lr 1e-3 "
+    "beats 3e-4 at 4 epochs (78.9% against 76.7%) and is the default.",
+    "- Tried: 1 to 16 epochs, lr 3e-4 and 1e-3, a shared trunk, mirrored images. Between 4 and 16 epochs the "
+    "composed top-1 stays near 79% while the distillation loss keeps falling: the 10,000 decomposition images "
+    "are seen many times over. Not tried yet: more (unlabelled) images than the statistics sample, distilling "
+    "on the parent's features as well as its logits.",
+]
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def test_distillation_lowers_the_loss_within_its_budget_and_repeats_exactly(pare
     before = _distance(modules, teacher, x)
     options = DistillOptions(epochs=1.5, batch_size=64, lr=3e-3, seed=1)
     report = distill_(modules, teacher, fetch, index, options)
-    assert report["steps"] == math.ceil(1.5 * math.ceil(400 / 64)) == 11 and report["images"] == 400 + 4 * 64  # an epoch of 7 steps, then 4
+    assert report["steps"] == math.ceil(1.5 * math.ceil(400 / 64)) == 11
+    assert report["images"] == 400 + 4 * 64  # an epoch of 7 steps, then 4 of the next
     after = _distance(modules, teacher, x)
     assert after < 0.9 * before and report["loss_last"] < report["loss_first"]
     assert report["macs"] == report["teacher_macs"] + report["student_macs"] > 0

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", type=POSITIVE, default=None, metavar="EPOCHS",
                    help="channels strategy: fine-tune the modules for EPOCHS passes over the observed images to "
                         "reproduce the parent's logits (no labels needed; default: no training)")
-    p.add_argument("--distill-lr", type=POSITIVE, default=None, help="the distillation's learning rate (Adam; 3e-4)")
+    p.add_argument("--distill-lr", type=POSITIVE, default=None, help="the distillation's learning rate (Adam; 1e-3)")
     p.add_argument("--distill-flip", action="store_true",
                    help="distil on left-right mirrored images too (photos; not digits or text)")
     p.add_argument("--seed", type=int, default=0, help="fixes which images are observed")

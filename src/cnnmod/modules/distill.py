@@ -52,7 +52,7 @@ class DistillOptions:
 
     epochs: float = 1.0
     batch_size: int = 128
-    lr: float = 3e-4
+    lr: float = 1e-3
     seed: int = 0
     flip: bool = False
 
@@ -126,7 +126,8 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
     optimizer = torch.optim.Adam(params, lr=options.lr)
     # A linear warm-up over the first 5% of the steps: Adam's first steps move every weight by the full
     # learning rate whatever its gradient, which undid much of the closed-form fit (measured on the
-    # CIFAR-10 ResNet-20: the loss went from 5.5 to 20.6 in the first steps at lr 1e-3).
+    # CIFAR-10 ResNet-20 without it: the first tenth of the steps averaged a loss of 20.6 at lr 1e-3,
+    # 5.5 at 3e-4; with it, 4 epochs at 1e-3 beat 3e-4, 78.9% against 76.7% composed top-1).
     warm = max(1, steps // 20)
     gen = torch.Generator().manual_seed(options.seed)
     classes = [m.class_index for m in modules]

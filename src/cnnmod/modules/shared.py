@@ -5,7 +5,8 @@ written once) and one small file per module: the tensors it does not share with 
 head, its re-fitted layers), its masks packed as bits and compressed, and the checksum of the
 parent it needs (format version 5; version 4, the same with uncompressed bits, still loads).
 Loading such a module reads the parent file beside it (once per process and parent: the modules'
-networks hold the same tensors, not copies) and refuses a parent whose checksum differs. ``save_module`` still writes one self-contained file, to give to someone else.
+networks hold the same tensors, not copies) and refuses a parent whose checksum differs.
+``save_module`` still writes one self-contained file, to give to someone else.
 
     decomposition/
       _parent-1f0c3a9e2b7d4c61.safetensors   the parent's tensors (cnnmod.parent)
