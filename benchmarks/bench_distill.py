@@ -17,6 +17,7 @@ epochs: its checkpoint's recipe). Targets (issue #17): within 1.5 points of the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -26,14 +27,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CHECKPOINTS, CIFAR_TAR, machine, write_section  # noqa: E402
+from bench_reuse import CIFAR_FOUR, restricted  # noqa: E402  (the pairs of issue #4)
 
 from cnnmod import build, compose, load_data, load_model, observe  # noqa: E402
 from cnnmod.evaluate import evaluate_scores  # noqa: E402
+from cnnmod.modules.decompose import distill_index  # noqa: E402
 from cnnmod.modules.distill import DistillOptions, distill_, training_macs  # noqa: E402
 from cnnmod.modules.observe import _adapt  # noqa: E402
 from cnnmod.trace import GraphNetwork  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "distill.json"
+PAIRS_CACHE = CACHE.with_name("distill_pairs.json")
 
 
 def main(argv=None) -> int:
@@ -43,10 +47,17 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", type=float, default=0.22)
     parser.add_argument("--trunk", type=float, default=0.0, help="the shared trunk's share of the MACs (--trunk)")
     parser.add_argument("--flip", action="store_true", help="mirror a seeded half of each batch (--distill-flip)")
+    parser.add_argument("--pairs", type=float, default=None, metavar="EPOCHS",
+                        help="instead: the 6 pairs of 4 classes, each decomposed for its pair (--only a,b, trunk 1.0) "
+                             "and distilled for EPOCHS")
     parser.add_argument("--render", action="store_true", help="only write BENCHMARKS.md from the cached rows")
     args = parser.parse_args(argv)
     rows = json.loads(CACHE.read_text()) if CACHE.exists() else {}
-    if not args.render:
+    pair_rows = json.loads(PAIRS_CACHE.read_text()) if PAIRS_CACHE.exists() else {}
+    if args.pairs is not None and not args.render:
+        pair_rows.update(pairs(args))
+        PAIRS_CACHE.write_text(json.dumps(pair_rows, indent=1))
+    elif not args.render:
         torch.manual_seed(0)
         model = load_model(CHECKPOINTS / "cifar10_resnet20.safetensors").eval()
         train_set, val = load_data(str(CIFAR_TAR), "train"), load_data(str(CIFAR_TAR), "val")
@@ -78,8 +89,63 @@ def main(argv=None) -> int:
             rows[f"keep {args.keep}, trunk {args.trunk}, flip {args.flip}, lr {args.lr}, epochs {epochs}"] = row
             CACHE.parent.mkdir(exist_ok=True)
             CACHE.write_text(json.dumps(rows, indent=1))
-    write_section("distill", render(list(rows.values())), {"rows": list(rows.values())})
+    write_section("distill", render(list(rows.values())) + render_pairs(list(pair_rows.values())),
+                  {"rows": list(rows.values()), "pairs": list(pair_rows.values())})
     return 0
+
+
+def pairs(args) -> dict:
+    """Each pair of ``CIFAR_FOUR`` decomposed for itself and distilled: vote before and after, against
+    the parent restricted to the pair, on the pair's validation images."""
+    torch.manual_seed(0)
+    model = load_model(CHECKPOINTS / "cifar10_resnet20.safetensors").eval()
+    train_set, val = load_data(str(CIFAR_TAR), "train"), load_data(str(CIFAR_TAR), "val")
+    labels, fetch = _adapt(train_set, model.cnnmod_meta["classes"], model.input_spec)
+    done = {}
+    for a, b in itertools.combinations(CIFAR_FOUR, 2):
+        obs = observe(model, train_set, only=[a, b], sums=True)
+        parent_macs = obs.parent.cost()["macs"]
+        modules = build(obs, "channels", keep=args.keep, streams=False, score="energy", trunk=1.0)
+        pair = val.only([a, b])
+        row = {"pair": f"{a}/{b}", "keep": args.keep, "epochs": args.pairs, "lr": args.lr, "flip": args.flip,
+               "parent": evaluate_scores(restricted(model, [a, b]), pair, [a, b])["top1"],
+               "before": evaluate_scores(compose(modules).score_images, pair, [a, b])["top1"],
+               "macs_fraction": compose(modules).cost()["macs"] / parent_macs, "machine": machine()}
+        index = distill_index(obs, labels)  # the pair's images and the negatives, as decompose(only=...) takes
+        teacher = GraphNetwork(obs.parent.graph, obs.parent.weights)
+        chosen = DistillOptions(epochs=args.pairs, lr=args.lr, flip=args.flip)
+        report = distill_(modules, teacher, fetch, index, chosen)
+        row.update({k: report[k] for k in ("steps", "images", "macs", "seconds")}, distillation_images=len(index),
+                   share_of_parent_training=report["macs"] / training_macs(model.cnnmod_meta, parent_macs),
+                   after=evaluate_scores(compose(modules).score_images, pair, [a, b])["top1"])
+        print(row, flush=True)
+        done[f"{a}/{b}, keep {args.keep}, epochs {args.pairs}, lr {args.lr}, flip {args.flip}"] = row
+    return done
+
+
+def render_pairs(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    lines = [
+        "", "", "2-class reuse, each pair decomposed for itself (`--only a,b`, inner channels, energy scores, "
+        "`--trunk 1.0`, `--keep K`) and distilled on its decomposition images (the pair's and 111 of each other class: "
+        "`--pairs EPOCHS`), vote against the parent restricted to the pair, on the pair's validation images. "
+        "Targets (issue #17): <= 25% of the parent's MACs, within 0.5 points of the parent, <= 1% of its training.",
+        "",
+        "| pair | keep | epochs | flip | pair's MACs / parent | parent restricted | training-free | distilled | below "
+        "the parent | distillation / parent's training | seconds | targets |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gap = 100 * (r["parent"] - r["after"])
+        met = (r["macs_fraction"] <= 0.25, gap <= 0.5, r["share_of_parent_training"] <= 0.01)
+        verdict = "met" if all(met) else "MISSED (" + ", ".join(
+            w for w, ok in zip(("size", "accuracy", "cost"), met) if not ok) + ")"
+        lines.append(f"| {r['pair']} | {r['keep']} | {r['epochs']:g} | {'yes' if r['flip'] else 'no'} | "
+                     f"{r['macs_fraction']:.3f} | {100 * r['parent']:.2f} | {100 * r['before']:.2f} | "
+                     f"{100 * r['after']:.2f} | {gap:.2f} | {r['share_of_parent_training']:.2%} | "
+                     f"{r['seconds']:.0f} | {verdict} |")
+    return "\n".join(lines)
 
 
 def render(rows: list[dict]) -> str:

@@ -92,6 +92,10 @@ def test_decompose_distils_when_asked():
     modules = decompose(model, data, input_spec=measure_spec(data.images), calibration=0, positives=20,
                         strategy="channels", keep=0.5, distill={"epochs": 1, "batch_size": 50})
     assert modules[0].meta["distillation"]["steps"] == math.ceil(200 / 50)
+    # a reuse of two classes distils on their images and the negatives (2 of each class), not on every class's
+    pair = decompose(model, data, input_spec=measure_spec(data.images), calibration=0, positives=20, only=["3", "8"],
+                     strategy="channels", keep=0.5, distill={"epochs": 1, "batch_size": 50})
+    assert pair[0].meta["distillation"]["images"] == 2 * 10 + 2 * 18
 
 
 def test_the_command_line_distils_and_reports_the_share_of_the_parents_training(parent, tmp_path, capsys):

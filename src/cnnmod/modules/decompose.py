@@ -72,8 +72,8 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     if distill is not None:
         labels, fetch = _adapt(dataset, obs.classes, input_spec or getattr(model, "input_spec", None))
         teacher = GraphNetwork(obs.parent.graph, obs.parent.weights)
-        distill_(modules, teacher, fetch, torch.cat([obs.sample.negatives, obs.sample.rest]),
-                 distill, progress=progress, progress_file=distill_progress_file, resume=resume)
+        distill_(modules, teacher, fetch, distill_index(obs, labels), distill, progress=progress,
+                 progress_file=distill_progress_file, resume=resume)
     built = time.perf_counter()
     if calibration > 0:
         labels, fetch = _adapt(dataset, obs.classes, input_spec or getattr(model, "input_spec", None))
@@ -124,6 +124,13 @@ def build(observation: Observation, strategy: str = "paper", options=None, **mor
                              + time.perf_counter() - start)
         modules.append(module)
     return modules
+
+
+def distill_index(obs: Observation, labels: torch.Tensor) -> torch.Tensor:
+    """The images a distillation trains on: the statistics sample's negatives and its own images of
+    the classes modules are built for (``only``: a pair's, not every class's the channels scores saw)."""
+    rest = obs.sample.rest[torch.isin(labels[obs.sample.rest], torch.tensor(obs.focus))]
+    return torch.cat([obs.sample.negatives, rest])
 
 
 def _strategy(name: str):
