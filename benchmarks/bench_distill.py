@@ -105,7 +105,7 @@ def pairs(args) -> dict:
     for a, b in itertools.combinations(CIFAR_FOUR, 2):
         obs = observe(model, train_set, only=[a, b], sums=True)
         parent_macs = obs.parent.cost()["macs"]
-        modules = build(obs, "channels", keep=args.keep, streams=False, score="energy", trunk=1.0)
+        modules = build(obs, "channels", keep=args.keep, score="energy", trunk=1.0)  # streams pruned too
         pair = val.only([a, b])
         row = {"pair": f"{a}/{b}", "keep": args.keep, "epochs": args.pairs, "lr": args.lr, "flip": args.flip,
                "parent": evaluate_scores(restricted(model, [a, b]), pair, [a, b])["top1"],
@@ -127,8 +127,8 @@ def render_pairs(rows: list[dict]) -> str:
     if not rows:
         return ""
     lines = [
-        "", "", "2-class reuse, each pair decomposed for itself (`--only a,b`, inner channels, energy scores, "
-        "`--trunk 1.0`, `--keep K`) and distilled on its decomposition images (the pair's and 111 of each other class: "
+        "", "", "2-class reuse, each pair decomposed for itself (`--only a,b`, every channel space pruned, energy "
+        "scores, `--trunk 1.0`, `--keep K`) and distilled on its decomposition images (the pair's and 111 of each other class: "
         "`--pairs EPOCHS`), vote against the parent restricted to the pair, on the pair's validation images. "
         "Targets (issue #17): <= 25% of the parent's MACs, within 0.5 points of the parent, <= 1% of its training.",
         "",

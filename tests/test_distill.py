@@ -9,6 +9,7 @@ from cnnmod import CnnmodError, create_model, decompose, load_data, load_model, 
 from cnnmod.cli import main
 from cnnmod.compose.trunk import shared_layers
 from cnnmod.data.inputspec import measure_spec
+from cnnmod.files import read_file, write_file
 from cnnmod.modules.distill import DistillOptions, channeled_targets, distill_
 from cnnmod.modules.observe import _adapt
 from cnnmod.modules.shared import identity
@@ -132,6 +133,11 @@ def test_an_interrupted_distillation_resumes_to_the_same_tensors(parent, tmp_pat
     other, *_ = _setup(parent, keep=0.5)
     with pytest.raises(CnnmodError, match="a saved distillation of another run"):
         distill_(other, teacher, fetch, index, options, progress_file=state, resume=True)
+    saved, meta = read_file(state)  # a state whose tensors do not fit this run is refused, nothing changed
+    bad = dict(saved, **{k: t[:1] for k, t in saved.items() if k.startswith("w/")})
+    write_file(tmp_path / "bad.safetensors", bad, meta)
+    with pytest.raises(CnnmodError, match="tensors or fields that do not fit it"):
+        distill_(cut, teacher, fetch, index, options, progress_file=tmp_path / "bad.safetensors", resume=True)
     fetched = []
     report = distill_(cut, teacher, lambda idx: fetched.append(len(idx)) or fetch(idx), index, options,
                       progress_file=state, resume=True, save_every=0)

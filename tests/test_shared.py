@@ -1,5 +1,6 @@
 """Modules that share their parent (issue #16): a decomposition folder stores the parent once."""
 
+import json
 import shutil
 import zlib
 
@@ -8,7 +9,8 @@ import torch
 from cnnmod import CnnmodError, create_model, decompose, load_data, load_module, save_module
 from cnnmod.cli import main
 from cnnmod.compose import load_modules
-from cnnmod.files import read_file, write_file
+from cnnmod.files import METADATA_KEY, file_checksum, read_file, write_file
+from safetensors.torch import save
 from cnnmod.data.inputspec import measure_spec
 from cnnmod.modules.pipeline import write_modules
 from cnnmod.modules.shared import _mask_bits, module_files
@@ -128,3 +130,34 @@ def test_masks_are_one_bounded_zlib_stream_and_version_4_parts_still_load(folder
     write_file(tmp_path / "bomb.safetensors", dict(tensors, **{"masks.zlib": bomb}), meta)
     with pytest.raises(CnnmodError, match="masks as one zlib stream, found a damaged one"):
         load_module(tmp_path / "bomb.safetensors")
+
+
+def test_declared_mask_shapes_bound_what_a_part_may_inflate(folder, tmp_path):
+    root, _ = folder
+    tensors, meta = read_file(root / "mods" / "2.safetensors")
+    shutil.copy(next((root / "mods").glob("_parent-*")), tmp_path)
+    for shapes, expected in [({"relu": [2**62, 2**62]}, "expected the shape of layer relu's mask"),
+                             ({"relu": [True, 4]}, "expected the shape of layer relu's mask"),
+                             ({"a": [2**21, 2**10], "b": [2**21, 2**10]}, "expected at most 2,147,483,648 mask")]:
+        write_file(tmp_path / "big.safetensors", tensors, dict(meta, mask_shapes=shapes))
+        with pytest.raises(CnnmodError, match=expected):
+            load_module(tmp_path / "big.safetensors")
+    stream = tensors["masks.zlib"].numpy().tobytes() + b"\x00"
+    write_file(tmp_path / "tail.safetensors", dict(tensors, **{"masks.zlib": torch.frombuffer(bytearray(stream),
+                                                                                           dtype=torch.uint8)}), meta)
+    with pytest.raises(CnnmodError, match="data after the end of the stream"):
+        load_module(tmp_path / "tail.safetensors")
+
+
+def test_bools_that_are_neither_0_nor_1_are_refused(tmp_path):
+    """A crafted file (torch itself never writes such bools) with a valid checksum: the byte 2 would
+    unpack as False where the packing read it as True."""
+    odd = torch.tensor([2, 0, 1], dtype=torch.uint8).view(torch.bool)
+    meta = {"format": "cnnmod.module", "format_version": 1}
+    meta["checksum"] = file_checksum({"m": odd}, meta)
+    blob = save({"m": odd.view(torch.uint8)}, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    n = int.from_bytes(blob[:8], "little")
+    header = blob[8:8 + n].replace(b'"U8"', b'"BOOL"')
+    (tmp_path / "odd.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + blob[8 + n:])
+    with pytest.raises(CnnmodError, match="tensor m holds bools that are neither 0 nor 1"):
+        read_file(tmp_path / "odd.safetensors")

@@ -32,7 +32,7 @@ def pack(x: torch.Tensor) -> torch.Tensor:
         for part, dest in zip(words.split(_CHUNK), out.split(_CHUNK)):  # int64 temporaries that stay in cache
             dest.copy_((part * _GATHER) >> 56)  # the product wraps around: only its top byte counts
         return out.view(*x.shape[:-1], e // 8)
-    groups = F.pad(x.to(torch.uint8), (0, -e % 8)).view(*x.shape[:-1], -1, 8)
+    groups = F.pad(x.to(torch.uint8), (0, -e % 8)).view(*x.shape[:-1], (e + 7) // 8, 8)
     return (groups << _SHIFTS.to(x.device)).sum(-1, dtype=torch.uint8)  # distinct bits: the sum is the OR
 
 

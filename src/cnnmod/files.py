@@ -133,6 +133,8 @@ def read_file(path: str | os.PathLike, *, expect: str | None = None) -> tuple[di
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CnnmodError(f"{path}: tensor {name} holds NaN or Inf values.")
+        if t.dtype == torch.bool and t.numel() and int(t.view(torch.uint8).max()) > 1:  # torch's bools are 0 or 1
+            raise CnnmodError(f"{path}: tensor {name} holds bools that are neither 0 nor 1 (damaged file).")
     if expect is not None and meta.get("format") != expect:
         raise CnnmodError(f"{path}: expected a {expect} file, found a {meta.get('format')!r} file.")
     return tensors, meta

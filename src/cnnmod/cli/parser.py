@@ -61,7 +61,6 @@ COUNT0 = _number(int, low=0, what="a whole number")
 SHARE = _number(float, low=0.0, high=1.0, low_open=True, what="a share")
 SHARE0 = _number(float, low=0.0, high=1.0, what="a share")
 POSITIVE = _number(float, low=0.0, low_open=True, what="a number")
-POSITIVE = _number(float, low=0.0, low_open=True, what="a number")
 PROBABILITY = _number(float, low=0.0, high=1.0, low_open=True, high_open=True, what="a probability")
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..data.inputspec import InputSpec
+from ..distributed import rank_and_world
 from ..errors import CnnmodError
 from ..trace.network import GraphNetwork
 from .calibration import calibrate_
@@ -58,9 +59,12 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     chosen.check(options)  # bad options fail now, not after the long pass
     if isinstance(distill, dict):
         try:
-            distill = DistillOptions(**distill)
+            distill = DistillOptions(**{"seed": seed, **distill})  # the run's seed unless told otherwise
         except TypeError as e:
-            raise CnnmodError(f"expected distillation options among epochs, batch_size, lr, seed ({e}).") from None
+            raise CnnmodError(f"expected distillation options among epochs, batch_size, lr, seed, flip "
+                              f"({e}).") from None
+    if not (distill is None or isinstance(distill, DistillOptions)):
+        raise CnnmodError(f"expected distill to be DistillOptions or a dict of them, found {distill!r}.")
     if distill is not None and strategy != "channels":
         raise CnnmodError(f"expected the channels strategy to distil its modules, found {strategy!r} (a paper "
                           "module is the whole parent, exact on its images: nothing to distil).")
@@ -69,14 +73,14 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
                   progress_file=progress_file, resume=resume, device=device, precision=precision, only=only,
                   sample_images=sample_images, workers=workers, sums=chosen.needs_sums)
     modules = build(obs, strategy, options)  # recorded as given
-    if distill is not None:
-        labels, fetch = _adapt(dataset, obs.classes, input_spec or getattr(model, "input_spec", None))
+    labels, fetch = _adapt(dataset, obs.classes, input_spec or getattr(model, "input_spec", None))
+    if distill is not None:  # on the CPU (a device option for it is not built yet); every rank alike
         teacher = GraphNetwork(obs.parent.graph, obs.parent.weights)
+        alone = rank_and_world()[1] == 1  # the ranks of a torchrun group would race for one progress file
         distill_(modules, teacher, fetch, distill_index(obs, labels), distill, progress=progress,
-                 progress_file=distill_progress_file, resume=resume)
+                 progress_file=distill_progress_file if alone else None, resume=resume)
     built = time.perf_counter()
     if calibration > 0:
-        labels, fetch = _adapt(dataset, obs.classes, input_spec or getattr(model, "input_spec", None))
         index, source = _calibration_index(labels, obs.sample, calibration, seed)
         calibrate_(modules, ((fetch(i), labels[i]) for i in index.split(batch_size)), source=source)
     for m in modules:  # timings stay out of files (they would break byte-identical output)

@@ -61,6 +61,8 @@ class DistillOptions:
             raise CnnmodError(f"expected distillation epochs between 0 and 1000 (0 excluded), found {self.epochs!r}.")
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise CnnmodError(f"expected a distillation batch size >= 1, found {self.batch_size!r}.")
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
+            raise CnnmodError(f"expected a whole number as the distillation seed, found {self.seed!r}.")
         if not isinstance(self.flip, bool):
             raise CnnmodError(f"expected flip to be true or false, found {self.flip!r}.")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
@@ -136,7 +138,7 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
     if progress_file is not None:
         key = hashlib.sha256(json.dumps([asdict(options), classes, sorted(trunk)]).encode()
                              + tensors_checksum({"index": index, **_named(shared, own)}).encode()).hexdigest()
-        saver = _Saver(Path(progress_file), key, save_every)
+        saver = _Saver(Path(progress_file), key, save_every, index)
         if resume:
             saver.load(state, shared, own, optimizer, gen)
     bar = tqdm(total=steps, initial=state["step"], disable=not (progress and sys.stderr.isatty()), unit="step",
@@ -211,8 +213,9 @@ class _Saver:
 
     FORMAT = "cnnmod.distill_progress"
 
-    def __init__(self, path: Path, key: str, every: float):
+    def __init__(self, path: Path, key: str, every: float, index: torch.Tensor):
         self.path, self.key, self.every, self.last = path, key, every, time.monotonic()
+        self.index = index  # the images the saved order may name
 
     def maybe_save(self, state: dict, shared: dict, own: list[dict], optimizer, gen: torch.Generator) -> None:
         if time.monotonic() - self.last < self.every:
@@ -228,13 +231,36 @@ class _Saver:
 
     @torch.no_grad()
     def load(self, state: dict, shared: dict, own: list[dict], optimizer, gen: torch.Generator) -> None:
+        """Put a saved state of this run back; anything that does not fit is refused before a tensor is
+        touched."""
         if not self.path.exists():
             return
         tensors, meta = read_file(self.path, expect=self.FORMAT)
+        if meta.get("format_version") != 1:
+            raise CnnmodError(f"{self.path}: expected a saved distillation of format 1, found "
+                              f"{meta.get('format_version')!r} (another cnnmod version); delete it or rerun without "
+                              "--resume.")
         if meta.get("key") != self.key:
             raise CnnmodError(f"{self.path}: a saved distillation of another run (other modules, images or "
                               "options); delete it or rerun without --resume.")
-        for k, p in _named(shared, own).items():
+        named = _named(shared, own)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        expected = {f"w/{k}": p for k, p in named.items()}
+        step = meta.get("step")
+        if isinstance(step, int) and step > 0:  # Adam's moments exist once it has stepped
+            for j, p in enumerate(params):
+                expected.update({f"adam/{j}/exp_avg": p, f"adam/{j}/exp_avg_sq": p,
+                                 f"adam/{j}/step": torch.zeros((), dtype=torch.float32)})
+        fits = set(tensors) == set(expected) | {"order", "generator"} and all(
+            tensors[k].shape == t.shape and tensors[k].dtype == t.dtype for k, t in expected.items())
+        fits = fits and tensors["order"].dtype == torch.int64 and tensors["order"].dim() == 1 \
+            and bool(torch.isin(tensors["order"], self.index).all()) \
+            and tensors["generator"].shape == gen.get_state().shape and isinstance(meta.get("images"), int) \
+            and isinstance(meta.get("losses"), list) and len(meta["losses"]) == step
+        if not fits:
+            raise CnnmodError(f"{self.path}: expected the saved state of this distillation, found tensors or "
+                              "fields that do not fit it (damaged file); delete it or rerun without --resume.")
+        for k, p in named.items():
             p.copy_(tensors[f"w/{k}"])
         saved = optimizer.state_dict()
         saved["state"] = {}
@@ -244,6 +270,5 @@ class _Saver:
                 saved["state"].setdefault(int(j), {})[name] = t
         optimizer.load_state_dict(saved)
         gen.set_state(tensors["generator"])
-        state.update(step=int(meta["step"]), images=int(meta["images"]), losses=[float(v) for v in meta["losses"]],
+        state.update(step=step, images=meta["images"], losses=[float(v) for v in meta["losses"]],
                      order=tensors["order"])
-

@@ -187,4 +187,5 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
 def _distillation(report: dict, model) -> dict:
     """The distillation's cost, and its share of what training the parent cost where its checkpoint says."""
     parent = training_macs(getattr(model, "cnnmod_meta", {}), report["teacher_macs"] // max(1, report["images"]))
-    return dict(report, parent_training_macs=parent, share_of_parent_training=parent and report["macs"] / parent)
+    share = report["macs"] / parent if parent else None
+    return dict(report, parent_training_macs=parent, share_of_parent_training=share)

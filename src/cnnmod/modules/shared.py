@@ -97,9 +97,14 @@ def part_record(net: GraphNetwork, tensors: dict[str, torch.Tensor], meta: dict,
     return out, meta
 
 
+# The most mask elements a part may declare (2**31: 256 MB of bits; a ResNet-50 at 224 px observes
+# 9.6M): the shapes come from the file itself, so they bound what inflating it may allocate.
+MAX_MASK_ELEMENTS = 2 ** 31
+
+
 def _mask_bits(tensors: dict, meta: dict, shapes: dict, source: str) -> dict[str, torch.Tensor]:
     """Each layer's packed bits of a part: its ``bits.`` tensors (version 4) or its one stream (5),
-    decompressed no further than the masks' own size (a damaged stream cannot fill the memory)."""
+    inflated no further than the masks' declared size, itself bounded (``MAX_MASK_ELEMENTS``)."""
     if meta.get("format_version") == 4:
         return {key[5:]: t for key, t in tensors.items() if key.startswith("bits.")}
     if not shapes:
@@ -107,17 +112,25 @@ def _mask_bits(tensors: dict, meta: dict, shapes: dict, source: str) -> dict[str
     sizes = {}
     for name in sorted(shapes):
         shape = shapes[name]
-        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
+        if not (isinstance(shape, list) and shape
+                and all(type(d) is int and 0 < d <= MAX_MASK_ELEMENTS for d in shape)):  # not bool: True is 1
             raise CnnmodError(f"{source}: expected the shape of layer {name}'s mask, found {shape!r} (damaged file).")
         sizes[name] = (math.prod(shape) + 7) // 8
-    stream = tensors.get("masks.zlib")
+    if 8 * sum(sizes.values()) > MAX_MASK_ELEMENTS:
+        raise CnnmodError(f"{source}: expected at most {MAX_MASK_ELEMENTS:,} mask elements, found "
+                          f"{8 * sum(sizes.values()):,} declared (damaged file).")
+    stream, size = tensors.get("masks.zlib"), sum(sizes.values())
     try:
         if stream is None or stream.dtype != torch.uint8 or stream.dim() != 1:
             raise zlib.error("no stream of bytes")
         inflate = zlib.decompressobj()
-        data = inflate.decompress(stream.numpy().tobytes(), sum(sizes.values()))
-        if not inflate.eof or inflate.unconsumed_tail or inflate.unused_data or len(data) != sum(sizes.values()):
-            raise zlib.error(f"{len(data)} bytes of masks where {sum(sizes.values())} were expected")
+        data = inflate.decompress(stream.numpy().tobytes(), size)
+        if inflate.unconsumed_tail or (len(data) == size and not inflate.eof):
+            raise zlib.error(f"more than the {size} bytes of masks its shapes declare")
+        if inflate.unused_data:
+            raise zlib.error("data after the end of the stream")
+        if len(data) != size:
+            raise zlib.error(f"{len(data)} bytes of masks where {size} were expected")
     except zlib.error as e:
         raise CnnmodError(f"{source}: expected the module's masks as one zlib stream, found a damaged one "
                           f"({e}).") from None
