@@ -128,8 +128,8 @@ def render_pairs(rows: list[dict]) -> str:
         return ""
     lines = [
         "", "", "2-class reuse, each pair decomposed for itself (`--only a,b`, every channel space pruned, energy "
-        "scores, `--trunk 1.0`, `--keep K`) and distilled on its decomposition images (the pair's and 111 of each other class: "
-        "`--pairs EPOCHS`), vote against the parent restricted to the pair, on the pair's validation images. "
+        "scores, `--trunk 1.0`, `--keep K`) and distilled on its decomposition images (the pair's and 111 of each "
+        "other class: `--pairs EPOCHS`), vote against the parent restricted to the pair, on the pair's validation images. "
         "Targets (issue #17): <= 25% of the parent's MACs, within 0.5 points of the parent, <= 1% of its training.",
         "",
         "| pair | keep | epochs | flip | pair's MACs / parent | parent restricted | training-free | distilled | below "
@@ -138,14 +138,27 @@ def render_pairs(rows: list[dict]) -> str:
     ]
     for r in rows:
         gap = 100 * (r["parent"] - r["after"])
-        met = (r["macs_fraction"] <= 0.25, gap <= 0.5, r["share_of_parent_training"] <= 0.01)
+        met = (r["macs_fraction"] <= 0.25, round(gap, 2) <= 0.5, r["share_of_parent_training"] <= 0.01)
         verdict = "met" if all(met) else "MISSED (" + ", ".join(
             w for w, ok in zip(("size", "accuracy", "cost"), met) if not ok) + ")"
         lines.append(f"| {r['pair']} | {r['keep']} | {r['epochs']:g} | {'yes' if r['flip'] else 'no'} | "
                      f"{r['macs_fraction']:.3f} | {100 * r['parent']:.2f} | {100 * r['before']:.2f} | "
                      f"{100 * r['after']:.2f} | {gap:.2f} | {r['share_of_parent_training']:.2%} | "
                      f"{r['seconds']:.0f} | {verdict} |")
+    gaps = [100 * (r["parent"] - r[k]) for k in ("before", "after") for r in rows]
+    half = len(rows)
+    lines += ["", f"Below the parent, mean over the pairs: {sum(gaps[:half]) / half:.2f} points training-free, "
+              f"{sum(gaps[half:]) / half:.2f} distilled.", "", *PAIR_NOTES]
     return "\n".join(lines)
+
+
+PAIR_NOTES = [
+    "- One pair (cat/truck) is within the 0.5 points; the mean is 2.2 points below the parent, against 4.1 "
+    "training-free at the same 0.238 of the MACs (and 1.88 for the training-free pair networks at 0.395 of the "
+    "MACs in the channels benchmark). cat/dog, the hard pair, stays 5.8 below. 8 epochs cost 0.61% of the "
+    "parent's training per pair; the 1% budget would allow about 13 (not run).",
+    "- The pairs ran after the other rows, alone on the machine (a few seconds of unit tests aside).",
+]
 
 
 def render(rows: list[dict]) -> str:
@@ -169,7 +182,7 @@ def render(rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: (r["keep"], r.get("trunk", 0.0), bool(r.get("flip")), r["lr"], r["epochs"])):
         share = r.get("share_of_parent_training", 0.0)
         gap = 100 * (r["top1"] - r["model_top1"])
-        met = (r["params_fraction"] <= 0.25 and r["macs_fraction"] <= 0.25, gap >= -1.5, share <= 0.05)
+        met = (r["params_fraction"] <= 0.25 and r["macs_fraction"] <= 0.25, round(gap, 2) >= -1.5, share <= 0.05)
         verdict = "met" if all(met) else "MISSED (" + ", ".join(
             w for w, ok in zip(("size", "accuracy", "cost"), met) if not ok) + ")"
         flip = "yes" if r.get("flip") else "no"
