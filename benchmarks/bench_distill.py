@@ -130,7 +130,8 @@ def render_pairs(rows: list[dict]) -> str:
         "", "", "2-class reuse, each pair decomposed for itself (`--only a,b`, every channel space pruned, energy "
         "scores, `--trunk 1.0`, `--keep K`) and distilled on its decomposition images (the pair's and 111 of each "
         "other class: `--pairs EPOCHS`), vote against the parent restricted to the pair, on the pair's validation "
-        "images. Targets (issue #17): <= 25% of the parent's MACs, within 0.5 points of the parent, <= 1% of its training.",
+        "images. Targets (issue #17): <= 25% of the parent's MACs, within 0.5 points of the parent, <= 1% of its "
+        "training.",
         "",
         "| pair | keep | epochs | flip | pair's MACs / parent | parent restricted | training-free | distilled | below "
         "the parent | distillation / parent's training | seconds | targets |",
