@@ -14,7 +14,8 @@ trunk stays shared, bit for bit. Each module's own layers (its branch) train on 
 
 Only the layers' weights and biases train (convolutions, linear layers, BatchNorm's affine pair);
 BatchNorm's running statistics, masks, fills and added constants stay as the strategy chose them.
-Deterministic: the seed fixes the order of the images; Adam, warm-up then a cosine schedule.
+Deterministic: the seed fixes the order of the images (and which are mirrored, with ``flip``);
+Adam, warm-up then a cosine schedule.
 """
 
 from __future__ import annotations
