@@ -73,7 +73,8 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
                   progress_file=progress_file, resume=resume, device=device, precision=precision, only=only,
                   sample_images=sample_images, workers=workers, sums=chosen.needs_sums)
     modules = build(obs, strategy, options)  # recorded as given
-    labels, fetch = _adapt(dataset, obs.classes, input_spec or getattr(model, "input_spec", None))
+    if distill is not None or calibration > 0:  # both read images of the data again
+        labels, fetch = _adapt(dataset, obs.classes, input_spec or getattr(model, "input_spec", None))
     if distill is not None:  # on the CPU (a device option for it is not built yet); every rank alike
         teacher = GraphNetwork(obs.parent.graph, obs.parent.weights)
         alone = rank_and_world()[1] == 1  # the ranks of a torchrun group would race for one progress file
