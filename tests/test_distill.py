@@ -50,7 +50,7 @@ def test_distillation_lowers_the_loss_within_its_budget_and_repeats_exactly(pare
     assert report["steps"] == math.ceil(1.5 * math.ceil(400 / 64)) == 11
     assert report["images"] == 400 + 4 * 64  # an epoch of 7 steps, then 4 of the next
     after = _distance(modules, teacher, x)
-    assert after < 0.9 * before and report["loss_last"] < report["loss_first"]
+    assert after < 0.9 * before and report["loss_last"] < report["loss_first"] and report["kept"]
     assert report["macs"] == report["teacher_macs"] + report["student_macs"] > 0
     again, *_ = _setup(parent, keep=0.25)
     distill_(again, teacher, fetch, index, options)
@@ -105,6 +105,7 @@ def test_the_command_line_distils_and_reports_the_share_of_the_parents_training(
                  "--keep", "0.5", "--positives", "30", "--distill", "0.5", "--distill-lr", "0.002"]) == 0
     printed = capsys.readouterr().out
     assert "distilled: 2 steps over 256 images" in printed and "of what training the parent cost" in printed
+    assert "statistics pass: " in printed and printed.count("of what training the parent cost") == 2
     # two epochs of ~1,400 digits trained the parent; half a pass over 300 images is a small share of that
     assert load_module(out / "3.safetensors").meta["distillation"]["options"]["lr"] == 0.002
     assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "p"), "--distill", "1"]) == 2
@@ -141,7 +142,8 @@ def test_an_interrupted_distillation_resumes_to_the_same_tensors(parent, tmp_pat
     fetched = []
     report = distill_(cut, teacher, lambda idx: fetched.append(len(idx)) or fetch(idx), index, options,
                       progress_file=state, resume=True, save_every=0)
-    assert len(fetched) == 11 - 5 + 1  # the 6 steps left (and one image for the cost's shapes), not all 11
+    # the 6 steps left, not all 11; then the check before and after (7 batches each) and one image for shapes
+    assert len(fetched) == (11 - 5) + 2 * 7 + 1
     assert report["steps"] == 11 and report["images"] == 400 + 4 * 64 and not state.exists()
     for m, n in zip(whole, cut):  # bit for bit the uninterrupted run
         assert all(torch.equal(m.network.weight(k), n.network.weight(k)) for k in m.network.weight_names)
@@ -163,3 +165,11 @@ def test_flip_mirrors_a_seeded_half_of_each_batch_for_teacher_and_students(paren
     same = (seen == given).flatten(1).all(1)
     mirrored = (seen == given.flip(-1)).flatten(1).all(1)
     assert bool((same | mirrored).all()) and 30 < int((mirrored & ~same).sum()) < 98
+
+
+def test_weights_that_do_not_lower_the_loss_are_not_kept(parent):
+    modules, teacher, fetch, index = _setup(parent, keep=0.5)
+    before = [dict(m.network.weights()) for m in modules]
+    report = distill_(modules, teacher, fetch, index[:128], DistillOptions(epochs=1, batch_size=128, lr=0.5))
+    assert not report["kept"] and report["loss_after"] >= report["loss_before"]
+    assert all(m.network.weights()[k] is t for m, own in zip(modules, before) for k, t in own.items())

@@ -219,12 +219,16 @@ def cmd_decompose(args) -> int:
         print(f"  negatives: {_plural(sum(neg.values()), 'image')}, of which {sum(others.values()):,} from "
               f"{_plural(len(others), 'other class')}"
               + (f" ({', '.join(others)})" if 0 < len(others) <= 12 else ""))
+    share = summary["statistics_share_of_parent_training"]
+    print(f"  statistics pass: {summary['statistics_macs']:.3g} multiply-accumulates (forward only)"
+          + (f", {share:.2%} of what training the parent cost" if share is not None else ""))
     if "distillation" in summary:
         d = summary["distillation"]
         share = (f", {d['share_of_parent_training']:.2%} of what training the parent cost"
                  if d["share_of_parent_training"] is not None else "")
         print(f"  distilled: {_plural(d['steps'], 'step')} over {_plural(d['images'], 'image')}, "
-              f"{d['macs']:.3g} multiply-accumulates{share}; loss {d['loss_first']:.4g} -> {d['loss_last']:.4g}")
+              f"{d['macs']:.3g} multiply-accumulates{share}; loss {d['loss_before']:.4g} -> {d['loss_after']:.4g}"
+              + ("" if d["kept"] else ": not lower, so the modules are kept as built (try a smaller --distill-lr)"))
     for name, m in summary["modules"].items():
         if "params_fraction" in m:  # the channels strategy
             print(f"  {name:<12} keeps {m['share_kept']:.4f} of the prunable channels: "

@@ -44,6 +44,7 @@ from .extract import cost
 from .module import Module
 
 TRAINED_ROLES = ("weight", "bias")
+CHECK_IMAGES = 2048  # the images the loss is checked on, before and after
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,12 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
     images) is saved there at most every ``save_every`` seconds, and ``resume=True`` continues a
     saved state of the same run: the result is the uninterrupted run's, bit for bit (tested).
 
-    Returns what it cost: optimizer steps, images seen, multiply-accumulates (the teacher's
-    forward pass over each image, and 3x, forward and backward, the trunk once and each branch),
-    the loss over the first and the last tenth of the steps, and the seconds taken. The same is
-    recorded in each module's metadata under ``distillation``.
+    The trained weights are kept only if they lower the loss on the first ``CHECK_IMAGES`` images
+    (``kept``); else the modules stay as built. Returns what it cost: optimizer steps, images seen,
+    multiply-accumulates (the teacher's forward pass over each image, and 3x, forward and backward,
+    the trunk once and each branch, plus the check's forward passes), the loss over the first and
+    the last tenth of the steps and on the check before and after, and the seconds taken. The same
+    is recorded in each module's metadata under ``distillation``.
     """
     if not modules:
         raise CnnmodError("expected modules to distil, found none.")
@@ -175,17 +178,25 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
         bar.close()
     if saver is not None:
         saver.path.unlink(missing_ok=True)  # a finished run leaves nothing to resume
-    for net, mine in zip(nets, own):  # the trunk's trained tensors are the same objects in every module
-        for k, p in {**shared, **mine}.items():
-            net.set_weight(k, p.detach())
+    # The check: the loss on (up to) the first CHECK_IMAGES images, before and after. Weights that did
+    # not lower it are not kept (few steps at a learning rate too high for a module already close).
+    check = index[:CHECK_IMAGES]
+    trained = [{**shared, **mine} for mine in own]
+    before = _loss(nets, group, teacher, fetch, check, classes, options.batch_size, None)
+    after = _loss(nets, group, teacher, fetch, check, classes, options.batch_size, trained)
+    if after < before:
+        for net, mine in zip(nets, trained):  # the trunk's trained tensors are the same objects in every module
+            for k, p in mine.items():
+                net.set_weight(k, p.detach())
     shape = tuple(fetch(index[:1]).shape[1:])
     student = sum(cost(net, shape, group.branch)["macs"] for net in nets) + (cost(nets[0], shape, trunk)["macs"]
                                                                              if trunk else 0)
     tenth = max(1, steps // 10)
-    report = {"steps": steps, "images": images, "teacher_macs": cost(teacher, shape)["macs"] * images,
-              "student_macs": 3 * student * images, "loss_first": sum(losses[:tenth]) / tenth,
-              "loss_last": sum(losses[-tenth:]) / tenth, "trunk_layers": len(trunk),
-              "options": asdict(options)}
+    teacher_macs = cost(teacher, shape)["macs"]
+    report = {"steps": steps, "images": images, "teacher_macs": teacher_macs * (images + len(check)),
+              "student_macs": student * (3 * images + 2 * len(check)), "loss_first": sum(losses[:tenth]) / tenth,
+              "loss_last": sum(losses[-tenth:]) / tenth, "loss_before": before, "loss_after": after,
+              "kept": after < before, "trunk_layers": len(trunk), "options": asdict(options)}
     report["macs"] = report["teacher_macs"] + report["student_macs"]
     for m in modules:
         m.meta["distillation"] = dict(report)
@@ -201,6 +212,22 @@ def training_macs(checkpoint_meta: dict, macs_per_image: int) -> int | None:
     if not (isinstance(recipe, dict) and isinstance(recipe.get("epochs"), int) and isinstance(images, int)):
         return None
     return 3 * macs_per_image * images * recipe["epochs"]
+
+
+def _loss(nets, group: Group, teacher: GraphNetwork, fetch, check: torch.Tensor, classes: list[int],
+          batch_size: int, tensors: list[dict] | None) -> float:
+    """The distillation loss over ``check`` (per module, summed over modules), with ``tensors`` bound
+    (None: the networks' own)."""
+    total = 0.0
+    for batch in check.split(batch_size):
+        x = fetch(batch)
+        targets = channeled_targets(teacher(x), classes)
+        with ExitStack() as stack:
+            for net, mine in zip(nets, tensors or [{}] * len(nets)):
+                stack.enter_context(net.bound(mine))
+            outputs = run_group(group, nets, x)
+        total += sum(float(torch.nn.functional.mse_loss(o, t, reduction="sum")) / 2 for o, t in zip(outputs, targets))
+    return total / len(check)
 
 
 def _named(shared: dict, own: list[dict]) -> dict[str, torch.Tensor]:

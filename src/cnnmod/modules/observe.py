@@ -124,8 +124,9 @@ def observe(model: nn.Module, dataset, *, positives: int = 1000, negatives_per_c
         **({"only": [classes[c] for c in focus]} if only is not None else {}),
     }
     present = torch.bincount(labels[sample.negatives], minlength=num_classes)
-    timing = {"statistics_seconds": time.perf_counter() - start, "images": len(sample.negatives) + len(sample.rest),
-              "statistics_bytes": stats.nbytes(),
+    images = len(sample.negatives) + len(sample.rest)
+    timing = {"statistics_seconds": time.perf_counter() - start, "images": images,
+              "statistics_bytes": stats.nbytes(), "statistics_macs": parent.cost()["macs"] * images,  # forward only
               "negatives_from": {classes[c]: int(present[c]) for c in range(num_classes) if present[c]}}
     return Observation(parent, spec or InputSpec.of_prepared(example), classes, shared, common, labels, sample, timing)
 

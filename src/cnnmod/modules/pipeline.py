@@ -173,6 +173,9 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
         "statistics_seconds": first.timing["statistics_seconds"],
         "images": first.timing["images"],
         "negatives_from": first.timing["negatives_from"],
+        "statistics_macs": first.timing["statistics_macs"],
+        "statistics_share_of_parent_training": _share(first.timing["statistics_macs"], model,
+                                                      first.timing["statistics_macs"] // first.timing["images"]),
         "strategy": first.meta["strategy"],
         "modules": {m.class_name: dict({k: m.meta[k] for k in ("share_kept", "observed_images", "params_fraction",
                                                                "macs_fraction") if k in m.meta},
@@ -186,6 +189,11 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
 
 def _distillation(report: dict, model) -> dict:
     """The distillation's cost, and its share of what training the parent cost where its checkpoint says."""
-    parent = training_macs(getattr(model, "cnnmod_meta", {}), report["teacher_macs"] // max(1, report["images"]))
-    share = report["macs"] / parent if parent else None
-    return dict(report, parent_training_macs=parent, share_of_parent_training=share)
+    share = _share(report["macs"], model, report["teacher_macs"] // max(1, report["images"]))
+    return dict(report, share_of_parent_training=share)
+
+
+def _share(macs: int, model, macs_per_image: int) -> float | None:
+    """``macs`` as a share of what training the parent cost (None: its checkpoint records no recipe)."""
+    parent = training_macs(getattr(model, "cnnmod_meta", {}), macs_per_image)
+    return macs / parent if parent else None
