@@ -193,7 +193,8 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
                                                                              if trunk else 0)
     tenth = max(1, steps // 10)
     teacher_macs = cost(teacher, shape)["macs"]
-    report = {"steps": steps, "images": images, "teacher_macs": teacher_macs * (images + len(check)),
+    report = {"steps": steps, "images": images, "parent_macs_per_image": teacher_macs,
+              "teacher_macs": teacher_macs * (images + len(check)),
               "student_macs": student * (3 * images + 2 * len(check)), "loss_first": sum(losses[:tenth]) / tenth,
               "loss_last": sum(losses[-tenth:]) / tenth, "loss_before": before, "loss_after": after,
               "kept": after < before, "trunk_layers": len(trunk), "options": asdict(options)}
@@ -216,8 +217,8 @@ def training_macs(checkpoint_meta: dict, macs_per_image: int) -> int | None:
 
 def _loss(nets, group: Group, teacher: GraphNetwork, fetch, check: torch.Tensor, classes: list[int],
           batch_size: int, tensors: list[dict] | None) -> float:
-    """The distillation loss over ``check`` (per module, summed over modules), with ``tensors`` bound
-    (None: the networks' own)."""
+    """The distillation loss over ``check``, averaged over the modules as the steps' losses are, with
+    ``tensors`` bound (None: the networks' own)."""
     total = 0.0
     for batch in check.split(batch_size):
         x = fetch(batch)
@@ -227,7 +228,7 @@ def _loss(nets, group: Group, teacher: GraphNetwork, fetch, check: torch.Tensor,
                 stack.enter_context(net.bound(mine))
             outputs = run_group(group, nets, x)
         total += sum(float(torch.nn.functional.mse_loss(o, t, reduction="sum")) / 2 for o, t in zip(outputs, targets))
-    return total / len(check)
+    return total / len(check) / len(nets)
 
 
 def _named(shared: dict, own: list[dict]) -> dict[str, torch.Tensor]:

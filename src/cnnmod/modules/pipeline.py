@@ -189,7 +189,7 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
 
 def _distillation(report: dict, model) -> dict:
     """The distillation's cost, and its share of what training the parent cost where its checkpoint says."""
-    share = _share(report["macs"], model, report["teacher_macs"] // max(1, report["images"]))
+    share = _share(report["macs"], model, report["parent_macs_per_image"])
     return dict(report, share_of_parent_training=share)
 
 
