@@ -223,7 +223,7 @@ NOTES = [
     "and a distillation step a quarter as much: "
     "16 epochs with the trunk cost what 4 cost without, for 78.9% (79.3% without the trunk).",
     "- Mirrored images (`--flip`) add 0.4 points at 4 epochs (79.3% against 78.9%). The 4-epoch row with flips "
-    "was run again with the final code (its loss check included): the same 79.32%, bit for bit the same run.",
+    "was run again with the final code (its loss check included): the same 79.32% top-1.",
     "- Learning rate: before the warm-up was added, lr 1e-3 first undid the closed-form fit (0.3 epochs: "
     "39.0% composed; lr 3e-4: 66.2%; `--epochs 0.3` runs, not kept in the table); with the warm-up, lr 1e-3 "
     "beats 3e-4 at 4 epochs (78.9% against 76.7%) and is the default.",
