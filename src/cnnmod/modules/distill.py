@@ -37,7 +37,8 @@ from tqdm import tqdm
 # exactly what a composition will run (a later stage's code, imported on purpose).
 from ..compose.trunk import Group, run_group, shared_layers
 from ..errors import CnnmodError
-from ..files import read_file, tensors_checksum, write_file
+from ..files import tensors_checksum, write_file
+from ..statistics.progress import read_progress
 from ..trace.network import GraphNetwork
 from ..trace.ops import REGISTRY, weight_keys
 from .extract import cost
@@ -125,6 +126,7 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
     own = [{k: net.weight(k).detach().clone().requires_grad_(True) for k in _trainable(net, group.branch)}
            for net in nets]
     params = list(shared.values()) + [p for mine in own for p in mine.values()]
+    trained = [{**shared, **mine} for mine in own]  # what each module runs on while it trains
     if not params:
         raise CnnmodError("expected modules with weights to train, found none.")
     steps_per_epoch = math.ceil(len(index) / options.batch_size)
@@ -160,10 +162,8 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
                 mirror = torch.rand(len(x), generator=gen) < 0.5
                 x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
             targets = channeled_targets(teacher(x), classes)
-            with torch.enable_grad(), ExitStack() as stack:
-                for net, mine in zip(nets, own):
-                    stack.enter_context(net.bound({**shared, **mine}))
-                outputs = run_group(group, nets, x)
+            with torch.enable_grad():
+                outputs = _outputs(nets, group, x, trained)
                 loss = sum(torch.nn.functional.mse_loss(out, t) for out, t in zip(outputs, targets))
                 optimizer.zero_grad()
                 loss.backward()
@@ -181,7 +181,6 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
     # The check: the loss on (up to) the first CHECK_IMAGES images, before and after. Weights that did
     # not lower it are not kept (few steps at a learning rate too high for a module already close).
     check = index[:CHECK_IMAGES]
-    trained = [{**shared, **mine} for mine in own]
     before = _loss(nets, group, teacher, fetch, check, classes, options.batch_size, None)
     after = _loss(nets, group, teacher, fetch, check, classes, options.batch_size, trained)
     if after < before:
@@ -223,12 +222,18 @@ def _loss(nets, group: Group, teacher: GraphNetwork, fetch, check: torch.Tensor,
     for batch in check.split(batch_size):
         x = fetch(batch)
         targets = channeled_targets(teacher(x), classes)
-        with ExitStack() as stack:
-            for net, mine in zip(nets, tensors or [{}] * len(nets)):
-                stack.enter_context(net.bound(mine))
-            outputs = run_group(group, nets, x)
+        outputs = _outputs(nets, group, x, tensors or [{}] * len(nets))
         total += sum(float(torch.nn.functional.mse_loss(o, t, reduction="sum")) / 2 for o, t in zip(outputs, targets))
     return total / len(check) / len(nets)
+
+
+def _outputs(nets: list[GraphNetwork], group: Group, x: torch.Tensor, tensors: list[dict]) -> list[torch.Tensor]:
+    """Each module's output on ``x``, the trunk run once (as a composition runs it), each network
+    on its ``tensors`` (autograd kept) instead of its own."""
+    with ExitStack() as stack:
+        for net, mine in zip(nets, tensors):
+            stack.enter_context(net.bound(mine))
+        return run_group(group, nets, x)
 
 
 def _named(shared: dict, own: list[dict]) -> dict[str, torch.Tensor]:
@@ -264,14 +269,8 @@ class _Saver:
         touched."""
         if not self.path.exists():
             return
-        tensors, meta = read_file(self.path, expect=self.FORMAT)
-        if meta.get("format_version") != 1:
-            raise CnnmodError(f"{self.path}: expected a saved distillation of format 1, found "
-                              f"{meta.get('format_version')!r} (another cnnmod version); delete it or rerun without "
-                              "--resume.")
-        if meta.get("key") != self.key:
-            raise CnnmodError(f"{self.path}: a saved distillation of another run (other modules, images or "
-                              "options); delete it or rerun without --resume.")
+        tensors, meta = read_progress(self.path, self.FORMAT, 1, self.key, "a saved distillation",
+                                      "modules, images or options")
         named = _named(shared, own)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         expected = {f"w/{k}": p for k, p in named.items()}

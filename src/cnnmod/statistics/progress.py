@@ -13,6 +13,18 @@ FORMAT = "cnnmod.statistics_progress"
 FORMAT_VERSION = 2  # 2: bit tables and channel counts (issue #16); 1 held per-class counts
 
 
+def read_progress(path: Path, fmt: str, version: int, key: str, what: str, decided_by: str) -> tuple[dict, dict]:
+    """Read a saved state of an interrupted run (``what``: "saved statistics"); refuse another
+    cnnmod version's or another run's (``decided_by``: what its key covers)."""
+    tensors, meta = read_file(path, expect=fmt)
+    if meta.get("format_version") != version:
+        raise CnnmodError(f"{path}: expected {what} of format {version}, found {meta.get('format_version')!r} "
+                          "(another cnnmod version); delete it or rerun without --resume.")
+    if meta.get("key") != key:
+        raise CnnmodError(f"{path}: {what} of another run (other {decided_by}); delete it or rerun without --resume.")
+    return tensors, meta
+
+
 class ProgressSaver:
     """Counts saved to ``path`` at most every ``interval`` seconds; ``key`` names the run.
 
@@ -28,14 +40,8 @@ class ProgressSaver:
         """Fill ``counts`` and ``seen`` from a saved state; return the batches already counted."""
         if not (self.resume and self.path.exists()):
             return 0
-        tensors, meta = read_file(self.path, expect=FORMAT)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise CnnmodError(f"{self.path}: expected saved statistics of format {FORMAT_VERSION}, found "
-                              f"{meta.get('format_version')!r} (another cnnmod version); delete it or rerun "
-                              "without --resume.")
-        if meta.get("key") != self.key:
-            raise CnnmodError(f"{self.path}: saved statistics of another run (other model, data or options); "
-                              "delete it or rerun without --resume.")
+        tensors, meta = read_progress(self.path, FORMAT, FORMAT_VERSION, self.key, "saved statistics",
+                                      "model, data or options")
         for name, t in tensors.items():
             part, _, layer = name.partition("/")
             if layer == "seen":
