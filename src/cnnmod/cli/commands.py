@@ -219,9 +219,11 @@ def cmd_decompose(args) -> int:
         print(f"  negatives: {_plural(sum(neg.values()), 'image')}, of which {sum(others.values()):,} from "
               f"{_plural(len(others), 'other class')}"
               + (f" ({', '.join(others)})" if 0 < len(others) <= 12 else ""))
-    share = summary["statistics_share_of_parent_training"]
-    print(f"  statistics pass: {summary['statistics_macs']:.3g} multiply-accumulates (forward only)"
-          + (f", {share:.2%} of what training the parent cost" if share is not None else ""))
+    for step in ("statistics", "calibration"):
+        share = summary[f"{step}_share_of_parent_training"]
+        if summary[f"{step}_macs"]:
+            print(f"  {step} pass: {summary[f'{step}_macs']:.3g} multiply-accumulates (forward only)"
+                  + (f", {share:.2%} of what training the parent cost" if share is not None else ""))
     if "distillation" in summary:
         d = summary["distillation"]
         share = (f", {d['share_of_parent_training']:.2%} of what training the parent cost"
@@ -318,11 +320,57 @@ def cmd_replace(args) -> int:
     from ..modules import load_module
     from ..modules.pipeline import write_modules
 
+    options = _repair_options(args)
     new = load_module(args.new)
     modules = replace(load_modules(args.directory), new)
+    if options is not None:
+        from ..compose.repair import RepairOptions, repair_
+        from ..data import load_data_for
+
+        data = load_data_for(args.data, args.split, [m.input_spec for m in modules], default_split="train")
+        report = repair_(modules, new.class_name, data, RepairOptions(**options), progress=True)
     write_modules(modules, args.out)
     print(f"wrote {args.out}: module {new.class_name!r} replaced by {args.new}")
+    if options is not None:
+        _print_repair(report)
     return 0
+
+
+def _repair_options(args) -> dict | None:
+    given = [flag for flag, value in (("--data", args.data), ("--split", args.split),
+                                      ("--repair-epochs", args.repair_epochs), ("--repair-lr", args.repair_lr),
+                                      ("--repair-per-class", args.repair_per_class)) if value is not None]
+    if args.repair is None:
+        if given:
+            raise CnnmodError(f"expected {given[0]} only with --repair METHOD, found it alone.")
+        return None
+    if args.data is None:
+        raise CnnmodError("expected --data (labelled images of the composed classes) with --repair, found none.")
+    if args.repair != "train" and (args.repair_epochs is not None or args.repair_lr is not None):
+        raise CnnmodError(f"expected --repair-epochs and --repair-lr only with --repair train, found --repair "
+                          f"{args.repair}.")
+    return {"method": args.repair, **({"epochs": args.repair_epochs} if args.repair_epochs else {}),
+            **({"lr": args.repair_lr} if args.repair_lr else {}),
+            **({"per_class": args.repair_per_class} if args.repair_per_class else {})}
+
+
+def _print_repair(report: dict) -> None:
+    if not report["confused"]:
+        print(f"  repair: no class is confused with {report['new_class']!r} on the {report['images']:,} images "
+              "(none reaches the share); nothing changed")
+        return
+    confused = ", ".join(f"{c} {s:.1%}" for c, s in report["confused"].items())
+    print(f"  confused with {report['new_class']!r}: {confused}")
+    loss = (f"loss on {report['check_images']:,} held-out images {report['check_loss_before']:.4g} -> "
+            f"{report['check_loss_after']:.4g}")
+    if not report["kept"]:
+        print(f"  repair ({report['method']}): nothing kept, no stage lowered the {loss}; the modules stay as replaced")
+        return
+    share = report.get("share_of_parent_training")
+    print(f"  repaired ({report['method']}; kept: {', '.join(report['kept'])}) on {report['images']:,} images"
+          + (f", {_plural(report['steps'], 'step')}" if report["steps"] else "") + f": {loss}")
+    print(f"  cost: {report['macs']:.3g} multiply-accumulates"
+          + (f", {share:.2%} of what training the confused modules' parent cost" if share is not None else ""))
 
 
 def cmd_import(args) -> int:

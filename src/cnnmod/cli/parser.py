@@ -213,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with", dest="new", required=True, help="the new module file (same class, any parent)")
     p.add_argument("--out", required=True,
                    help="the module folder to write (new, empty, a module folder, or the input folder itself)")
+    p.add_argument("--repair", choices=["calibrate", "continuous", "train"], default=None,
+                   help="then adapt the modules the new one confuses (read off --data's confusion matrix), "
+                        "every other module left as it is: their calibrations, the paper's continuous "
+                        "learning, or a few training steps (each followed by the calibration)")
+    p.add_argument("--data", default=None, help="labelled images of the composed classes, for --repair")
+    p.add_argument("--split", choices=["train", "test", "val", "all"], default=None, help="which part of --data")
+    p.add_argument("--repair-epochs", type=POSITIVE, default=None,
+                   help="--repair train: passes over the fitting images (default 1)")
+    p.add_argument("--repair-lr", type=POSITIVE, default=None, help="--repair train: Adam's learning rate (1e-4)")
+    p.add_argument("--repair-per-class", type=COUNT, default=None,
+                   help="images per class to fit on (default 500; 100 more per class check the result)")
 
     p = command("import", "turn a .pt/.pth state dict into a checkpoint (any architecture cnnmod can trace)")
     p.add_argument("state_dict", help="the .pt/.pth file (read with weights_only=True: nothing is unpickled)")

@@ -20,12 +20,13 @@ from ..modules.calibration import margins64
 
 
 def fit_composition(margins: torch.Tensor, labels: torch.Tensor, a0: torch.Tensor, b0: torch.Tensor,
-                    hold: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+                    hold: float = 1e-3, free: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (a, b), each (K,), minimising the class-balanced cross-entropy of softmax(a * m + b).
 
     ``margins`` (N, K): each module's margin on each image; ``labels`` (N,): the module index of
     each image's class. ``hold`` weighs a squared pull towards (a0, b0), on margins standardised
-    per module, so that a class with few images cannot drive its scalars anywhere.
+    per module, so that a class with few images cannot drive its scalars anywhere. ``free`` (K,)
+    bool: the modules whose scalars are fitted (default all); the others keep (a0, b0) exactly.
     """
     m = margins.double()
     mu, sigma = m.mean(0), m.std(0).clamp_min(1e-6)
@@ -33,22 +34,63 @@ def fit_composition(margins: torch.Tensor, labels: torch.Tensor, a0: torch.Tenso
     count = torch.bincount(labels, minlength=m.shape[1]).double()
     w = (1.0 / (count.clamp_min(1) * int((count > 0).sum())))[labels]  # every present class weighs alike
     start = torch.cat([a0.double() * sigma, b0.double() + a0.double() * mu])  # (alpha, beta) of z
-    theta = start.clone().requires_grad_(True)
     k = m.shape[1]
+    fitted = torch.ones(2 * k, dtype=torch.bool) if free is None else torch.cat([free, free])
+    theta = start.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
 
     def loss():
         opt.zero_grad()
-        logits = z * theta[:k] + theta[k:]
+        t = torch.where(fitted, theta, start)  # held scalars get no gradient
+        logits = z * t[:k] + t[k:]
         value = (w * (torch.logsumexp(logits, 1) - logits.gather(1, labels[:, None])[:, 0])).sum()
         value = value + 0.5 * hold * (theta - start).pow(2).sum()
         value.backward()
         return value
 
     opt.step(loss)
-    alpha, beta = theta.detach()[:k], theta.detach()[k:]
-    return alpha / sigma, beta - alpha * mu / sigma
+    t = torch.where(fitted, theta.detach(), start)
+    alpha, beta = t[:k], t[k:]
+    a, b = alpha / sigma, beta - alpha * mu / sigma
+    if free is not None:  # exactly the held values, not a round trip through the standardisation
+        a, b = torch.where(free, a, a0.double()), torch.where(free, b, b0.double())
+    return a, b
+
+
+def draw_per_class(data, names: list[str], sizes: tuple[int, ...],
+                   seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Disjoint seeded draws of up to ``sizes[j]`` images of each class ``names`` lists, from ``data``
+    (classes matched by name; every one must have images there). A class with fewer images than all
+    the draws ask for is shared among them in proportion (a rare class still reaches every draw).
+    Returns, per draw, the images' indices into ``data`` and their labels as indices into ``names``."""
+    present = {data.classes[c] for c in torch.unique(data.labels).tolist()}
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise CnnmodError(f"expected images of every composed class in the fitting data, found none of "
+                          f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''} (the data holds "
+                          f"{', '.join(sorted(present)[:8])}).")
+    found = [c for c in data.classes if c in names]  # in the data's order, as the draws always were
+    gen = torch.Generator().manual_seed(seed)
+    draws = [([], []) for _ in sizes]
+    for name in found:
+        pool = torch.nonzero(data.labels == data.classes.index(name)).flatten()
+        order, taken = torch.randperm(len(pool), generator=gen), 0
+        for (chosen, labels), size in zip(draws, _shares(len(pool), sizes)):
+            pick = pool[order[taken:taken + size]].sort().values
+            taken += size
+            chosen.append(pick)
+            labels.append(torch.full((len(pick),), names.index(name)))
+    return [(torch.cat(chosen), torch.cat(labels)) for chosen, labels in draws]
+
+
+def _shares(available: int, sizes: tuple[int, ...]) -> list[int]:
+    """How many of ``available`` images each draw takes: ``sizes`` where they fit, else in proportion
+    (the first draw takes what rounding leaves)."""
+    if available >= sum(sizes):
+        return list(sizes)
+    rest = [available * s // sum(sizes) for s in sizes[1:]]
+    return [available - sum(rest)] + rest
 
 
 @torch.no_grad()
@@ -60,21 +102,7 @@ def fit_composed_(modules: list, data, *, per_class: int = 100, seed: int = 0, b
     if len(modules) < 2:
         raise CnnmodError(f"expected at least two modules to fit their composition, found {len(modules)}.")
     names = [m.class_name for m in modules]
-    present = {data.classes[c] for c in torch.unique(data.labels).tolist()}
-    missing = [n for n in names if n not in present]
-    if missing:
-        raise CnnmodError(f"expected images of every composed class in the fitting data, found none of "
-                          f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''} (the data holds "
-                          f"{', '.join(sorted(present)[:8])}).")
-    found = [c for c in data.classes if c in names]  # in the data's order, as the draws always were
-    gen = torch.Generator().manual_seed(seed)
-    chosen, labels = [], []
-    for name in found:
-        pool = torch.nonzero(data.labels == data.classes.index(name)).flatten()
-        pick = pool[torch.randperm(len(pool), generator=gen)[:per_class]].sort().values
-        chosen.append(pick)
-        labels.append(torch.full((len(pick),), names.index(name)))
-    index, labels = torch.cat(chosen), torch.cat(labels)
+    ((index, labels),) = draw_per_class(data, names, (per_class,), seed)
     columns = [margins64(m, (m.input_spec.prepare(data.images_for(m.input_spec)[i]) for i in index.split(batch_size)))
                for m in modules]
     own = [m.meta.get("calibration") or {"a": 1.0, "b": 0.0} for m in modules]

@@ -15,6 +15,7 @@ from ..errors import CnnmodError
 from ..trace.network import GraphNetwork
 from .calibration import calibrate_
 from .distill import DistillOptions, distill_
+from .extract import cost
 from .module import Module
 from .observe import Observation, _adapt, observe
 from .strategies import STRATEGIES
@@ -80,12 +81,13 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
         alone = rank_and_world()[1] == 1  # the ranks of a torchrun group would race for one progress file
         distill_(modules, teacher, fetch, distill_index(obs, labels), distill, progress=progress,
                  progress_file=distill_progress_file if alone else None, resume=resume)
-    built = time.perf_counter()
+    built, macs = time.perf_counter(), 0
     if calibration > 0:
         index, source = _calibration_index(labels, obs.sample, calibration, seed)
         calibrate_(modules, ((fetch(i), labels[i]) for i in index.split(batch_size)), source=source)
+        macs = len(index) * sum(cost(m.network, obs.parent.input_shape)["macs"] for m in modules)  # forward only
     for m in modules:  # timings stay out of files (they would break byte-identical output)
-        m.timing["calibration_seconds"] = time.perf_counter() - built
+        m.timing.update(calibration_seconds=time.perf_counter() - built, calibration_macs=macs)
     return modules
 
 

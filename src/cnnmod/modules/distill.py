@@ -80,7 +80,7 @@ def channeled_targets(logits: torch.Tensor, classes: list[int]) -> torch.Tensor:
     return torch.stack([torch.stack([(total - logits[:, c]) / (k - 1), logits[:, c]], 1) for c in classes])
 
 
-def _trainable(net: GraphNetwork, layers: set[str]) -> list[str]:
+def trainable_weights(net: GraphNetwork, layers: set[str]) -> list[str]:
     """The names of the weights and biases of ``layers`` that train (floating tensors)."""
     names = []
     for node in net.graph.nodes:
@@ -122,8 +122,8 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
     trunk = shared_layers(nets) if len(nets) > 1 else set()
     group = Group(list(range(len(nets))), trunk, {n.name for n in nets[0].graph.nodes} - trunk)
     # One parameter per trunk tensor for all modules, one per branch tensor for each module.
-    shared = {k: nets[0].weight(k).detach().clone().requires_grad_(True) for k in _trainable(nets[0], trunk)}
-    own = [{k: net.weight(k).detach().clone().requires_grad_(True) for k in _trainable(net, group.branch)}
+    shared = {k: nets[0].weight(k).detach().clone().requires_grad_(True) for k in trainable_weights(nets[0], trunk)}
+    own = [{k: net.weight(k).detach().clone().requires_grad_(True) for k in trainable_weights(net, group.branch)}
            for net in nets]
     params = list(shared.values()) + [p for mine in own for p in mine.values()]
     trained = [{**shared, **mine} for mine in own]  # what each module runs on while it trains

@@ -28,6 +28,7 @@ from ..statistics import Sample, collect_statistics, select_sample
 from ..statistics.collect import ends_in_linear, head_layer
 from ..statistics.progress import ProgressSaver
 from ..trace import GraphNetwork, trace_graph, weights_of
+from .distill import training_macs
 from .shared import ParentTensors
 from .strategies import Parent
 
@@ -121,6 +122,9 @@ def observe(model: nn.Module, dataset, *, positives: int = 1000, negatives_per_c
                         **({"sample_images": int(len(pick))} if sums else {})),
         "parent_fingerprint": fingerprint, "parent_architecture": meta.get("architecture"),
         "parent_classes": classes, "library_version": __version__,
+        # What training the parent cost (MACs, from its checkpoint's recipe): what later repairs and
+        # distillations report their cost against. Absent for a model that records no recipe.
+        **({"parent_training_macs": trained} if (trained := training_macs(meta, parent.cost()["macs"])) else {}),
         **({"only": [classes[c] for c in focus]} if only is not None else {}),
     }
     present = torch.bincount(labels[sample.negatives], minlength=num_classes)

@@ -1,0 +1,275 @@
+"""Repair after replace: adapt the modules a new module confuses, and leave every other one as it was.
+
+A module swapped in from a healthier model wins images that its new neighbours never had to
+defend: the weak model's modules learned "not mine" against a class the weak model hardly
+answered (BENCHMARKS.md: replacing the weak ResNet-20's dog module repaired dog, 0.8 -> 78.2, and
+cost cat 5.0 points). Given labelled images of the composed classes (the user's own data),
+``repair_`` reads off the composition's confusion matrix which classes the new module confuses
+(the share of a class's images it wins, or of its own images that class wins), and adapts only
+those modules, by one of three methods:
+
+- ``calibrate``: fit the two calibration scalars of the confused modules and of the new module
+  jointly (compose/fit.py), every other module's held exactly;
+- ``continuous``: the paper's continuous learning (modules/adapt.py: tangling identification of
+  each confused module re-run with the new class's images), then ``calibrate``;
+- ``train``: train the confused modules' weights for a few steps so that the composition names
+  each image's class (class-balanced cross-entropy of the composed calibrated scores; every other
+  module's scores are computed once and stay fixed), then ``calibrate``.
+
+Every other module is not touched, so its file stays byte-identical (tested). The images are drawn
+in two disjoint parts: the repair fits on the first, and each stage (the method's masks or weights,
+then the calibration) is kept only if it lowers the composition's loss on the second (``kept``);
+a stage that does not is undone.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from ..errors import CnnmodError
+from ..modules.adapt import adapt_
+from ..modules.calibration import calibrated_logit
+from ..modules.distill import trainable_weights
+from ..modules.extract import cost
+from ..modules.module import Module
+from .fit import draw_per_class, fit_composition
+from .trunk import group_modules
+
+METHODS = ("calibrate", "continuous", "train")
+
+
+@dataclass(frozen=True)
+class RepairOptions:
+    """``per_class``/``check_per_class``: images of each class to fit on / to check on (disjoint).
+    ``min_share``: a class is confused with the new one when at least this share of its images go to
+    the new class, or of the new class's images to it. ``epochs``, ``lr``, ``batch_size``: the
+    ``train`` method's budget (passes over the fitting images), Adam's learning rate, its batch."""
+
+    method: str = "train"
+    per_class: int = 500
+    check_per_class: int = 100
+    min_share: float = 0.02
+    epochs: float = 1.0
+    lr: float = 1e-4
+    batch_size: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise CnnmodError(f"expected a repair method among {', '.join(METHODS)}, found {self.method!r}.")
+        for name in ("per_class", "check_per_class", "batch_size"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise CnnmodError(f"expected a whole number >= 1 as the repair's {name}, found {value!r}.")
+        if not (isinstance(self.min_share, (int, float)) and 0 < self.min_share < 1):
+            raise CnnmodError(f"expected a confusion share in (0, 1), found {self.min_share!r}.")
+        if not (isinstance(self.epochs, (int, float)) and 0 < self.epochs <= 100 and math.isfinite(self.epochs)):
+            raise CnnmodError(f"expected repair epochs between 0 and 100 (0 excluded), found {self.epochs!r}.")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            raise CnnmodError(f"expected a repair learning rate in (0, 1), found {self.lr!r}.")
+
+
+def confused_classes(scores: torch.Tensor, labels: torch.Tensor, new: int, names: list[str],
+                     min_share: float) -> dict[str, float]:
+    """The classes confused with class ``new`` in the composition's ``scores`` (N, K) on images of
+    ``labels`` (N,): for each class k, the larger of the share of k's images answered ``new`` and
+    the share of ``new``'s images answered k; those of at least ``min_share``, largest first."""
+    pred = scores.argmax(1)
+    shares = {}
+    for k, name in enumerate(names):
+        if k == new:
+            continue
+        won = float((pred[labels == k] == new).float().mean()) if bool((labels == k).any()) else 0.0
+        lost = float((pred[labels == new] == k).float().mean()) if bool((labels == new).any()) else 0.0
+        if max(won, lost) >= min_share:
+            shares[name] = max(won, lost)
+    return dict(sorted(shares.items(), key=lambda item: -item[1]))
+
+
+@torch.no_grad()
+def repair_(modules: list[Module], new_class: str, data, options: RepairOptions = RepairOptions(), *,
+            progress: bool = False) -> dict:
+    """Adapt, in place, the modules of ``modules`` that the module of ``new_class`` confuses, on
+    labelled images ``data`` (a ``cnnmod.Dataset`` or ``Views`` holding every composed class).
+
+    Returns a report: the confused classes and their shares before, the method, the loss of the
+    composition on the checking images before and after, which stages were kept (the method's
+    weights or masks, then the calibration: each only if it lowers that loss), and its cost
+    (images, optimizer steps, multiply-accumulates, and the share of the confused modules' parent's
+    training where its recipe is known). Touched modules record it under ``repair``.
+    """
+    start = time.perf_counter()
+    names = [m.class_name for m in modules]
+    if new_class not in names:
+        raise CnnmodError(f"expected the replaced class among the modules' classes ({', '.join(names[:8])}), "
+                          f"found {new_class!r}.")
+    if len(modules) < 2:
+        raise CnnmodError(f"expected at least two modules to repair a composition, found {len(modules)}.")
+    new = names.index(new_class)
+    (fit_index, fit_labels), (check_index, check_labels) = draw_per_class(
+        data, names, (options.per_class, options.check_per_class), options.seed)
+    batches = _Batches(modules, data, options.batch_size)
+    fit_margins, check_margins = batches.margins(fit_index), batches.margins(check_index)
+    macs = 0  # beyond the forward passes ``batches`` counts
+    before = _loss(_calibrated(modules, fit_margins), fit_labels)
+    check_before = _loss(_calibrated(modules, check_margins), check_labels)
+    confused = confused_classes(_calibrated(modules, fit_margins), fit_labels, new, names, options.min_share)
+    report = {"method": options.method, "new_class": new_class, "confused": confused, "images": int(len(fit_index)),
+              "check_images": int(len(check_index)), "steps": 0, "loss_before": before,
+              "check_loss_before": check_before, "options": asdict(options)}
+    if not confused:
+        report.update(kept=[], macs=batches.macs, check_loss_after=check_before, seconds=time.perf_counter() - start)
+        return report
+    touched = [names.index(c) for c in confused]
+    kept, check_loss, macs = [], check_before, 0  # macs: beyond the forward passes ``batches`` counts
+    if options.method != "calibrate":  # first the confused modules' masks or weights
+        saved = _snapshot(modules, touched), fit_margins.clone(), check_margins.clone()
+        if options.method == "continuous":
+            for k in touched:
+                adapt_(modules[k], data.images_for(modules[k].input_spec)[fit_index[fit_labels == new]])
+                macs += batches.macs_of(k, int((fit_labels == new).sum()))  # tangling identification's forward pass
+        else:
+            steps, spent = _train(modules, touched, fit_index, fit_labels, fit_margins, batches, options, progress)
+            report["steps"], macs = steps, macs + spent
+        for k in touched:
+            fit_margins[:, k], check_margins[:, k] = batches.margins(fit_index, k), batches.margins(check_index, k)
+        after = _loss(_calibrated(modules, check_margins), check_labels)
+        if after < check_loss:
+            kept, check_loss = [options.method], after
+        else:  # worse on images it did not fit: the modules back as they were
+            _restore(modules, saved[0])
+            fit_margins, check_margins = saved[1], saved[2]
+    # Then the calibrations of the confused modules and of the new one, every other module's held.
+    saved = _snapshot(modules, touched + [new])
+    free = torch.zeros(len(modules), dtype=torch.bool)
+    free[touched + [new]] = True
+    own = [m.meta.get("calibration") or {"a": 1.0, "b": 0.0} for m in modules]
+    a, b = fit_composition(fit_margins, fit_labels, torch.tensor([c["a"] for c in own], dtype=torch.float64),
+                           torch.tensor([c["b"] for c in own], dtype=torch.float64), free=free)
+    for k in touched + [new]:
+        modules[k].meta["calibration"] = {"a": float(f"{a[k]:.6g}"), "b": float(f"{b[k]:.6g}"),
+                                          "images": int(len(fit_index)),
+                                          "source": f"repaired against {new_class!r} ({options.method})"}
+    after = _loss(_calibrated(modules, check_margins), check_labels)
+    if after < check_loss:
+        kept, check_loss = kept + ["calibrate"], after
+    else:
+        _restore(modules, saved)
+    parent = modules[touched[0]].meta.get("parent_training_macs")
+    report.update(kept=kept, check_loss_after=check_loss, macs=macs + batches.macs,
+                  loss_after=_loss(_calibrated(modules, fit_margins), fit_labels))
+    report["share_of_parent_training"] = report["macs"] / parent if isinstance(parent, int) and parent > 0 else None
+    changed = (touched if options.method in kept else []) + (touched + [new] if "calibrate" in kept else [])
+    for k in sorted(set(changed)):
+        modules[k].meta["repair"] = {key: report[key] for key in ("method", "kept", "new_class", "confused", "images",
+                                                                   "steps", "macs", "check_loss_before",
+                                                                   "check_loss_after")}
+    report["seconds"] = time.perf_counter() - start  # not in the files: timings would break identical output
+    return report
+
+
+def _snapshot(modules: list[Module], ks: list[int]) -> dict:
+    """What ``_restore`` needs to put modules ``ks`` back: their tensors (never written in place) and metadata."""
+    return {k: (dict(modules[k].network.weights()), copy.deepcopy(modules[k].meta)) for k in ks}
+
+
+def _restore(modules: list[Module], saved: dict) -> None:
+    for k, (weights, meta) in saved.items():
+        for key, t in weights.items():
+            modules[k].network.set_weight(key, t)
+        modules[k].meta = meta
+
+
+def _train(modules, touched, index, labels, margins, batches, options, progress) -> tuple[int, int]:
+    """Train the weights of the ``touched`` modules (their own layers: a trunk shared with siblings
+    stays as it is) against the composition's cross-entropy; the other columns stay ``margins``.
+    Returns the optimizer steps and the multiply-accumulates they cost."""
+    groups = group_modules(modules, [m.network for m in modules])
+    trunk = {k: g.trunk for g in groups for k in g.members}
+    nets = {k: modules[k].network for k in touched}
+    params = {k: {key: nets[k].weight(key).detach().clone().requires_grad_(True)
+                  for key in trainable_weights(nets[k], {n.name for n in nets[k].graph.nodes} - trunk[k])}
+              for k in touched}
+    everything = [p for mine in params.values() for p in mine.values()]
+    if not everything:
+        raise CnnmodError("expected confused modules with weights to train, found none (try --repair calibrate).")
+    scale = torch.tensor([(m.meta.get("calibration") or {"a": 1.0})["a"] for m in modules])
+    shift = torch.tensor([(m.meta.get("calibration") or {"b": 0.0})["b"] for m in modules])
+    fixed = margins.float() * scale + shift
+    weight = 1.0 / torch.bincount(labels, minlength=len(modules)).clamp_min(1).float()
+    steps = max(1, math.ceil(options.epochs * math.ceil(len(index) / options.batch_size)))
+    optimizer = torch.optim.Adam(everything, lr=options.lr)
+    gen = torch.Generator().manual_seed(options.seed)
+    order, images = torch.empty(0, dtype=torch.long), 0
+    for step in tqdm(range(steps), disable=not (progress and sys.stderr.isatty()), unit="step", desc="repair"):
+        for g in optimizer.param_groups:  # cosine, from the full rate to none
+            g["lr"] = options.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        if len(order) == 0:
+            order = torch.randperm(len(index), generator=gen)
+        rows, order = order[: options.batch_size], order[options.batch_size:]
+        images += len(rows)
+        with torch.enable_grad():
+            columns = list(fixed[rows].unbind(1))
+            for k in touched:
+                with nets[k].bound(params[k]):
+                    z = nets[k](batches.prepared(index[rows], k))
+                columns[k] = (z[:, 1] - z[:, 0]) * scale[k] + shift[k]
+            scores = torch.stack(columns, 1)
+            w = weight[labels[rows]]
+            loss = (w * torch.nn.functional.cross_entropy(scores, labels[rows], reduction="none")).sum() / w.sum()
+            optimizer.zero_grad()
+            loss.backward()
+        optimizer.step()
+    for k in touched:
+        for key, p in params[k].items():
+            nets[k].set_weight(key, p.detach())
+    return steps, sum(3 * batches.macs_of(k, 1) for k in touched) * images
+
+
+class _Batches:
+    """The images of ``data`` prepared for each module, and the modules' margins on them (float32,
+    as a composition computes them), with the multiply-accumulates spent."""
+
+    def __init__(self, modules: list[Module], data, batch_size: int):
+        self.modules, self.data, self.batch_size, self.macs = modules, data, batch_size, 0
+        self._macs: dict[int, int] = {}
+
+    def prepared(self, index: torch.Tensor, k: int) -> torch.Tensor:
+        spec = self.modules[k].input_spec
+        return spec.prepare(self.data.images_for(spec)[index])
+
+    def shape(self, k: int) -> tuple[int, ...]:
+        spec = self.modules[k].input_spec
+        return (spec.channels, *spec.size)
+
+    def macs_of(self, k: int, images: int) -> int:
+        if k not in self._macs:
+            self._macs[k] = cost(self.modules[k].network, self.shape(k))["macs"]
+        return self._macs[k] * images
+
+    def margins(self, index: torch.Tensor, only: int | None = None) -> torch.Tensor:
+        """(N, K) margins of every module on ``index``, or (N,) module ``only``'s."""
+        ks = range(len(self.modules)) if only is None else [only]
+        columns = [torch.cat([self.modules[k].margin(self.prepared(rows, k)) for rows in index.split(self.batch_size)])
+                   for k in ks]
+        self.macs += sum(self.macs_of(k, len(index)) for k in ks)
+        return torch.stack(columns, 1) if only is None else columns[0]
+
+
+def _calibrated(modules: list[Module], margins: torch.Tensor) -> torch.Tensor:
+    return torch.stack([calibrated_logit(m, margins[:, k].double()) for k, m in enumerate(modules)], 1)
+
+
+def _loss(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """The class-balanced cross-entropy of the composition's scores: every class weighs alike."""
+    weight = 1.0 / torch.bincount(labels, minlength=scores.shape[1]).clamp_min(1).double()
+    per_image = torch.nn.functional.cross_entropy(scores.double(), labels, reduction="none")
+    w = weight[labels]
+    return float((w * per_image).sum() / w.sum())
