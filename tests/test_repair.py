@@ -119,12 +119,28 @@ def test_repair_calibrate_and_continuous_fit_scalars_only(weak):
                 assert all(t is untouched[m.class_name][k] for k, t in m.network.weights().items())
 
 
+def test_head_repair_changes_only_the_new_modules_head_and_lowers_the_loss(weak):
+    mods, healthy_five, data = weak
+    modules = _replaced(mods, healthy_five)
+    before = {m.class_name: m.network.weights() for m in modules}
+    report = repair_(modules, "5", data, RepairOptions(method="head", per_class=60, check_per_class=40))
+    assert report["kept"][0] == "head" and report["check_loss_after"] < 0.8 * report["check_loss_before"]
+    assert report["loss_after"] <= report["loss_before"]  # each stage minimises the fitting loss from where it was
+    new = modules[5].network
+    head = [k for k, t in new.weights().items() if t is not before["5"][k]]
+    assert sorted(head) == ["fc.bias", "fc.weight"]  # the head, and nothing else of the new module
+    assert torch.equal(new.weight("fc.weight")[0], before["5"]["fc.weight"][0])  # its "not 5" row kept
+    for m in modules:
+        if m.class_name not in report["confused"] and m.class_name != "5":
+            assert "repair" not in m.meta and all(t is before[m.class_name][k] for k, t in m.network.weights().items())
+
+
 def test_repair_refuses_wrong_input(weak):
     mods, healthy_five, data = weak
     modules = load_modules(mods)
     with pytest.raises(CnnmodError, match="expected the replaced class among the modules' classes"):
         repair_(modules, "cat", data)
-    with pytest.raises(CnnmodError, match="expected a repair method among calibrate, continuous, train"):
+    with pytest.raises(CnnmodError, match="expected a repair method among head, calibrate, continuous, train"):
         RepairOptions(method="retrain")
     with pytest.raises(CnnmodError, match="expected images of every composed class"):
         repair_(modules, "5", Dataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 0]), ["0"]))
@@ -139,6 +155,12 @@ def test_replace_repair_on_the_command_line(weak, tmp_path, capsys):
                  "--data", "digits", "--repair-per-class", "60"]) == 0
     text = capsys.readouterr().out
     assert "confused with '5':" in text and "nothing kept" in text  # as replaced, no calibration does better
+    assert main(["replace", str(mods), "--with", str(healthy_five), "--out", str(out), "--repair", "head",
+                 "--data", "digits", "--repair-per-class", "60"]) == 0
+    text = capsys.readouterr().out
+    assert "repaired (head; kept: head) on 541 images" in text
+    assert "of what training the confused modules' parent cost" in text
+    assert load_module(out / "5.safetensors").meta["repair"]["kept"] == ["head"]
     assert main(["replace", str(mods), "--with", str(healthy_five), "--out", str(tmp_path / "x"),
                  "--repair", "train"]) == 2
     assert "expected --data (labelled images of the composed classes) with --repair" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from .training import TrainConfig, train  # noqa: E402
 
 __all__ = [
     "ChannelsOptions", "CnnmodError", "ComposedClassifier", "Dataset", "InputSpec", "Module", "Observation",
-    "PaperOptions", "RepairOptions", "TrainConfig", "build", "compose", "create_model", "decompose", "fit_composed_", "list_models",
-    "load_composed", "load_data", "load_model", "load_module", "load_observation", "observe", "repair_", "replace",
-    "save_checkpoint", "save_composed", "save_module", "save_observation", "train",
+    "PaperOptions", "RepairOptions", "TrainConfig", "build", "compose", "create_model", "decompose", "fit_composed_",
+    "list_models", "load_composed", "load_data", "load_model", "load_module", "load_observation", "observe", "repair_",
+    "replace", "save_checkpoint", "save_composed", "save_module", "save_observation", "train",
 ]

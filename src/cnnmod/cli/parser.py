@@ -213,10 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with", dest="new", required=True, help="the new module file (same class, any parent)")
     p.add_argument("--out", required=True,
                    help="the module folder to write (new, empty, a module folder, or the input folder itself)")
-    p.add_argument("--repair", choices=["calibrate", "continuous", "train"], default=None,
-                   help="then adapt the modules the new one confuses (read off --data's confusion matrix), "
-                        "every other module left as it is: their calibrations, the paper's continuous "
-                        "learning, or a few training steps (each followed by the calibration)")
+    p.add_argument("--repair", choices=["head", "calibrate", "continuous", "train"], default=None,
+                   help="then adapt to the modules the new one confuses (read off --data's confusion matrix), "
+                        "every other module left as it is: re-fit the new module's head against them (head), "
+                        "fit their calibrations (calibrate), the paper's continuous learning (continuous), or a few "
+                        "training steps of theirs (train); each followed by the calibrations")
     p.add_argument("--data", default=None, help="labelled images of the composed classes, for --repair")
     p.add_argument("--split", choices=["train", "test", "val", "all"], default=None, help="which part of --data")
     p.add_argument("--repair-epochs", type=POSITIVE, default=None,

@@ -6,8 +6,15 @@ answered (BENCHMARKS.md: replacing the weak ResNet-20's dog module repaired dog,
 cost cat 5.0 points). Given labelled images of the composed classes (the user's own data),
 ``repair_`` reads off the composition's confusion matrix which classes the new module confuses
 (the share of a class's images it wins, or of its own images that class wins), and adapts only
-those modules, by one of three methods:
+those modules, or the new one, by one of four methods:
 
+- ``head`` (the default): re-fit the new module's head (its last linear layer, whose two rows give
+  its margin) on its own features of the images, so that the composition names each image's class
+  (class-balanced cross-entropy, every other module's scores fixed, held gently to the head as
+  it was; L-BFGS, no backward pass through any network), then ``calibrate``. The new module's
+  parent knows the classes it confuses with its own (cat from dog) better than the neighbours'
+  weak parent does; its head, fitted against the mean of its parent's other classes, did not use
+  that against these neighbours;
 - ``calibrate``: fit the two calibration scalars of the confused modules and of the new module
   jointly (compose/fit.py), every other module's held exactly;
 - ``continuous``: the paper's continuous learning (modules/adapt.py: tangling identification of
@@ -39,10 +46,12 @@ from ..modules.calibration import calibrated_logit
 from ..modules.distill import trainable_weights
 from ..modules.extract import cost
 from ..modules.module import Module
+from ..statistics.collect import head_layer
 from .fit import draw_per_class, fit_composition
 from .trunk import group_modules
 
-METHODS = ("calibrate", "continuous", "train")
+METHODS = ("head", "calibrate", "continuous", "train")
+HEAD_HOLD = 1e-2  # the pull of a re-fitted head towards the new module's own (standardised features)
 
 
 @dataclass(frozen=True)
@@ -52,13 +61,14 @@ class RepairOptions:
     the new class, or of the new class's images to it. ``epochs``, ``lr``, ``batch_size``: the
     ``train`` method's budget (passes over the fitting images), Adam's learning rate, its batch."""
 
-    method: str = "train"
+    method: str = "head"
     per_class: int = 500
     check_per_class: int = 100
     min_share: float = 0.02
     epochs: float = 1.0
     lr: float = 1e-4
     batch_size: int = 64
+    anchor: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -74,6 +84,8 @@ class RepairOptions:
             raise CnnmodError(f"expected repair epochs between 0 and 100 (0 excluded), found {self.epochs!r}.")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise CnnmodError(f"expected a repair learning rate in (0, 1), found {self.lr!r}.")
+        if not (isinstance(self.anchor, (int, float)) and 0 <= self.anchor and math.isfinite(self.anchor)):
+            raise CnnmodError(f"expected a repair anchor weight >= 0, found {self.anchor!r}.")
 
 
 def confused_classes(scores: torch.Tensor, labels: torch.Tensor, new: int, names: list[str],
@@ -117,7 +129,6 @@ def repair_(modules: list[Module], new_class: str, data, options: RepairOptions 
         data, names, (options.per_class, options.check_per_class), options.seed)
     batches = _Batches(modules, data, options.batch_size)
     fit_margins, check_margins = batches.margins(fit_index), batches.margins(check_index)
-    macs = 0  # beyond the forward passes ``batches`` counts
     before = _loss(_calibrated(modules, fit_margins), fit_labels)
     check_before = _loss(_calibrated(modules, check_margins), check_labels)
     confused = confused_classes(_calibrated(modules, fit_margins), fit_labels, new, names, options.min_share)
@@ -128,17 +139,26 @@ def repair_(modules: list[Module], new_class: str, data, options: RepairOptions 
         report.update(kept=[], macs=batches.macs, check_loss_after=check_before, seconds=time.perf_counter() - start)
         return report
     touched = [names.index(c) for c in confused]
+    if options.method == "continuous":  # before any module changes
+        other = sorted({str(modules[k].meta.get("strategy")) for k in touched} - {"paper"})
+        if other:
+            raise CnnmodError(f"expected paper-strategy modules for continuous learning, found {other[0]} modules "
+                              "among the confused ones (use --repair calibrate or train).")
     kept, check_loss, macs = [], check_before, 0  # macs: beyond the forward passes ``batches`` counts
-    if options.method != "calibrate":  # first the confused modules' masks or weights
-        saved = _snapshot(modules, touched), fit_margins.clone(), check_margins.clone()
-        if options.method == "continuous":
+    if options.method != "calibrate":  # first the confused modules' masks or weights, or the new one's head
+        adapted = [new] if options.method == "head" else touched
+        saved = _snapshot(modules, adapted), fit_margins.clone(), check_margins.clone()
+        if options.method == "head":
+            macs += _refit_head(modules, new, fit_index, fit_labels, fit_margins, batches)
+        elif options.method == "continuous":
             for k in touched:
                 adapt_(modules[k], data.images_for(modules[k].input_spec)[fit_index[fit_labels == new]])
                 macs += batches.macs_of(k, int((fit_labels == new).sum()))  # tangling identification's forward pass
         else:
-            steps, spent = _train(modules, touched, fit_index, fit_labels, fit_margins, batches, options, progress)
+            steps, spent = _train(modules, touched, new, fit_index, fit_labels, fit_margins, batches, options,
+                                  progress)
             report["steps"], macs = steps, macs + spent
-        for k in touched:
+        for k in adapted:
             fit_margins[:, k], check_margins[:, k] = batches.margins(fit_index, k), batches.margins(check_index, k)
         after = _loss(_calibrated(modules, check_margins), check_labels)
         if after < check_loss:
@@ -162,17 +182,77 @@ def repair_(modules: list[Module], new_class: str, data, options: RepairOptions 
         kept, check_loss = kept + ["calibrate"], after
     else:
         _restore(modules, saved)
-    parent = modules[touched[0]].meta.get("parent_training_macs")
+    parents = {modules[k].meta.get("parent_training_macs") for k in touched}  # one parent's training, if one
+    parent = parents.pop() if len(parents) == 1 else None
     report.update(kept=kept, check_loss_after=check_loss, macs=macs + batches.macs,
                   loss_after=_loss(_calibrated(modules, fit_margins), fit_labels))
     report["share_of_parent_training"] = report["macs"] / parent if isinstance(parent, int) and parent > 0 else None
-    changed = (touched if options.method in kept else []) + (touched + [new] if "calibrate" in kept else [])
+    changed = (([new] if options.method == "head" else touched) if options.method in kept else []) \
+        + (touched + [new] if "calibrate" in kept else [])
     for k in sorted(set(changed)):
         modules[k].meta["repair"] = {key: report[key] for key in ("method", "kept", "new_class", "confused", "images",
                                                                    "steps", "macs", "check_loss_before",
                                                                    "check_loss_after")}
     report["seconds"] = time.perf_counter() - start  # not in the files: timings would break identical output
     return report
+
+
+def _refit_head(modules: list[Module], new: int, index: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor,
+                batches: "_Batches") -> int:
+    """Re-fit module ``new``'s head so that its calibrated score, ``u . f + c`` on the head's input
+    features f, makes the composition right as often as possible (the other columns: ``margins``
+    as calibrated); store it in the head's second row and bias, the first row kept, the module's
+    calibration kept. Returns the multiply-accumulates of the forward passes for the features."""
+    module = modules[new]
+    net = module.network
+    head = head_layer(net.graph)
+    weight, bias = net.weight(f"{head}.weight"), net.weight(f"{head}.bias")
+    if bias is None or weight.dim() != 2 or weight.shape[0] != 2:
+        raise CnnmodError(f"module {module.class_name!r}: expected a linear head of two rows with a bias, found "
+                          f"weights of shape {tuple(weight.shape)}{'' if bias is not None else ' and no bias'}.")
+    source = net.graph.by_name[head].inputs[0]
+    features = []
+
+    def grab(name, out):
+        if name == source:
+            features.append(out.flatten(1).double())
+
+    for rows in index.split(batches.batch_size):
+        net(batches.prepared(rows, new), after=grab)
+    f = torch.cat(features)
+    cal = module.meta.get("calibration") or {"a": 1.0, "b": 0.0}
+    a, b = float(cal["a"]), float(cal["b"])
+    if not a > 0:
+        raise CnnmodError(f"module {module.class_name!r}: expected a positive calibration scale, found {a}.")
+    w, bb = weight.double(), bias.double()
+    u0, c0 = a * (w[1] - w[0]), a * float(bb[1] - bb[0]) + b  # its calibrated score, linear in f
+    mu, sigma = f.mean(0), f.std(0).clamp_min(1e-6)
+    z = (f - mu) / sigma  # standardised, so that the hold weighs every feature alike
+    start = torch.cat([u0 * sigma, torch.tensor([c0 + float(u0 @ mu)], dtype=torch.float64)])
+    fixed = _calibrated(modules, margins)
+    weight_of = (1.0 / torch.bincount(labels, minlength=len(modules)).clamp_min(1).double())[labels]
+    theta = start.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        columns = list(fixed.unbind(1))
+        columns[new] = z @ theta[:-1] + theta[-1]
+        ce = torch.nn.functional.cross_entropy(torch.stack(columns, 1), labels, reduction="none")
+        value = (weight_of * ce).sum() / weight_of.sum() + HEAD_HOLD * (theta - start).pow(2).sum()
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        opt.step(loss)
+    v = theta.detach()
+    u = v[:-1] / sigma
+    c = float(v[-1]) - float(u @ mu)
+    row = w[0] + u / a  # margin = (row - w[0]) . f + (bias1 - bias0), and a * margin + b = u . f + c
+    net.set_weight(f"{head}.weight", torch.stack([w[0], row]).to(weight.dtype))
+    net.set_weight(f"{head}.bias", torch.stack([bb[0], bb[0] + (c - b) / a]).to(bias.dtype))
+    return batches.macs_of(new, len(index))
 
 
 def _snapshot(modules: list[Module], ks: list[int]) -> dict:
@@ -187,7 +267,7 @@ def _restore(modules: list[Module], saved: dict) -> None:
         modules[k].meta = meta
 
 
-def _train(modules, touched, index, labels, margins, batches, options, progress) -> tuple[int, int]:
+def _train(modules, touched, new, index, labels, margins, batches, options, progress) -> tuple[int, int]:
     """Train the weights of the ``touched`` modules (their own layers: a trunk shared with siblings
     stays as it is) against the composition's cross-entropy; the other columns stay ``margins``.
     Returns the optimizer steps and the multiply-accumulates they cost."""
@@ -224,6 +304,11 @@ def _train(modules, touched, index, labels, margins, batches, options, progress)
             scores = torch.stack(columns, 1)
             w = weight[labels[rows]]
             loss = (w * torch.nn.functional.cross_entropy(scores, labels[rows], reduction="none")).sum() / w.sum()
+            if options.anchor:  # on the other classes' images, each trained module's scores stay where they were
+                away = ~torch.isin(labels[rows], torch.tensor(touched + [new]))
+                if bool(away.any()):
+                    drift = torch.stack([scores[away, k] - fixed[rows][away, k] for k in touched])
+                    loss = loss + options.anchor * drift.pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
         optimizer.step()
