@@ -1,7 +1,7 @@
 """Weak-class repair on CIFAR-10 (issue #4), where 500 validation images per class resolve 0.2 points.
 
     .venv/bin/python benchmarks/bench_weak_cifar.py [--epochs 4] [--repair-epochs 2 --repair-lr 3e-4]
-        [--repair-per-class 500]
+        [--repair-per-class 200]
 
 A ResNet-20 is trained on the 45,000 training images with only 10% of the "dog" images (the
 first 450 of its 4,500 in file order), with cnnmod's own ``train`` (written once to
@@ -56,7 +56,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=4)  # the committed weak checkpoint's
     parser.add_argument("--repair-epochs", type=float, default=2.0)
     parser.add_argument("--repair-lr", type=float, default=3e-4)
-    parser.add_argument("--repair-per-class", type=int, default=500)
+    parser.add_argument("--repair-per-class", type=int, default=200)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     train_set, val = load_data(str(CIFAR_TAR), "train"), load_data(str(CIFAR_TAR), "val")

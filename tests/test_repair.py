@@ -142,6 +142,14 @@ def test_repair_refuses_wrong_input(weak):
         repair_(modules, "cat", data)
     with pytest.raises(CnnmodError, match="expected a repair method among head, calibrate, continuous, train"):
         RepairOptions(method="retrain")
+    small = decompose(load_model(mods.parent / "weak.safetensors"), data, strategy="channels", keep=0.5)
+    mixed = replace(small, load_module(healthy_five))
+    mixed[5].meta["calibration"]["b"] += 3.0
+    tensors = [dict(m.network.weights()) for m in mixed]
+    with pytest.raises(CnnmodError, match="expected paper-strategy modules for continuous learning, found channels"):
+        repair_(mixed, "5", data, RepairOptions(method="continuous", per_class=60, check_per_class=40))
+    for m, before in zip(mixed, tensors):  # refused before anything changed
+        assert all(before[k] is t for k, t in m.network.weights().items())
     with pytest.raises(CnnmodError, match="expected images of every composed class"):
         repair_(modules, "5", Dataset(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 0]), ["0"]))
 

@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--repair train: passes over the fitting images (default 1)")
     p.add_argument("--repair-lr", type=POSITIVE, default=None, help="--repair train: Adam's learning rate (1e-4)")
     p.add_argument("--repair-per-class", type=COUNT, default=None,
-                   help="images per class to fit on (default 500; 100 more per class check the result)")
+                   help="images per class to fit on (default 200; 100 more per class check the result)")
 
     p = command("import", "turn a .pt/.pth state dict into a checkpoint (any architecture cnnmod can trace)")
     p.add_argument("state_dict", help="the .pt/.pth file (read with weights_only=True: nothing is unpickled)")
