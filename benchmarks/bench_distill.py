@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", type=float, default=0.22)
     parser.add_argument("--trunk", type=float, default=0.0, help="the shared trunk's share of the MACs (--trunk)")
     parser.add_argument("--flip", action="store_true", help="mirror a seeded half of each batch (--distill-flip)")
+    parser.add_argument("--composed", type=float, default=0.0,
+                        help="weight of the composed-answer term (KL of the margins' softmax; --distill-composed)")
     parser.add_argument("--all-images", action="store_true",
                         help="distil on every training image (45,000, labels unused), not only the statistics sample")
     parser.add_argument("--pairs", type=float, default=None, metavar="EPOCHS",
@@ -74,13 +76,13 @@ def main(argv=None) -> int:
         for epochs in (float(e) for e in args.epochs.split(",")):
             modules = build(obs, "channels", **options)
             row = {"keep": args.keep, "trunk": args.trunk, "flip": args.flip, "all_images": args.all_images,
-                   "epochs": epochs, "lr": args.lr,
+                   "epochs": epochs, "lr": args.lr, "composed": args.composed,
                    "model_top1": model_top1,
                    "params_fraction": max(m.meta["params_fraction"] for m in modules),
                    "macs_fraction": max(m.meta["macs_fraction"] for m in modules),
                    "decomposition_images": len(index), "parent_training_macs": parent_training}
             if epochs > 0:
-                chosen = DistillOptions(epochs=epochs, lr=args.lr, flip=args.flip)
+                chosen = DistillOptions(epochs=epochs, lr=args.lr, flip=args.flip, composed=args.composed)
                 report = distill_(modules, teacher, fetch, index, chosen)
                 row.update({k: report[k] for k in ("steps", "images", "macs", "seconds", "loss_first", "loss_last")})
                 row["share_of_parent_training"] = report["macs"] / parent_training
@@ -91,7 +93,9 @@ def main(argv=None) -> int:
             row["machine"] = machine()
             print(row, flush=True)
             images = ", all images" if args.all_images else ""
-            rows[f"keep {args.keep}, trunk {args.trunk}, flip {args.flip}{images}, lr {args.lr}, epochs {epochs}"] = row
+            composed = f", composed {args.composed}" if args.composed else ""
+            rows[f"keep {args.keep}, trunk {args.trunk}, flip {args.flip}{images}, lr {args.lr}, epochs {epochs}"
+                 f"{composed}"] = row
             CACHE.parent.mkdir(exist_ok=True)
             CACHE.write_text(json.dumps(rows, indent=1))
     write_section("distill", render(list(rows.values())) + render_pairs(list(pair_rows.values())),
@@ -180,12 +184,12 @@ def render(rows: list[dict]) -> str:
         "forward + 3x the students) against the parent's training (3 x MACs x 45,000 images x 48 epochs, from its "
         "checkpoint).",
         "",
-        "| keep | trunk | flip | images | lr | epochs | largest module: params / parent | MACs / parent | "
+        "| keep | trunk | flip | composed | images | lr | epochs | largest module: params / parent | MACs / parent | "
         "10 composed: MACs / parent | composed top-1 | points vs model "
         "| distillation / parent's training | distillation seconds | targets |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["keep"], r.get("trunk", 0.0), bool(r.get("flip")),
+    for r in sorted(rows, key=lambda r: (r["keep"], r.get("trunk", 0.0), bool(r.get("flip")), r.get("composed", 0.0),
                                          r["decomposition_images"], r["lr"], r["epochs"])):
         share = r.get("share_of_parent_training", 0.0)
         gap = 100 * (r["top1"] - r["model_top1"])
@@ -193,7 +197,8 @@ def render(rows: list[dict]) -> str:
         verdict = "met" if all(met) else "MISSED (" + ", ".join(
             w for w, ok in zip(("size", "accuracy", "cost"), met) if not ok) + ")"
         flip = "yes" if r.get("flip") else "no"
-        lines.append(f"| {r['keep']} | {r.get('trunk', 0.0):g} | {flip} | {r['decomposition_images']:,} | {r['lr']} | "
+        lines.append(f"| {r['keep']} | {r.get('trunk', 0.0):g} | {flip} | {r.get('composed', 0.0):g} | "
+                     f"{r['decomposition_images']:,} | {r['lr']} | "
                      f"{r['epochs']:g} | "
                      f"{r['params_fraction']:.3f} | {r['macs_fraction']:.3f} | {_composed(r, rows)} | "
                      f"{100 * r['top1']:.2f} | {gap:+.2f} | {share:.2%} | {r.get('seconds', 0):.0f} | {verdict} |")

@@ -174,3 +174,23 @@ def test_weights_that_do_not_lower_the_loss_are_not_kept(parent):
     report = distill_(modules, teacher, fetch, index[:128], DistillOptions(epochs=1, batch_size=128, lr=0.5))
     assert not report["kept"] and report["loss_after"] >= report["loss_before"]
     assert all(m.network.weights()[k] is t for m, own in zip(modules, before) for k, t in own.items())
+
+
+def test_the_composed_term_is_the_divergence_of_the_margins_softmax():
+    from cnnmod.modules.distill import _summed_loss
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    targets = channeled_targets(logits, [0, 1, 2])  # (3 modules, 2 images, 2)
+    exact = [t.clone() for t in targets]
+    assert float(_summed_loss(exact, targets, 1.0)) == 0.0
+    moved = [t.clone() for t in targets]
+    moved[1][:, 1] += 1.0  # module 1's margin one higher on both images
+    mse = float(_summed_loss(moved, targets, 0.0))
+    assert mse == pytest.approx(2 * 1.0 / 2)  # two images, a squared error of 1 each, halved
+    theirs = torch.stack([t[:, 1] - t[:, 0] for t in targets], 1)
+    mine = torch.stack([t[:, 1] - t[:, 0] for t in moved], 1)
+    p, q = theirs.softmax(1), mine.softmax(1)
+    kl = float((p * (p.log() - q.log())).sum())  # oracle: the definition
+    assert float(_summed_loss(moved, targets, 0.5)) == pytest.approx(mse + 0.5 * kl, rel=1e-5)
+    with pytest.raises(CnnmodError, match="expected a composed-answer weight >= 0"):
+        DistillOptions(composed=-1.0)

@@ -51,13 +51,15 @@ CHECK_IMAGES = 2048  # the images the loss is checked on, before and after
 @dataclass(frozen=True)
 class DistillOptions:
     """``epochs``: passes over the decomposition images (the budget; 0.5 is half of them once).
-    ``flip``: mirror a seeded half of each batch left to right (for photos; not for digits or text)."""
+    ``flip``: mirror a seeded half of each batch left to right (for photos; not for digits or text).
+    ``composed``: weight of a term for the modules' composed answer (``_summed_loss``)."""
 
     epochs: float = 1.0
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
     flip: bool = False
+    composed: float = 0.0
 
     def __post_init__(self):
         if not (isinstance(self.epochs, (int, float)) and 0 < self.epochs <= 1000 and math.isfinite(self.epochs)):
@@ -70,6 +72,8 @@ class DistillOptions:
             raise CnnmodError(f"expected flip to be true or false, found {self.flip!r}.")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise CnnmodError(f"expected a distillation learning rate in (0, 1), found {self.lr!r}.")
+        if not (isinstance(self.composed, (int, float)) and 0 <= self.composed and math.isfinite(self.composed)):
+            raise CnnmodError(f"expected a composed-answer weight >= 0, found {self.composed!r}.")
 
 
 def channeled_targets(logits: torch.Tensor, classes: list[int]) -> torch.Tensor:
@@ -164,7 +168,7 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
             targets = channeled_targets(teacher(x), classes)
             with torch.enable_grad():
                 outputs = _outputs(nets, group, x, trained)
-                loss = sum(torch.nn.functional.mse_loss(out, t) for out, t in zip(outputs, targets))
+                loss = _summed_loss(outputs, targets, options.composed) / len(x)
                 optimizer.zero_grad()
                 loss.backward()
             optimizer.step()
@@ -181,8 +185,8 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
     # The check: the loss on (up to) the first CHECK_IMAGES images, before and after. Weights that did
     # not lower it are not kept (few steps at a learning rate too high for a module already close).
     check = index[:CHECK_IMAGES]
-    before = _loss(nets, group, teacher, fetch, check, classes, options.batch_size, None)
-    after = _loss(nets, group, teacher, fetch, check, classes, options.batch_size, trained)
+    before = _loss(nets, group, teacher, fetch, check, classes, options.batch_size, None, options.composed)
+    after = _loss(nets, group, teacher, fetch, check, classes, options.batch_size, trained, options.composed)
     if after < before:
         for net, mine in zip(nets, trained):  # the trunk's trained tensors are the same objects in every module
             for k, p in mine.items():
@@ -215,7 +219,7 @@ def training_macs(checkpoint_meta: dict, macs_per_image: int) -> int | None:
 
 
 def _loss(nets, group: Group, teacher: GraphNetwork, fetch, check: torch.Tensor, classes: list[int],
-          batch_size: int, tensors: list[dict] | None) -> float:
+          batch_size: int, tensors: list[dict] | None, composed: float) -> float:
     """The distillation loss over ``check``, averaged over the modules as the steps' losses are, with
     ``tensors`` bound (None: the networks' own)."""
     total = 0.0
@@ -223,8 +227,22 @@ def _loss(nets, group: Group, teacher: GraphNetwork, fetch, check: torch.Tensor,
         x = fetch(batch)
         targets = channeled_targets(teacher(x), classes)
         outputs = _outputs(nets, group, x, tensors or [{}] * len(nets))
-        total += sum(float(torch.nn.functional.mse_loss(o, t, reduction="sum")) / 2 for o, t in zip(outputs, targets))
+        total += float(_summed_loss(outputs, targets, composed))
     return total / len(check) / len(nets)
+
+
+def _summed_loss(outputs: list[torch.Tensor], targets: torch.Tensor, composed: float) -> torch.Tensor:
+    """The loss of a batch, summed over its images: each module's squared error to its two target
+    logits (halved), plus ``composed`` x the divergence of the modules' answer from the parent's:
+    KL(softmax of the parent's channeled margins || softmax of the modules' margins), over the
+    modules distilled together (a composition's vote is the argmax of those margins)."""
+    loss = sum(torch.nn.functional.mse_loss(o, t, reduction="sum") for o, t in zip(outputs, targets)) / 2
+    if composed and len(outputs) > 1:
+        mine = torch.stack([o[:, 1] - o[:, 0] for o in outputs], 1)
+        theirs = targets[:, :, 1].T - targets[:, :, 0].T
+        loss = loss + composed * torch.nn.functional.kl_div(mine.log_softmax(1), theirs.log_softmax(1),
+                                                            reduction="sum", log_target=True)
+    return loss
 
 
 def _outputs(nets: list[GraphNetwork], group: Group, x: torch.Tensor, tensors: list[dict]) -> list[torch.Tensor]:
