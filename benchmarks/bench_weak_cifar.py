@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CHECKPOINTS, CIFAR_TAR, machine, write_section  # noqa: E402
+from common import CHECKPOINTS, CIFAR_TAR, RESULTS, machine, write_section  # noqa: E402
 
 from cnnmod import TrainConfig, compose, decompose, load_data, load_model, replace, train  # noqa: E402
 from cnnmod.compose import RepairOptions, fit_composed_, repair_  # noqa: E402
@@ -57,7 +57,12 @@ def main(argv=None):
     parser.add_argument("--repair-epochs", type=float, default=2.0)
     parser.add_argument("--repair-lr", type=float, default=3e-4)
     parser.add_argument("--repair-per-class", type=int, default=200)
+    parser.add_argument("--render", action="store_true", help="only write BENCHMARKS.md from results/weak_cifar.json")
     args = parser.parse_args(argv)
+    if args.render:
+        result = json.loads((RESULTS / "weak_cifar.json").read_text())
+        write_section("weak_cifar", render(result), result)
+        return
     torch.set_num_threads(2)
     train_set, val = load_data(str(CIFAR_TAR), "train"), load_data(str(CIFAR_TAR), "val")
     weak_set = weakened(train_set, train_set.classes.index(CLASS))
@@ -224,18 +229,39 @@ def repair_lines(result: dict, weak: dict, before: dict, others: list[str], gap:
     lines = ["", "Repair (issue #17): after the replacement, the classes the new dog module confuses on the weak "
              "model's own training images (the user's data: 450 dogs) are adapted, every other module left as it is "
              "(its file byte-identical): `repair_(modules, 'dog', weak_training_set, RepairOptions(method=...))`, "
-             "`cnnmod replace ... --repair METHOD --data ...`. Each stage is kept only if it lowers the composition's "
-             "loss on held-out training images."]
+             "`cnnmod replace ... --repair METHOD --data ...`; 200 images per class to fit, 100 per class to "
+             "check: each stage is kept only if it lowers the composition's loss on those. One "
+             "class's accuracy here rests on 500 images: 1 point is 5 of them."]
+    replaced = result["rows"]["after replacing the dog module, calibrated"]["per_class"]
     for label, report in result["repairs"].items():
         pc = result["rows"][label]["per_class"]
         confused = ", ".join(f"{c} {100 * v:.1f}%" for c, v in report["confused"].items())
         lines.append("")
         lines.append(f"{report['method']}: confused {confused}; kept: {', '.join(report['kept']) or 'nothing'}"
-                     + (f" ({report['steps']} steps)" if report["steps"] else "") +
+                     + (f" ({report['steps']} training steps run)" if report["steps"] else "") +
                      f"; dog recovered {100 * (pc[CLASS] - weak[CLASS]) / gap:.0f}% of the gap; largest loss of "
                      f"another class {100 * max(weak[c] - pc[c] for c in others):.1f} points vs. the weak model, "
-                     f"{100 * max(before[c] - pc[c] for c in others):.1f} vs. its modules (target: <= 1); "
+                     f"{100 * max(before[c] - pc[c] for c in others):.1f} vs. its modules, "
+                     f"{100 * max(replaced[c] - pc[c] for c in others):.1f} vs. the replacement it starts from "
+                     f"(target: <= 1); "
                      f"{report['seconds']:.0f} s.")
+    head = result["rows"].get("after replacing the dog module, repaired (head)")
+    if head:
+        pc = head["per_class"]
+        loser = max(others, key=lambda c: before[c] - pc[c])
+        worst_weak = max(others, key=lambda c: weak[c] - pc[c])
+        lines += ["", f"Targets (issue #17): dog recovers >= 90% of its gap: met by every method. Every other class "
+                  f"within 1 point of its accuracy before: the head re-fit keeps them within "
+                  f"{100 * max(replaced[c] - pc[c] for c in others):.1f} of the replacement it repairs, but "
+                  f"{loser} is {100 * (before[loser] - pc[loser]):.1f} below the weak model's modules composed "
+                  f"(MISSED by {100 * (before[loser] - pc[loser]) - 1:.1f}) and {worst_weak} "
+                  f"{100 * (weak[worst_weak] - pc[worst_weak]):.1f} below the weak model itself, where the calibrated "
+                  f"composition of the weak model's own modules already loses "
+                  f"{100 * max(weak[c] - before[c] for c in others):.1f} points (the rule, before any replacement). "
+                  "Tried in exploratory runs (not in the table): training the confused modules (1 to 4 epochs, lr 1e-4 to 1e-3, 200 or 500 images per "
+                  "class, with and without a term holding their scores on the other classes' images): at best cat "
+                  "57.8 and another class -1.2 to -3.2 points; calibrating the confused modules after the head moved "
+                  "frog by -2.0; the paper's continuous learning added nothing the check kept."]
     energy = result["energy"]
     step = energy.get("train the weak model's recipe, 20 batches of 128 (for extrapolation)")
     dec = energy.get("decompose the weak model (10 classes)")
