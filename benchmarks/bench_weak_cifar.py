@@ -258,10 +258,11 @@ def repair_lines(result: dict, weak: dict, before: dict, others: list[str], gap:
                   f"{100 * (weak[worst_weak] - pc[worst_weak]):.1f} below the weak model itself, where the calibrated "
                   f"composition of the weak model's own modules already loses "
                   f"{100 * max(weak[c] - before[c] for c in others):.1f} points (the rule, before any replacement). "
-                  "Tried in exploratory runs (not in the table): training the confused modules (1 to 4 epochs, lr 1e-4 to 1e-3, 200 or 500 images per "
-                  "class, with and without a term holding their scores on the other classes' images): at best cat "
-                  "57.8 and another class -1.2 to -3.2 points; calibrating the confused modules after the head moved "
-                  "frog by -2.0; the paper's continuous learning added nothing the check kept."]
+                  "Tried in exploratory runs (not in the table): training the confused modules (1 to 4 epochs, lr "
+                  "1e-4 to 1e-3, 200 or 500 images per class, with and without a term holding their scores on the "
+                  "other classes' images): at best cat 57.8 and another class -1.2 to -3.2 points; calibrating "
+                  "the confused modules after the head moved frog by -2.0; the paper's continuous learning added "
+                  "nothing the check kept."]
     energy = result["energy"]
     step = energy.get("train the weak model's recipe, 20 batches of 128 (for extrapolation)")
     dec = energy.get("decompose the weak model (10 classes)")
