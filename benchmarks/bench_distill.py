@@ -220,9 +220,10 @@ def _composed(r: dict, rows: list[dict]) -> str:
 NOTES = [
     "- Size and cost are within the targets (the largest module holds 0.230 of the parameters and 0.243 of the "
     "MACs at keep 0.22; every distillation here costs at most 4.3% of the parent's training); accuracy is not: "
-    "the best composition is 8.4 points below the model (79.7% against 88.1%: the trunk, mirrored images, all "
-    "45,000 training images), up from 57.2% training-free (43.7% with the trunk); on the statistics sample alone, "
-    "as `decompose --distill` does, 79.3%. Issue #17's 1.5 points are missed by 6.9.",
+    "the best composition is 8.2 points below the model (79.9% against 88.1%: mirrored images and the composed-"
+    "answer term at W = 10, on the statistics sample as `decompose --distill` trains; 79.7% with the trunk and all "
+    "45,000 training images), up from 57.2% training-free (43.7% with the trunk). Issue #17's 1.5 points are "
+    "missed by 6.7.",
     "- A shared trunk (`--trunk 1.0`: every prunable space chosen alike for all classes) makes the 10 composed "
     "modules cost 0.24x the model's MACs (without it 1.81x: only the layers the modules hold identically run once) "
     "and a distillation step a quarter as much: "
@@ -238,6 +239,10 @@ NOTES = [
     "epochs the composed top-1 stays near 79% while the distillation loss keeps falling; all 45,000 training "
     "images (labels unused) for the same compute as 16 epochs of the 10,000 gain 0.8 points (79.7% against "
     "78.9%). Not tried yet: distilling on the parent's features as well as its logits, a longer budget.",
+    "- The composed-answer term (`--composed W`, `decompose --distill-composed W`: W x KL between the softmax of "
+    "the parent's channeled margins and the modules' margins, added to the squared error) at 4 epochs with flips: "
+    "W = 1: 79.28% (no gain), W = 10: 79.86% (+0.54 points over 79.32%), for the same cost. Still 8.2 points "
+    "below the model.",
 ]
 
 

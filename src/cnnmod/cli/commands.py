@@ -188,12 +188,15 @@ def _strategy_options(args) -> dict:
 
 def _distill_options(args) -> dict | None:
     if args.distill is None:
-        if args.distill_lr is not None or args.distill_flip:
-            flag = "--distill-lr" if args.distill_lr is not None else "--distill-flip"
-            raise CnnmodError(f"expected {flag} only with --distill EPOCHS, found it alone.")
+        given = [flag for flag, value in (("--distill-lr", args.distill_lr is not None),
+                                          ("--distill-flip", args.distill_flip),
+                                          ("--distill-composed", args.distill_composed is not None)) if value]
+        if given:
+            raise CnnmodError(f"expected {given[0]} only with --distill EPOCHS, found it alone.")
         return None
     return {"epochs": args.distill, "seed": args.seed, "flip": args.distill_flip,
-            **({"lr": args.distill_lr} if args.distill_lr else {})}
+            **({"lr": args.distill_lr} if args.distill_lr else {}),
+            **({"composed": args.distill_composed} if args.distill_composed is not None else {})}
 
 
 def cmd_decompose(args) -> int:

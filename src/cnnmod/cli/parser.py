@@ -61,6 +61,7 @@ COUNT0 = _number(int, low=0, what="a whole number")
 SHARE = _number(float, low=0.0, high=1.0, low_open=True, what="a share")
 SHARE0 = _number(float, low=0.0, high=1.0, what="a share")
 POSITIVE = _number(float, low=0.0, low_open=True, what="a number")
+NONNEGATIVE = _number(float, low=0.0, what="a number")
 PROBABILITY = _number(float, low=0.0, high=1.0, low_open=True, high_open=True, what="a probability")
 
 
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-lr", type=POSITIVE, default=None, help="the distillation's learning rate (Adam; 1e-3)")
     p.add_argument("--distill-flip", action="store_true",
                    help="distil on left-right mirrored images too (photos; not digits or text)")
+    p.add_argument("--distill-composed", type=NONNEGATIVE, default=None, metavar="WEIGHT",
+                   help="also distil the modules' composed answer: WEIGHT x the divergence of the softmax of their "
+                        "margins from the parent's (default 0)")
     p.add_argument("--seed", type=int, default=0, help="fixes which images are observed")
     p.add_argument("--batch-size", type=COUNT, default=256, help="images per batch of the statistics pass")
     p.add_argument("--workers", type=COUNT0, default=None,
