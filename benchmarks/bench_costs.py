@@ -1,6 +1,6 @@
 """Benchmark of issue #17, item 3: every reported result's training cost, as a share of the parent's.
 
-    .venv/bin/python benchmarks/bench_costs.py
+    .venv/bin/python benchmarks/bench_costs.py [--render]
 
 Decomposes the CIFAR-10 reference ResNet-20 (``benchmarks/checkpoints/cifar10_resnet20.safetensors``)
 as the benchmarks do, through ``decompose_to_directory`` (what ``cnnmod decompose`` runs): with the
@@ -30,11 +30,15 @@ from cnnmod.modules.pipeline import decompose_to_directory  # noqa: E402
 CONFIGS = {  # as the benchmarks decompose (bench_reuse.py, bench_distill.py)
     "paper strategy (reuse, replace: BENCHMARKS 'Reuse and replace')": {},
     "channels strategy, keep 0.22 (BENCHMARKS 'Small modules', 'Distilled modules')":
-        {"strategy": "channels", "keep": 0.22, "keep_streams": True, "score": "energy"},
+        {"strategy": "channels", "keep": 0.22, "streams": False, "score": "energy"},
 }
 
 
 def main() -> None:
+    if "--render" in sys.argv[1:]:  # only write BENCHMARKS.md again, from results/costs.json
+        result = json.loads((RESULTS / "costs.json").read_text())
+        write_section("costs", render(result), result)
+        return
     torch.set_num_threads(2)
     rows = {}
     for label, options in CONFIGS.items():
@@ -75,13 +79,20 @@ def render(result: dict) -> str:
               f"| training-free small modules ('Small modules') | none | {100 * decompose_channels:.3f}% |"]
     distill = RESULTS / "distill.json"
     if distill.exists():
-        for row in json.loads(distill.read_text())["rows"]:
+        distilled = json.loads(distill.read_text())
+        for row in distilled["rows"]:
             if row.get("epochs") and row.get("keep") == 0.22:
                 images = f", all {row['decomposition_images']:,} images" if row["decomposition_images"] > 10000 else ""
+                composed = f", composed term {row['composed']:g}" if row.get("composed") else ""
                 lines.append(f"| distilled modules, keep 0.22, trunk {row.get('trunk', 0):g}, {row['epochs']:g} "
-                             f"epochs, lr {row['lr']:g}{', flips' if row.get('flip') else ''}{images} ('Distilled "
-                             f"modules') | distillation | "
+                             f"epochs, lr {row['lr']:g}{', flips' if row.get('flip') else ''}{composed}{images} "
+                             f"('Distilled modules') | distillation | "
                              f"{100 * (row['share_of_parent_training'] + decompose_channels):.2f}% |")
+        for row in distilled["pairs"]:
+            lines.append(f"| 2-class reuse {row['pair']}, decomposed for the pair and distilled {row['epochs']:g} "
+                         f"epochs ('Distilled modules') | distillation | <= "
+                         f"{100 * (row['share_of_parent_training'] + decompose_channels):.2f}% (its decomposition "
+                         "observes at most the 10,000 images above) |")
     weak = RESULTS / "weak_cifar.json"
     if weak.exists():
         w = json.loads(weak.read_text())

@@ -218,10 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="the module folder to write (new, empty, a module folder, or the input folder itself)")
     p.add_argument("--repair", choices=["head", "calibrate", "continuous", "train"], default=None,
-                   help="then adapt to the modules the new one confuses (read off --data's confusion matrix), "
-                        "every other module left as it is: re-fit the new module's head against them (head), "
-                        "fit their calibrations (calibrate), the paper's continuous learning (continuous), or a few "
-                        "training steps of theirs (train); each followed by the calibrations")
+                   help="then adapt to the classes the new module confuses (read off --data's confusion matrix), "
+                        "every other module left as it is: re-fit the new module's head against them (head), fit "
+                        "their calibrations and the new one's (calibrate), or before that calibration the paper's "
+                        "continuous learning (continuous) or a few training steps of their modules (train)")
     p.add_argument("--data", default=None, help="labelled images of the composed classes, for --repair")
     p.add_argument("--split", choices=["train", "test", "val", "all"], default=None, help="which part of --data")
     p.add_argument("--repair-epochs", type=POSITIVE, default=None,
