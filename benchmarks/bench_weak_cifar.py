@@ -250,7 +250,10 @@ def repair_lines(result: dict, weak: dict, before: dict, others: list[str], gap:
         pc = head["per_class"]
         loser = max(others, key=lambda c: before[c] - pc[c])
         worst_weak = max(others, key=lambda c: weak[c] - pc[c])
-        lines += ["", f"Targets (issue #17): dog recovers >= 90% of its gap: met by every method. Every other class "
+        recovered = [r["method"] for label, r in result["repairs"].items()
+                     if result["rows"][label]["per_class"][CLASS] - weak[CLASS] >= 0.9 * gap]
+        lines += ["", f"Targets (issue #17): dog recovers >= 90% of its gap: met by "
+                  f"{', '.join(sorted(recovered)) or 'no method'}. Every other class "
                   f"within 1 point of its accuracy before: the head re-fit keeps them within "
                   f"{100 * max(replaced[c] - pc[c] for c in others):.1f} of the replacement it repairs, but "
                   f"{loser} is {100 * (before[loser] - pc[loser]):.1f} below the weak model's modules composed "

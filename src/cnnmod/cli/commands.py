@@ -363,16 +363,23 @@ def _print_repair(report: dict) -> None:
               "(none reaches the share); nothing changed")
         return
     confused = ", ".join(f"{c} {s:.1%}" for c, s in report["confused"].items())
-    print(f"  confused with {report['new_class']!r}: {confused}")
-    loss = (f"loss on {report['check_images']:,} held-out images {report['check_loss_before']:.4g} -> "
-            f"{report['check_loss_after']:.4g}")
+    print(f"  confused with {report['new_class']!r} (the larger share of either class's images answered as the "
+          f"other): {confused}")
+    held = (f"on {report['check_images']:,} held-out images: loss {report['check_loss_before']:.4g} -> "
+            f"{report['check_loss_after']:.4g}, accuracy (classes alike) {report['check_accuracy_before']:.2%} -> "
+            f"{report['check_accuracy_after']:.2%}")
+    stages = [report["method"]] + (["calibrate"] if report["method"] in ("continuous", "train") else [])
+    undone = [s for s in stages if s not in report["kept"]]
     if not report["kept"]:
-        print(f"  repair ({report['method']}): nothing kept, no stage lowered the {loss}; the modules stay as replaced")
-        return
+        print(f"  repair ({report['method']}): nothing kept, no stage lowered the loss {held}; the modules stay as "
+              "replaced")
+    else:
+        print(f"  repaired ({report['method']}) on {report['images']:,} images"
+              + (f", {_plural(report['steps'], 'step')}" if report["steps"] else "")
+              + f"; kept: {', '.join(report['kept'])}" + (f"; undone: {', '.join(undone)}" if undone else "")
+              + f"; {held}")
     share = report.get("share_of_parent_training")
-    print(f"  repaired ({report['method']}; kept: {', '.join(report['kept'])}) on {report['images']:,} images"
-          + (f", {_plural(report['steps'], 'step')}" if report["steps"] else "") + f": {loss}")
-    print(f"  cost: {report['macs']:.3g} multiply-accumulates"
+    print(f"  cost: {report['macs']:.3g} multiply-accumulates (every module run over the images)"
           + (f", {share:.2%} of what training the confused modules' parent cost" if share is not None else ""))
 
 

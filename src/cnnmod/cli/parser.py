@@ -62,6 +62,7 @@ SHARE = _number(float, low=0.0, high=1.0, low_open=True, what="a share")
 SHARE0 = _number(float, low=0.0, high=1.0, what="a share")
 POSITIVE = _number(float, low=0.0, low_open=True, what="a number")
 NONNEGATIVE = _number(float, low=0.0, what="a number")
+RATE = _number(float, low=0.0, high=1.0, low_open=True, high_open=True, what="a learning rate")
 PROBABILITY = _number(float, low=0.0, high=1.0, low_open=True, high_open=True, what="a probability")
 
 
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", type=POSITIVE, default=None, metavar="EPOCHS",
                    help="channels strategy: fine-tune the modules for EPOCHS passes over the observed images to "
                         "reproduce the parent's logits (no labels needed; default: no training)")
-    p.add_argument("--distill-lr", type=POSITIVE, default=None, help="the distillation's learning rate (Adam; 1e-3)")
+    p.add_argument("--distill-lr", type=RATE, default=None, help="the distillation's learning rate (Adam; 1e-3)")
     p.add_argument("--distill-flip", action="store_true",
                    help="distil on left-right mirrored images too (photos; not digits or text)")
     p.add_argument("--distill-composed", type=NONNEGATIVE, default=None, metavar="WEIGHT",
@@ -223,12 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "their calibrations and the new one's (calibrate), or before that calibration the paper's "
                         "continuous learning (continuous) or a few training steps of their modules (train)")
     p.add_argument("--data", default=None, help="labelled images of the composed classes, for --repair")
-    p.add_argument("--split", choices=["train", "test", "val", "all"], default=None, help="which part of --data")
+    p.add_argument("--split", choices=["train", "test", "val", "all"], default=None,
+                   help="which part of --data (default: its train split; all of a folder without splits)")
     p.add_argument("--repair-epochs", type=POSITIVE, default=None,
                    help="--repair train: passes over the fitting images (default 1)")
-    p.add_argument("--repair-lr", type=POSITIVE, default=None, help="--repair train: Adam's learning rate (1e-4)")
+    p.add_argument("--repair-lr", type=RATE, default=None,
+                   help="--repair train: Adam's learning rate, in (0, 1) (1e-4)")
     p.add_argument("--repair-per-class", type=COUNT, default=None,
-                   help="images per class to fit on (default 200; 100 more per class check the result)")
+                   help="images per class to fit on (default 200; 100 more per class check the result; a class "
+                        "with fewer images than both is shared between them in proportion)")
 
     p = command("import", "turn a .pt/.pth state dict into a checkpoint (any architecture cnnmod can trace)")
     p.add_argument("state_dict", help="the .pt/.pth file (read with weights_only=True: nothing is unpickled)")

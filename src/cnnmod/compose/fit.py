@@ -62,14 +62,15 @@ def draw_per_class(data, names: list[str], sizes: tuple[int, ...],
                    seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Disjoint seeded draws of up to ``sizes[j]`` images of each class ``names`` lists, from ``data``
     (classes matched by name; every one must have images there). A class with fewer images than all
-    the draws ask for is shared among them in proportion (a rare class still reaches every draw).
+    the draws ask for is shared among them in proportion (one with as many images as draws reaches
+    every draw).
     Returns, per draw, the images' indices into ``data`` and their labels as indices into ``names``."""
     present = {data.classes[c] for c in torch.unique(data.labels).tolist()}
     missing = [n for n in names if n not in present]
     if missing:
         raise CnnmodError(f"expected images of every composed class in the fitting data, found none of "
                           f"{', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''} (the data holds "
-                          f"{', '.join(sorted(present)[:8])}).")
+                          f"{', '.join(sorted(present)[:8])}{', ...' if len(present) > 8 else ''}).")
     found = [c for c in data.classes if c in names]  # in the data's order, as the draws always were
     gen = torch.Generator().manual_seed(seed)
     draws = [([], []) for _ in sizes]
@@ -86,10 +87,12 @@ def draw_per_class(data, names: list[str], sizes: tuple[int, ...],
 
 def _shares(available: int, sizes: tuple[int, ...]) -> list[int]:
     """How many of ``available`` images each draw takes: ``sizes`` where they fit, else in proportion
-    (the first draw takes what rounding leaves)."""
+    (the first draw takes what rounding leaves), each draw at least one while there are enough."""
     if available >= sum(sizes):
         return list(sizes)
     rest = [available * s // sum(sizes) for s in sizes[1:]]
+    if available >= len(sizes):
+        rest = [max(1, r) for r in rest]
     return [available - sum(rest)] + rest
 
 

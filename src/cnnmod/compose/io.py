@@ -96,6 +96,8 @@ def load_composed(path: str | os.PathLike) -> ComposedClassifier:
 def load_modules(path: str | os.PathLike) -> list:
     """Load every module file of a directory, ordered by class index then name."""
     path = Path(path)
+    if not path.is_dir():
+        raise CnnmodError(f"{path}: expected a module folder, found {'a file' if path.exists() else 'no such folder'}.")
     files = module_files(path)
     if not files:
         raise CnnmodError(f"{path}: expected module files (*.safetensors), found none.")

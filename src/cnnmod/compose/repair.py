@@ -139,9 +139,13 @@ def repair_(modules: list[Module], new_class: str, data, options: RepairOptions 
     confused = confused_classes(_calibrated(modules, fit_margins), fit_labels, new, names, options.min_share)
     report = {"method": options.method, "new_class": new_class, "confused": confused, "images": int(len(fit_index)),
               "check_images": int(len(check_index)), "steps": 0, "loss_before": before,
-              "check_loss_before": check_before, "options": asdict(options)}
+              "check_loss_before": check_before,
+              "check_accuracy_before": _balanced_accuracy(_calibrated(modules, check_margins), check_labels),
+              "options": asdict(options)}
     if not confused:
-        report.update(kept=[], macs=batches.macs, check_loss_after=check_before, seconds=time.perf_counter() - start)
+        report.update(kept=[], macs=batches.macs, check_loss_after=check_before, loss_after=before,
+                      check_accuracy_after=report["check_accuracy_before"], share_of_parent_training=None,
+                      seconds=time.perf_counter() - start)
         return report
     touched = [names.index(c) for c in confused]
     if options.method == "continuous":  # before any module changes
@@ -154,7 +158,8 @@ def repair_(modules: list[Module], new_class: str, data, options: RepairOptions 
         adapted = [new] if options.method == "head" else touched
         saved = _snapshot(modules, adapted), fit_margins.clone(), check_margins.clone()
         if options.method == "head":
-            macs += _refit_head(modules, new, fit_index, fit_labels, fit_margins, batches)
+            spent, report["head_fit_loss"] = _refit_head(modules, new, fit_index, fit_labels, fit_margins, batches)
+            macs += spent
         elif options.method == "continuous":
             for k in touched:
                 adapt_(modules[k], data.images_for(modules[k].input_spec)[fit_index[fit_labels == new]])
@@ -176,7 +181,8 @@ def repair_(modules: list[Module], new_class: str, data, options: RepairOptions 
     parents = {modules[k].meta.get("parent_training_macs") for k in touched}  # one parent's training, if one
     parent = parents.pop() if len(parents) == 1 else None
     report.update(kept=kept, check_loss_after=check_loss, macs=macs + batches.macs,
-                  loss_after=_loss(_calibrated(modules, fit_margins), fit_labels))
+                  loss_after=_loss(_calibrated(modules, fit_margins), fit_labels),
+                  check_accuracy_after=_balanced_accuracy(_calibrated(modules, check_margins), check_labels))
     report["share_of_parent_training"] = report["macs"] / parent if isinstance(parent, int) and parent > 0 else None
     changed = (([new] if options.method == "head" else touched) if options.method in kept else []) \
         + (touched + [new] if "calibrate" in kept else [])
@@ -209,11 +215,17 @@ def _calibrate(modules, touched, new, fit_margins, fit_labels, check_margins, ch
 
 
 def _refit_head(modules: list[Module], new: int, index: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor,
-                batches: "_Batches") -> int:
+                batches: "_Batches") -> tuple[int, float]:
     """Re-fit module ``new``'s head so that its calibrated score, ``u . f + c`` on the head's input
     features f, makes the composition right as often as possible (the other columns: ``margins``
     as calibrated); store it in the head's second row and bias, the first row kept, the module's
-    calibration kept. Returns the multiply-accumulates of the forward passes for the features."""
+    calibration kept. Returns the multiply-accumulates of the forward passes for the features and
+    the fitting loss reached (the class-balanced cross-entropy, without the hold).
+
+    The margin is (w1 - w0) . f plus an offset: the bias difference and any constant the strategy
+    added to the head's outputs (the ``channels`` strategy's compensation of pruned inputs). The
+    offset is measured on the images, not assumed; a head whose margin is not of that form (a
+    masked output, say) is refused before anything changes."""
     module = modules[new]
     net = module.network
     head = head_layer(net.graph)
@@ -222,21 +234,27 @@ def _refit_head(modules: list[Module], new: int, index: torch.Tensor, labels: to
         raise CnnmodError(f"module {module.class_name!r}: expected a linear head of two rows with a bias, found "
                           f"weights of shape {tuple(weight.shape)}{'' if bias is not None else ' and no bias'}.")
     source = net.graph.by_name[head].inputs[0]
-    features = []
+    features, outputs = [], []
 
     def grab(name, out):
         if name == source:
             features.append(out.flatten(1).double())
 
     for rows in index.split(batches.batch_size):
-        net(batches.prepared(rows, new), after=grab)
-    f = torch.cat(features)
+        z = net(batches.prepared(rows, new), after=grab).double()
+        outputs.append(z[:, 1] - z[:, 0])
+    f, margin = torch.cat(features), torch.cat(outputs)
+    w, bb = weight.double(), bias.double()
+    offsets = margin - f @ (w[1] - w[0])
+    offset = float(offsets.mean())
+    if float((offsets - offset).abs().max()) > 1e-3 * (1.0 + float(margin.abs().max())):
+        raise CnnmodError(f"module {module.class_name!r}: expected a margin linear in its head's input features, "
+                          "found one that is not (an overlay on its head); use --repair calibrate.")
     cal = module.meta.get("calibration") or {"a": 1.0, "b": 0.0}
     a, b = float(cal["a"]), float(cal["b"])
     if not a > 0:
         raise CnnmodError(f"module {module.class_name!r}: expected a positive calibration scale, found {a}.")
-    w, bb = weight.double(), bias.double()
-    u0, c0 = a * (w[1] - w[0]), a * float(bb[1] - bb[0]) + b  # its calibrated score, linear in f
+    u0, c0 = a * (w[1] - w[0]), a * offset + b  # its calibrated score, linear in f
     mu, sigma = f.mean(0), f.std(0).clamp_min(1e-6)
     z = (f - mu) / sigma  # standardised, so that the hold weighs every feature alike
     start = torch.cat([u0 * sigma, torch.tensor([c0 + float(u0 @ mu)], dtype=torch.float64)])
@@ -246,12 +264,15 @@ def _refit_head(modules: list[Module], new: int, index: torch.Tensor, labels: to
     opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-12,
                             history_size=20, line_search_fn="strong_wolfe")
 
+    def fitting_loss(t: torch.Tensor) -> torch.Tensor:
+        columns = list(fixed.unbind(1))
+        columns[new] = z @ t[:-1] + t[-1]
+        ce = torch.nn.functional.cross_entropy(torch.stack(columns, 1), labels, reduction="none")
+        return (weight_of * ce).sum() / weight_of.sum()
+
     def loss():
         opt.zero_grad()
-        columns = list(fixed.unbind(1))
-        columns[new] = z @ theta[:-1] + theta[-1]
-        ce = torch.nn.functional.cross_entropy(torch.stack(columns, 1), labels, reduction="none")
-        value = (weight_of * ce).sum() / weight_of.sum() + HEAD_HOLD * (theta - start).pow(2).sum()
+        value = fitting_loss(theta) + HEAD_HOLD * (theta - start).pow(2).sum()
         value.backward()
         return value
 
@@ -260,10 +281,12 @@ def _refit_head(modules: list[Module], new: int, index: torch.Tensor, labels: to
     v = theta.detach()
     u = v[:-1] / sigma
     c = float(v[-1]) - float(u @ mu)
-    row = w[0] + u / a  # margin = (row - w[0]) . f + (bias1 - bias0), and a * margin + b = u . f + c
+    # margin = (row - w[0]) . f + (bias1 - bias0) + (offset - (bb1 - bb0)), and a * margin + b = u . f + c
+    row = w[0] + u / a
     net.set_weight(f"{head}.weight", torch.stack([w[0], row]).to(weight.dtype))
-    net.set_weight(f"{head}.bias", torch.stack([bb[0], bb[0] + (c - b) / a]).to(bias.dtype))
-    return batches.macs_of(new, len(index))
+    added = offset - float(bb[1] - bb[0])  # what the strategy added to the head's outputs, as measured
+    net.set_weight(f"{head}.bias", torch.stack([bb[0], bb[0] + (c - b) / a - added]).to(bias.dtype))
+    return batches.macs_of(new, len(index)), float(fitting_loss(v))
 
 
 def _snapshot(modules: list[Module], ks: list[int]) -> dict:
@@ -356,6 +379,13 @@ class _Batches:
 
 def _calibrated(modules: list[Module], margins: torch.Tensor) -> torch.Tensor:
     return torch.stack([calibrated_logit(m, margins[:, k].double()) for k, m in enumerate(modules)], 1)
+
+
+def _balanced_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """The composition's accuracy, every class weighing alike (the mean of the per-class accuracies)."""
+    hits = (scores.argmax(1) == labels).double()
+    present = torch.unique(labels)
+    return float(torch.stack([hits[labels == k].mean() for k in present]).mean())
 
 
 def _loss(scores: torch.Tensor, labels: torch.Tensor) -> float:

@@ -121,6 +121,9 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
         raise CnnmodError(f"expected modules of the channels strategy to distil, found {others[0]} modules.")
     if len(index) == 0:
         raise CnnmodError("expected images to distil the modules on, found none.")
+    if options.composed and len(modules) < 2:
+        raise CnnmodError("expected two or more modules for the composed-answer term (it compares their answer "
+                          f"with the parent's), found {len(modules)}.")
     start = time.perf_counter()
     nets = [m.network for m in modules]
     trunk = shared_layers(nets) if len(nets) > 1 else set()
