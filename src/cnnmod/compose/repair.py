@@ -117,8 +117,9 @@ def repair_(modules: list[Module], new_class: str, data, options: RepairOptions 
     labelled images ``data`` (a ``cnnmod.Dataset`` or ``Views`` holding every composed class).
 
     Returns a report: the confused classes and their shares before, the method, the loss of the
-    composition on the checking images before and after, which stages were kept (the method's
-    weights or masks, then the calibration: each only if it lowers that loss), and its cost
+    composition on the checking images before and after (and its accuracy, every class alike),
+    which stages were kept (the new module's head, or the confused modules' masks or weights, then
+    the calibration where one follows: each only if it lowers that loss), and its cost
     (images, optimizer steps, multiply-accumulates, and the share of the confused modules' parent's
     training where its recipe is known). Touched modules record it under ``repair``.
     """
