@@ -36,26 +36,37 @@ def fit_composition(margins: torch.Tensor, labels: torch.Tensor, a0: torch.Tenso
     start = torch.cat([a0.double() * sigma, b0.double() + a0.double() * mu])  # (alpha, beta) of z
     k = m.shape[1]
     fitted = torch.ones(2 * k, dtype=torch.bool) if free is None else torch.cat([free, free])
-    theta = start.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-12,
-                            history_size=20, line_search_fn="strong_wolfe")
 
-    def loss():
-        opt.zero_grad()
+    def loss(theta):
         t = torch.where(fitted, theta, start)  # held scalars get no gradient
         logits = z * t[:k] + t[k:]
         value = (w * (torch.logsumexp(logits, 1) - logits.gather(1, labels[:, None])[:, 0])).sum()
-        value = value + 0.5 * hold * (theta - start).pow(2).sum()
-        value.backward()
-        return value
+        return value + 0.5 * hold * (theta - start).pow(2).sum()
 
-    opt.step(loss)
-    t = torch.where(fitted, theta.detach(), start)
+    t = torch.where(fitted, minimise(loss, start), start)
     alpha, beta = t[:k], t[k:]
     a, b = alpha / sigma, beta - alpha * mu / sigma
     if free is not None:  # exactly the held values, not a round trip through the standardisation
         a, b = torch.where(free, a, a0.double()), torch.where(free, b, b0.double())
     return a, b
+
+
+def minimise(objective, start: torch.Tensor) -> torch.Tensor:
+    """The parameters minimising ``objective(theta)`` (a scalar tensor), from ``start``: L-BFGS with
+    a strong-Wolfe line search, run to tight tolerances (a few dozen parameters at most)."""
+    theta = start.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = objective(theta)
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return theta.detach()
 
 
 def draw_per_class(data, names: list[str], sizes: tuple[int, ...],

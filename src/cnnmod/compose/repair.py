@@ -52,7 +52,7 @@ from ..modules.distill import trainable_weights
 from ..modules.extract import cost
 from ..modules.module import Module
 from ..statistics.collect import head_layer
-from .fit import draw_per_class, fit_composition
+from .fit import draw_per_class, fit_composition, minimise
 from .trunk import group_modules
 
 METHODS = ("head", "calibrate", "continuous", "train")
@@ -135,9 +135,10 @@ def repair_(modules: list[Module], new_class: str, data, options: RepairOptions 
         data, names, (options.per_class, options.check_per_class), options.seed)
     batches = _Batches(modules, data, options.batch_size)
     fit_margins, check_margins = batches.margins(fit_index), batches.margins(check_index)
-    before = _loss(_calibrated(modules, fit_margins), fit_labels)
+    fit_scores = _calibrated(modules, fit_margins)
+    before = _loss(fit_scores, fit_labels)
     check_before = _loss(_calibrated(modules, check_margins), check_labels)
-    confused = confused_classes(_calibrated(modules, fit_margins), fit_labels, new, names, options.min_share)
+    confused = confused_classes(fit_scores, fit_labels, new, names, options.min_share)
     report = {"method": options.method, "new_class": new_class, "confused": confused, "images": int(len(fit_index)),
               "check_images": int(len(check_index)), "steps": 0, "loss_before": before,
               "check_loss_before": check_before,
@@ -260,26 +261,14 @@ def _refit_head(modules: list[Module], new: int, index: torch.Tensor, labels: to
     z = (f - mu) / sigma  # standardised, so that the hold weighs every feature alike
     start = torch.cat([u0 * sigma, torch.tensor([c0 + float(u0 @ mu)], dtype=torch.float64)])
     fixed = _calibrated(modules, margins)
-    weight_of = (1.0 / torch.bincount(labels, minlength=len(modules)).clamp_min(1).double())[labels]
-    theta = start.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([theta], lr=1.0, max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-12,
-                            history_size=20, line_search_fn="strong_wolfe")
+    class_weight = _class_weights(labels, len(modules), torch.float64)
 
     def fitting_loss(t: torch.Tensor) -> torch.Tensor:
         columns = list(fixed.unbind(1))
         columns[new] = z @ t[:-1] + t[-1]
-        ce = torch.nn.functional.cross_entropy(torch.stack(columns, 1), labels, reduction="none")
-        return (weight_of * ce).sum() / weight_of.sum()
+        return _balanced_cross_entropy(torch.stack(columns, 1), labels, class_weight)
 
-    def loss():
-        opt.zero_grad()
-        value = fitting_loss(theta) + HEAD_HOLD * (theta - start).pow(2).sum()
-        value.backward()
-        return value
-
-    with torch.enable_grad():
-        opt.step(loss)
-    v = theta.detach()
+    v = minimise(lambda t: fitting_loss(t) + HEAD_HOLD * (t - start).pow(2).sum(), start)
     u = v[:-1] / sigma
     c = float(v[-1]) - float(u @ mu)
     # margin = (row - w[0]) . f + (bias1 - bias0) + (offset - (bb1 - bb0)), and a * margin + b = u . f + c
@@ -318,7 +307,7 @@ def _train(modules, touched, index, labels, margins, batches, options, progress)
     scale = torch.tensor([(m.meta.get("calibration") or {"a": 1.0})["a"] for m in modules])
     shift = torch.tensor([(m.meta.get("calibration") or {"b": 0.0})["b"] for m in modules])
     fixed = margins.float() * scale + shift
-    weight = 1.0 / torch.bincount(labels, minlength=len(modules)).clamp_min(1).float()
+    weight = _class_weights(labels, len(modules), torch.float32)
     steps = max(1, math.ceil(options.epochs * math.ceil(len(index) / options.batch_size)))
     optimizer = torch.optim.Adam(everything, lr=options.lr)
     gen = torch.Generator().manual_seed(options.seed)
@@ -337,8 +326,7 @@ def _train(modules, touched, index, labels, margins, batches, options, progress)
                     z = nets[k](batches.prepared(index[rows], k))
                 columns[k] = (z[:, 1] - z[:, 0]) * scale[k] + shift[k]
             scores = torch.stack(columns, 1)
-            w = weight[labels[rows]]
-            loss = (w * torch.nn.functional.cross_entropy(scores, labels[rows], reduction="none")).sum() / w.sum()
+            loss = _balanced_cross_entropy(scores, labels[rows], weight)
             optimizer.zero_grad()
             loss.backward()
         optimizer.step()
@@ -391,7 +379,16 @@ def _balanced_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 def _loss(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """The class-balanced cross-entropy of the composition's scores: every class weighs alike."""
-    weight = 1.0 / torch.bincount(labels, minlength=scores.shape[1]).clamp_min(1).double()
-    per_image = torch.nn.functional.cross_entropy(scores.double(), labels, reduction="none")
+    return float(_balanced_cross_entropy(scores.double(), labels,
+                                         _class_weights(labels, scores.shape[1], torch.float64)))
+
+
+def _class_weights(labels: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """One over each class's count of images in ``labels`` (K,): every class weighs alike."""
+    return 1.0 / torch.bincount(labels, minlength=k).clamp_min(1).to(dtype)
+
+
+def _balanced_cross_entropy(scores: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of ``scores`` (N, K), each image weighted by its class's ``weight``."""
     w = weight[labels]
-    return float((w * per_image).sum() / w.sum())
+    return (w * torch.nn.functional.cross_entropy(scores, labels, reduction="none")).sum() / w.sum()
