@@ -28,7 +28,7 @@ def _randomised(model):
 
 
 def test_resnet_channel_spaces_tie_each_stage_and_free_each_branch():
-    spaces = channel_spaces(trace_graph(create_model("resnet20")))
+    spaces = channel_spaces(trace_graph(create_model("resnet20"), (3, 32, 32)))
     of = spaces.of
     assert of["stem.2"] == of["blocks.0.relu"] == of["blocks.2.relu"]  # stage 1's residual stream
     assert of["blocks.3.relu"] == of["blocks.3.shortcut.1"] == of["blocks.5.relu"] != of["blocks.2.relu"]
@@ -38,7 +38,7 @@ def test_resnet_channel_spaces_tie_each_stage_and_free_each_branch():
 
 
 def test_a_concatenation_read_by_a_grouped_convolution_keeps_its_sources_whole():
-    spaces = channel_spaces(trace_graph(Unfamiliar()))
+    spaces = channel_spaces(trace_graph(Unfamiliar(), (1, 8, 8)))
     assert spaces.prunable == set() and not spaces.derived
     assert sorted(spaces.whole.values()) == ["a grouped or depthwise convolution", "a linear layer's output",
                                              "read by cat 'cat', kept whole", "read by cat 'cat', kept whole"]
@@ -49,9 +49,10 @@ def test_channels_flow_through_concatenations_splits_and_shuffles():
     # from every branch, random constants in their place: the smaller network (whose split and
     # shuffle pick the kept channels by index) gives the same logits.
     model = _randomised(Branchy())
-    graph, shape = trace_graph(model), (1, 8, 8)
+    shape = (1, 8, 8)
+    graph = trace_graph(model, shape)
     spaces = channel_spaces(graph)
-    assert {n.op for n in spaces.derived.values()} == {"cat", "chunk", "shuffle"}
+    assert {n.op for n in spaces.derived.values()} == {"cat", "slice", "select"}  # split: slices; shuffle: select
     assert {spaces.of[n] for n in ("a", "b", "branch", "stem", "last")} == spaces.prunable
     shapes = GraphNetwork(graph, model.state_dict()).shapes(shape)
     gen = torch.Generator().manual_seed(3)
@@ -87,7 +88,7 @@ def test_extracted_network_computes_what_the_masked_network_computes():
     # physically smaller network must give the same logits on random inputs.
     for model, shape in [(_randomised(create_model("resnet20")), (3, 32, 32)),
                          (_randomised(create_model("smallcnn", image_size=28)), (1, 28, 28))]:
-        graph = trace_graph(model)
+        graph = trace_graph(model, shape)
         spaces = channel_spaces(graph)
         weights = model.state_dict()
         full = GraphNetwork(graph, weights)
@@ -113,7 +114,8 @@ def test_folding_batchnorm_into_convolutions_changes_no_answer():
     # Oracle: an extracted network (with added constants) and the same network with every
     # conv -> BatchNorm pair folded into one convolution give the same logits, minus the BNs.
     model = _randomised(create_model("resnet20"))
-    graph, shape = trace_graph(model), (3, 32, 32)
+    shape = (3, 32, 32)
+    graph = trace_graph(model, shape)
     spaces = channel_spaces(graph)
     full = GraphNetwork(graph, model.state_dict())
     shapes = full.shapes(shape)
@@ -244,7 +246,7 @@ def test_shared_trunk_of_resnets_gives_each_network_its_own_output():
     from cnnmod.compose.trunk import Group, run_group, shared_layers
 
     model = _randomised(create_model("resnet20"))
-    graph, base = trace_graph(model), model.state_dict()
+    graph, base = trace_graph(model, (3, 32, 32)), model.state_dict()
     gen = torch.Generator().manual_seed(2)
     nets = []
     for _ in range(3):

@@ -71,7 +71,7 @@ def test_backtrack_through_pooling_add_and_concat():
             y = torch.cat([torch.relu(self.a(x) + self.b(x)), self.c(x)], dim=1)  # (B, 3, 4, 4)
             return self.fc(torch.flatten(self.pool(y), 1))  # 3 x 2 x 2 features
 
-    graph = trace_graph(Net())
+    graph = trace_graph(Net(), (1, 4, 4))
     shapes = {"a": (2, 4, 4), "b": (2, 4, 4), "c": (1, 4, 4), "add": (2, 4, 4), "relu": (2, 4, 4),
               "cat": (3, 4, 4), "pool": (3, 2, 2), "flatten": (12,)}
     removed = torch.zeros(12, dtype=torch.bool)

@@ -12,7 +12,7 @@ from nets import PixelNet, Unfamiliar, pixel_data
 
 
 def test_observed_layers_are_what_relus_receive():
-    graph = trace_graph(Unfamiliar())
+    graph = trace_graph(Unfamiliar(), (1, 8, 8))
     # post-BN stem, the residual sum (not the pre-add pw output), side conv, grouped conv, hidden fc1;
     # dw feeds pw without a ReLU: not observed
     assert observed_layers(graph) == ["relu", "relu_1", "relu_2", "relu_3", "relu_4"]
@@ -39,7 +39,7 @@ def _per_class_loop_oracle(model, dataset, sample, num_classes, layers):
     """For each class separately: the images its module observes, counted on the graph's values."""
     x_all, y_all = dataset.tensors
     expected = []
-    network = GraphNetwork(trace_graph(model), model.state_dict())
+    network = GraphNetwork(trace_graph(model, tuple(x_all.shape[1:])), model.state_dict())
     for c in range(num_classes):
         idx = torch.cat([sample.negatives, sample.rest])
         y = y_all[idx]
@@ -59,7 +59,7 @@ def test_one_pass_counts_equal_a_per_class_loop(num_classes, batch_size, shuffle
     model = Unfamiliar(num_classes).eval()
     n = 6 * num_classes
     dataset = torch.utils.data.TensorDataset(torch.randn(n, 1, 8, 8), torch.arange(num_classes).repeat(6))
-    graph = trace_graph(model)
+    graph = trace_graph(model, (1, 8, 8))
     sample = select_sample(dataset.tensors[1], num_classes, positives=5, negatives_per_class=2)
     labels, fetch = _adapt(dataset, None, None)
     batches = sample_batches(fetch, labels, sample, batch_size)
@@ -94,7 +94,7 @@ def test_exact_counts_on_the_pixel_net():
     data = pixel_data()
     sample = select_sample(data.tensors[1], 3, positives=2, negatives_per_class=0)
     labels, fetch = _adapt(data, None, None)
-    stats = collect_statistics(model, trace_graph(model), sample_batches(fetch, labels, sample, 4), 3, sums=True)
+    stats = collect_statistics(model, trace_graph(model, (1, 2, 2)), sample_batches(fetch, labels, sample, 4), 3, sums=True)
     # class c's two images light pixel c of channel 0 (weight +1); channel 1 (weight -1) never fires
     for c in range(3):
         expected = torch.zeros(2, 2, 2, dtype=torch.bool)
@@ -105,17 +105,17 @@ def test_exact_counts_on_the_pixel_net():
 
 def test_an_observer_belongs_to_one_run():
     model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))
-    network = GraphNetwork(trace_graph(model), model.state_dict())
+    network = GraphNetwork(trace_graph(model, (1, 2, 2)), model.state_dict())
     seen = []
     out = network(torch.ones(1, 1, 2, 2), after=lambda name, value: seen.append(name))
-    assert seen == ["input_1", "0", "1", "2", "3"] and torch.equal(out, model(torch.ones(1, 1, 2, 2)))
+    assert seen == ["input", "0", "1", "2", "3"] and torch.equal(out, model(torch.ones(1, 1, 2, 2)))
     network(torch.ones(1, 1, 2, 2))
     assert len(seen) == 5  # the next run observes nothing
 
 
 def test_a_graph_that_differs_from_the_model_is_refused():
     model = nn.Sequential(nn.Conv2d(1, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))
-    graph = trace_graph(model)
+    graph = trace_graph(model, (1, 2, 2))
     data = torch.utils.data.TensorDataset(torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 0, 1]))
     labels, fetch = _adapt(data, None, None)
     sample = select_sample(labels, 2)
@@ -144,7 +144,7 @@ def test_sums_give_the_exact_mean_value_on_the_pixel_net():
     data = pixel_data()
     sample = select_sample(data.tensors[1], 3, positives=2, negatives_per_class=0)
     labels, fetch = _adapt(data, None, None)
-    stats = collect_statistics(model, trace_graph(model), sample_batches(fetch, labels, sample, 4), 3, sums=True)
+    stats = collect_statistics(model, trace_graph(model, (1, 2, 2)), sample_batches(fetch, labels, sample, 4), 3, sums=True)
     expected = torch.zeros(2, 2, 2, dtype=torch.float64)
     expected[0].view(-1)[:3] = 0.5
     assert torch.equal(stats.mean("relu"), expected)
@@ -171,7 +171,7 @@ def test_only_keeps_bits_for_the_named_classes():
     torch.manual_seed(0)
     model = Unfamiliar(4).eval()
     dataset = torch.utils.data.TensorDataset(torch.randn(24, 1, 8, 8), torch.arange(4).repeat(6))
-    graph = trace_graph(model)
+    graph = trace_graph(model, (1, 8, 8))
     sample = select_sample(dataset.tensors[1], 4, positives=5, negatives_per_class=1)
     labels, fetch = _adapt(dataset, None, None)
     full = collect_statistics(model, graph, sample_batches(fetch, labels, sample, 5), 4)

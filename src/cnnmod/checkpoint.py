@@ -38,6 +38,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, classes: list[
     """
     meta = {"format": FORMAT, "library_version": __version__, "classes": list(classes),
             "input": input_spec.to_dict(), **provenance}
+    failure = (f"expected the model to take inputs of {input_spec.channels} x {input_spec.size[0]} x "
+               f"{input_spec.size[1]} (its input specification), found that it does not")
+    outputs = run_on_blank(model, input_spec, failure).shape[1]
+    if outputs != len(classes):
+        raise CnnmodError(f"expected {outputs} class names (the model's outputs), found {len(classes)}.")
     if architecture in list_models():
         tensors = dict(model.state_dict())
         meta.update(format_version=1, architecture=architecture, arch_args=arch_args or {})
@@ -45,16 +50,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, classes: list[
         from .trace import trace_graph, weights_of
         from .trace.ops import weight_keys
 
-        graph = trace_graph(model.eval())
+        graph = trace_graph(model.eval(), (input_spec.channels, *input_spec.size))
         everything = weights_of(model)
         tensors = {k: everything[k] for n in graph.nodes for k in weight_keys(n).values() if k in everything}
         meta.update(format_version=2, architecture=architecture or type(model).__name__, arch_args={},
                     graph=graph.to_dict())
-    failure = (f"expected the model to take inputs of {input_spec.channels} x {input_spec.size[0]} x "
-               f"{input_spec.size[1]} (its input specification), found that it does not")
-    outputs = run_on_blank(model, input_spec, failure).shape[1]
-    if outputs != len(classes):
-        raise CnnmodError(f"expected {outputs} class names (the model's outputs), found {len(classes)}.")
     write_file(path, tensors, meta)
 
 

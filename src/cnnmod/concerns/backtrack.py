@@ -1,27 +1,32 @@
 """Propagate removed features backwards to the observed layers that produce them (MC-BLN).
 
 Rules (paper section 3.4, with the ambiguities resolved so that a removed feature becomes
-exactly zero): flatten maps a feature to its (channel, row, column); global pooling maps it to
-every position of its channel; windowed pooling removes an input position when every window
-that reads it is removed; an elementwise layer (ReLU, identity, un-observed BatchNorm) passes
-it through; an add passes it into both summands, a concat into the input that owns the
-channel. Propagation stops at the first observed layer on each path.
+exactly zero), each op's own in the registry (``Op.backtrack``, trace/ops.py): flatten maps a
+feature to its (channel, row, column); global pooling maps it to every position of its channel;
+windowed pooling removes an input position when every window that reads it is removed; an
+elementwise layer (ReLU, identity, un-observed BatchNorm) passes it through; an add passes it into
+both summands; ops that only move elements (concatenation, slices, padding, channel shuffles) into
+the input element it came from. Propagation stops at the first observed layer on each path, and
+at an op that cannot be seen through (a convolution, an upsampling, a gate): such a stop is
+reported (``stopped``), never silent.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..trace.graph import Graph
-from ..trace.ops import ops_where
-
-PASS_THROUGH = {"identity", "bn"} | ops_where(activation=True)  # an observed activation stops it first
+from ..trace.ops import REGISTRY
 
 
 def backtrack_removed(graph: Graph, start: str, removed: torch.Tensor, observed: set[str],
-                      shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """Return, per observed layer, the elements (bool) that must be zeroed so ``start``'s go to 0."""
+                      shapes: dict[str, tuple[int, ...]], stopped: dict[str, str] | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """Return, per observed layer, the elements (bool) that must be zeroed so ``start``'s go to 0.
+
+    ``stopped``, if given, receives each layer where removed elements could not be followed
+    further, with the reason (their features stay: nothing is removed there).
+    """
     result: dict[str, torch.Tensor] = {}
     stack = [(start, removed)]
     while stack:
@@ -32,34 +37,11 @@ def backtrack_removed(graph: Graph, start: str, removed: torch.Tensor, observed:
             result[name] = result[name] | gone if name in result else gone.clone()
             continue
         node = graph.by_name[name]
-        ins = node.inputs
-        if node.op in PASS_THROUGH:
-            stack.append((ins[0], gone))
-        elif node.op == "add":
-            stack.extend((i, gone) for i in ins)
-        elif node.op == "flatten":
-            stack.append((ins[0], gone.reshape(shapes[ins[0]])))
-        elif node.op == "cat":
-            sizes = [shapes[i][0] for i in ins]
-            stack.extend(zip(ins, torch.split(gone, sizes, dim=0)))
-        elif node.op in ("adaptive_avgpool", "mean") and all(s == 1 for s in shapes[name][1:]):
-            stack.append((ins[0], gone.reshape(-1, 1, 1).expand(shapes[ins[0]]).clone()))
-        elif node.op in ("maxpool", "avgpool"):
-            stack.append((ins[0], _pool_inputs_removed(gone, node.attrs, shapes[ins[0]])))
-        # Anything else (input, a non-global adaptive pool): stop; nothing is removed there.
+        hook = REGISTRY[node.op].backtrack
+        found = hook(node, gone, shapes) if hook is not None else None
+        if found is None:
+            if stopped is not None and node.op != "input":
+                stopped.setdefault(name, f"MC-BLN cannot see through {node.op} {name!r}")
+            continue
+        stack.extend(found)
     return result
-
-
-def _pool_inputs_removed(gone: torch.Tensor, attrs: dict, in_shape: tuple[int, ...]) -> torch.Tensor:
-    """Input positions read only by removed windows (C, H, W) -> (C, H_in, W_in)."""
-    c = gone.shape[0]
-    ones = torch.ones(c, 1, *attrs["kernel_size"])
-
-    def coverage(mask: torch.Tensor) -> torch.Tensor:
-        cov = F.conv_transpose2d(mask[None].float(), ones, stride=attrs["stride"], padding=attrs["padding"],
-                                 dilation=attrs.get("dilation", [1, 1]), groups=c)[0]
-        h, w = in_shape[1], in_shape[2]
-        cov = cov[:, :h, :w]  # windows past the edge (ceil_mode) read nothing
-        return F.pad(cov, (0, w - cov.shape[2], 0, h - cov.shape[1]))
-
-    return (coverage(gone) > 0) & (coverage(~gone) == 0)

@@ -44,8 +44,9 @@ def extract(net: GraphNetwork, spaces: Spaces, keep: dict[int, torch.Tensor],
 
     for node in graph.nodes:
         name, op = node.name, REGISTRY[node.op]
+        flow = op.flow(node)
         tensors = {role: w[key] for role, key in weight_keys(node, overlays=False).items() if key in w}
-        if op.channels == "new" and not node.attrs.get("depthwise"):  # a convolution or a linear layer
+        if flow == "new":  # a convolution or a linear layer
             k_in, k_out = kept(node.inputs[0]), kept(name)
             if k_out is not None:  # its output channels: the weight's rows, the bias
                 tensors = {role: t[k_out] for role, t in tensors.items()}
@@ -58,14 +59,14 @@ def extract(net: GraphNetwork, spaces: Spaces, keep: dict[int, torch.Tensor],
                 removed_only[:, cols] = 0
                 addmaps[name] = op.run(node, [removed_only], {"weight": tensors["weight"]}.get)[0]
                 tensors["weight"] = tensors["weight"][:, cols]
-        elif tensors and (op.channels == "same" or node.attrs.get("depthwise")):  # per channel: BatchNorm, depthwise
+        elif tensors and flow == "same":  # per channel: BatchNorm, a depthwise convolution
             k = kept(name)
             tensors = tensors if k is None else {role: t[k] for role, t in tensors.items()}
         # else: LayerNorm, a layer scale: their spaces are kept whole, their tensors stay as they are
         new.update({weight_keys(node, overlays=False)[role]: t for role, t in tensors.items()})
-        if op.channels == "index" and len(node.inputs) == 1 and (kept(name) is not None
+        if flow == "index" and len(node.inputs) == 1 and (kept(name) is not None
                                                                  or kept(node.inputs[0]) is not None):
-            node = _select(node, keep, spaces, values)  # a split or shuffle of fewer channels: the kept ones, by index
+            node = _select(node, keep, spaces, values)  # a slice, shuffle or padding of fewer channels: the kept ones
         nodes.append(node)
     # The removed channels are gone: no fills; the graph's overlays are replaced by the added constants.
     return overlaid(Graph([Node(n.name, n.op, n.inputs, n.attrs) for n in nodes], graph.output), new, addmaps=addmaps)

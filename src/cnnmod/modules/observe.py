@@ -67,7 +67,7 @@ def observe(model: nn.Module, dataset, *, positives: int = 1000, negatives_per_c
     start = time.perf_counter()
     meta = getattr(model, "cnnmod_meta", {})
     spec = input_spec or getattr(model, "input_spec", None)
-    graph = trace_graph(model)
+    graph = trace_graph(model, _input_shape(dataset, spec))
     weights = {k: v.detach().cpu() for k, v in weights_of(model).items()}
     if not ends_in_linear(graph):  # SqueezeNet: conv, ReLU, pooling; its K logits get an identity Linear head
         shape = GraphNetwork(graph, weights).shapes(_input_shape(dataset, spec))[graph.output]

@@ -161,13 +161,17 @@ def paper_strategy(parent: Parent, c: int, *, delta: float = 0.5) -> tuple[Graph
     # MC-BLN applies where the head is the model's Linear layer, not over the logits of another classifier
     removed = mc_bln_features(w2, delta) if parent.head != LOGITS_HEAD else torch.zeros(w2.shape[1], dtype=torch.bool)
     head_input = parent.graph.by_name[parent.head].inputs[0]
-    for layer, gone in backtrack_removed(parent.graph, head_input, removed, set(keep), parent.shapes).items():
+    stopped: dict[str, str] = {}
+    for layer, gone in backtrack_removed(parent.graph, head_input, removed, set(keep), parent.shapes,
+                                         stopped).items():
         keep[layer] = pack(unpack(keep[layer], gone.numel()) & ~gone.flatten())
     weights = dict(parent.weights, **{f"{parent.head}.weight": w2, f"{parent.head}.bias": b2})
     kept = sum(count(bits) for bits in keep.values())
     total = sum(math.prod(parent.stats.shapes[layer]) for layer in keep)
     summary = {"elements_kept": kept, "elements_total": total, "share_kept": kept / total,
                "mc_bln_features_removed": int(removed.sum())}
+    if stopped:  # removed features MC-BLN could not follow to an observed layer: kept there
+        summary["mc_bln_stopped"] = sorted(stopped.values())
     bitmasks = {layer: (bits, parent.stats.shapes[layer]) for layer, bits in keep.items()}
     return overlaid(parent.graph, weights, bitmasks=bitmasks), summary
 

@@ -10,14 +10,15 @@ A space is *prunable* when removing a channel and putting a constant in its plac
 sees: each reader (a convolution, a linear layer, a concat, the output) must read a node that
 comes after the space's activations.
 
-A space that starts at a concatenation, a channel split or a channel shuffle (ops whose channels
-are ``index``: each output channel is one input channel) is *derived*: which of its channels a
+A space that starts at a concatenation, a channel slice, a channel shuffle or channel padding
+(ops whose channels are ``index``: each output channel is one input channel, or a constant) is *derived*: which of its channels a
 module keeps follows from the spaces it reads (``Spaces.expand``), and its removed channels are
 constants already, computed from their sources' constants. A derived space that is also tied to
 other channels (an add with a convolution's output), or kept whole for another reason, keeps its
-sources whole. Spaces of the input, of linear layers' outputs, those touching a grouped (not
-depthwise) convolution, LayerNorm or a permute are kept whole (their channels would need
-bookkeeping across groups or layouts); ``Spaces.whole`` says why for each.
+sources whole. Spaces of the input, of linear layers' outputs, and those touching an op whose
+channel flow is ``whole`` (a grouped, not depthwise, convolution, LayerNorm, a permute: their
+channels would need bookkeeping across groups or layouts) are kept whole; ``Spaces.whole`` says
+why for each. How channels flow through each op is the registry's (``Op.flow``).
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .graph import Graph, Node
-from .ops import REGISTRY, ops_where
+from .ops import REGISTRY, channel_sources, ops_where
 
-_SAME_CHANNELS = ops_where(channels="same")  # BatchNorm, activations, pooling, flatten, identity
-_TIED = ops_where(channels="tied")  # add, mul: both inputs' channels are one space
 _ACTIVATIONS = ops_where(activation=True)
-_INDEX = ops_where(channels="index")  # cat, chunk, shuffle, select: each output channel is an input channel
+
+
+def flow(node: Node) -> str:
+    """How channels flow through ``node``: same, new, tied, index or whole (ops.py)."""
+    return REGISTRY[node.op].flow(node)
 
 
 @dataclass
@@ -52,24 +55,19 @@ class Spaces:
         keep = dict(keep)
         for space, node in self.derived.items():
             masks = [keep.get(self.of[i], torch.ones(shapes[i][0], dtype=torch.bool)) for i in node.inputs]
-            keep[space] = torch.cat(masks)[_sources(node, [len(m) for m in masks])]
+            # a constant channel (-1: channel padding) is never kept: the appended False
+            keep[space] = torch.cat([*masks, torch.zeros(1, dtype=torch.bool)])[channel_sources(node, [len(m) for m in masks])]
         return keep
-
-
-def _sources(node: Node, channels: list[int]) -> torch.Tensor:
-    """For an index op reading inputs of ``channels`` channels: each output channel's position among
-    all the inputs' channels side by side (found by running the op on channel labels: exact below 2**24)."""
-    labels = torch.arange(sum(channels), dtype=torch.float32).split(channels)
-    return REGISTRY[node.op].run(node, [t.view(1, -1, 1, 1) for t in labels], None).flatten().long()
 
 
 def index_map(node: Node, channels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """For an index op reading inputs of ``channels`` channels: which input, and which channel of
-    it, each output channel is."""
+    it, each output channel is (-1 and -1 for a constant channel)."""
     base = torch.tensor([0, *channels]).cumsum(0)
-    out = _sources(node, channels)
-    which = torch.searchsorted(base, out, right=True) - 1
-    return which, out - base[which]
+    out = channel_sources(node, channels)
+    which = torch.searchsorted(base, out.clamp_min(0), right=True) - 1
+    constant = out < 0
+    return which.masked_fill(constant, -1), (out - base[which]).masked_fill(constant, -1)
 
 
 def _moved(node, perm: dict[str, tuple]) -> bool:
@@ -100,7 +98,7 @@ def channel_spaces(graph: Graph) -> Spaces:
     perm: dict[str, tuple] = {}  # node -> which input dimension each of its dimensions is (after permutes)
     for node in graph.nodes:
         parent[node.name] = node.name
-        if node.op in _SAME_CHANNELS or node.op in _TIED or node.attrs.get("depthwise"):
+        if flow(node) in ("same", "tied"):
             for i in node.inputs:
                 union(node.name, i)
         if node.op in ("input", "linear"):
@@ -109,10 +107,8 @@ def channel_spaces(graph: Graph) -> Spaces:
             keep_whole(node.inputs, "the model's logits")
         if _moved(node, perm):
             keep_whole([node.name, *node.inputs], "channels not on dim 1 (channels-last)")
-        if node.op != "input" and REGISTRY[node.op].channels == "whole":
-            keep_whole([node.name, *node.inputs], f"{node.op} (mixes or moves channels)")
-        if node.op == "conv" and node.attrs.get("groups", 1) != 1 and not node.attrs.get("depthwise"):
-            keep_whole([node.name, *node.inputs], "a grouped or depthwise convolution")
+        if node.op != "input" and flow(node) == "whole":
+            keep_whole([node.name, *node.inputs], REGISTRY[node.op].reason(node))
     keep_whole([graph.output], "the model's output")
 
     roots = sorted({find(n.name) for n in graph.nodes}, key=[n.name for n in graph.nodes].index)
@@ -120,11 +116,11 @@ def channel_spaces(graph: Graph) -> Spaces:
     of = {n.name: ids[find(n.name)] for n in graph.nodes}
     starts: dict[int, list] = {}  # space -> the nodes whose channels it starts with (not taken from an input)
     for node in graph.nodes:
-        if not (node.op in _SAME_CHANNELS or node.op in _TIED or node.attrs.get("depthwise")):
+        if flow(node) not in ("same", "tied"):
             starts.setdefault(of[node.name], []).append(node)
     derived = {}
     for node in graph.nodes:
-        if node.op in _INDEX:
+        if flow(node) == "index":
             if any(graph.by_name[i].op == "flatten" for i in node.inputs):  # features, not channels
                 keep_whole([node.name, *node.inputs], f"{node.op} of flattened features")
             elif len(starts[of[node.name]]) == 1:
@@ -140,7 +136,7 @@ def channel_spaces(graph: Graph) -> Spaces:
     # spaces (their removed channels are constants computed from constants).
     after: set[str] = set()
     for node in graph.nodes:
-        carried = node.op in _SAME_CHANNELS | _TIED or node.attrs.get("depthwise")
+        carried = flow(node) in ("same", "tied")
         if of[node.name] in derived or node.op in _ACTIVATIONS or \
                 (carried and node.inputs and all(i in after for i in node.inputs)):
             after.add(node.name)

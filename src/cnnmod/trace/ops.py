@@ -1,18 +1,28 @@
 """The registry of operations: everything the pipeline needs to know about each op, in one entry.
 
-An entry says how the op is recognised when a model is traced (its ``nn.Module`` types, its
-functions and tensor-method names), which state-dict tensors it holds, how to run it (plain
-torch calls, so graphs export to ONNX), how channels flow through it, and whether it is an
-*activation*: a layer whose output elements the paper strategy observes and may mask.
+An entry says how the op is recognised when a model is captured (``aten``: the ATen operations
+torch.export records for it, and ``capture``: its attributes read off the captured call, or None
+when the call is another op's), which state-dict tensors it holds, how to run it (plain torch
+calls, so graphs export to ONNX), how channels flow through it, how MC-BLN back-tracks through it,
+and whether it is an *activation*: a layer whose output elements the paper strategy observes and
+may mask. Capture (capture.py), back-tracking, extraction and the channel spaces read only this.
 
-Channel flow (``channels``), read by ``channels.py``, ``backtrack.py`` and the strategies:
+Channel flow (``channels``: a class, or a function of the node giving one), read by
+``channels.py``, ``extract.py`` and the strategies:
 - ``same``: output channel c is computed from input channel c alone (BatchNorm, activations,
-  pooling, dropout); a removed channel's constant stays a constant.
+  pooling, a depthwise convolution, spatial slices and padding); a removed channel's constant
+  stays a constant, and a per-channel tensor is sliced with the channels.
 - ``new``: the op mixes its input channels into new ones (convolution, linear): a space ends.
 - ``tied``: an element-wise op of two tensors (add, multiply): their channels are one space.
-- ``index``: each output channel is one input channel, moved (concatenation, channel split,
-  channel shuffle): running the op on channel labels says which (``channels.index_map``).
-- ``whole``: anything else; the space it touches is kept whole by the channels strategy.
+- ``index``: each output channel is one input channel, moved, or a constant (concatenation,
+  channel slices, channel shuffle, channel padding): running the op on channel labels says which
+  (``channels.index_map``).
+- ``whole``: anything else; the space it touches is kept whole by the channels strategy, for the
+  reason ``why`` gives.
+
+Back-tracking (``backtrack``, MC-BLN, concerns/backtrack.py): given which elements of the op's
+output must become zero, which elements of each input to zero. ``None``: the op cannot be seen
+through; back-tracking stops there and says so (never silently).
 
 *Overlays* (``overlay=True``) are what a strategy adds to a layer of the parent: they run on that
 layer's output, in the order its node lists them (``Node.then``), with tensors keyed like the
@@ -29,18 +39,17 @@ images are exactly the model's, whatever the activation. Activations with an exa
 elements; those without one (SiLU, GELU, Sigmoid, Tanh, LeakyReLU) have almost none, so their
 elements are kept (no loss, and no masking there).
 
-Adding an activation is one ``_activation(...)`` line below and a test.
+Adding an activation is one ``_activation(...)`` line below and a test; adding an op with
+attributes is one ``register(Op(...))`` entry (GroupNorm: its entry and a test).
 """
 
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from ..bits import unpack
@@ -50,14 +59,28 @@ from ..bits import unpack
 class Op:
     name: str
     run: Callable  # (node, inputs: list[Tensor], weight: name -> Tensor | None) -> Tensor
-    channels: str = "same"  # same | new | tied | index | whole (module docstring)
+    channels: str | Callable = "same"  # same | new | tied | index | whole, or node -> one of them (docstring)
     params: tuple[str, ...] = ()  # state-dict tensors, keyed "<node name>.<param>"
     activation: bool = False  # the paper strategy observes (and may mask) its output elements
     zero_region: str = ""  # where an activation's output is exactly 0 ("x <= 0"); "" if nowhere
-    modules: tuple[type, ...] = ()  # nn.Module types traced as this op
-    calls: tuple = ()  # functions and tensor-method names traced as this op
+    aten: tuple[str, ...] = ()  # the ATen operations captured as this op ("conv2d", "add_")
+    capture: Callable | None = None  # (call) -> attrs, or None when the call is another op's; default: {}
+    backtrack: Callable | None = None  # (node, gone, shapes) -> [(input, gone there)]; None: a stop
+    why: str | Callable = ""  # why a ``whole`` op keeps its spaces whole (or node -> why)
     macs: Callable | None = None  # (node, output shape without batch, weight) -> multiply-accumulates per image
     overlay: bool = False  # runs on a layer's output, listed in its node's ``then`` (module docstring)
+
+    def flow(self, node) -> str:
+        """How channels flow through ``node`` (one of the classes of the module docstring)."""
+        return self.channels(node) if callable(self.channels) else self.channels
+
+    def reason(self, node) -> str:
+        """Why ``node``'s spaces are kept whole, when its flow is ``whole``."""
+        why = self.why(node) if callable(self.why) else self.why
+        return why or f"{self.name} (mixes or moves channels)"
+
+    def attrs(self, call) -> dict | None:
+        return {} if self.capture is None else self.capture(call)
 
 
 REGISTRY: dict[str, Op] = {}
@@ -68,9 +91,61 @@ def register(op: Op) -> Op:
     return op
 
 
-def _activation(name: str, fn: Callable, modules: tuple, calls: tuple, zero_region: str = "") -> None:
+def _pair(v) -> list:
+    return [int(d) for d in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]
+
+
+def _data(call, count: int) -> bool:
+    """Whether the call reads ``count`` tensors of the network and no weights."""
+    return len(call.data) == count and not call.params
+
+
+# Back-tracking (MC-BLN): which input elements to zero so that ``gone`` output elements become 0.
+def _elementwise(node, gone, shapes):
+    return [(node.inputs[0], gone)]
+
+
+def _into_each(node, gone, shapes):
+    return [(i, gone) for i in node.inputs]
+
+
+def _global(node, gone, shapes):
+    """A global pooling: a removed feature is every position of its channel."""
+    if not all(s == 1 for s in shapes[node.name][1:]):
+        return None
+    return [(node.inputs[0], gone.reshape(-1, 1, 1).expand(shapes[node.inputs[0]]).clone())]
+
+
+def _pooled(node, gone, shapes):
+    """Windowed pooling: an input position is removed when every window that reads it is removed."""
+    a, in_shape = node.attrs, shapes[node.inputs[0]]
+    ones = torch.ones(gone.shape[0], 1, *a["kernel_size"])
+
+    def coverage(mask: torch.Tensor) -> torch.Tensor:
+        cov = F.conv_transpose2d(mask[None].float(), ones, stride=a["stride"], padding=a["padding"],
+                                 dilation=a.get("dilation", [1, 1]), groups=gone.shape[0])[0]
+        cov = cov[:, :in_shape[1], :in_shape[2]]  # windows past the edge (ceil_mode) read nothing
+        return F.pad(cov, (0, in_shape[2] - cov.shape[2], 0, in_shape[1] - cov.shape[1]))
+
+    return [(node.inputs[0], (coverage(gone) > 0) & (coverage(~gone) == 0))]
+
+
+def _moved_back(node, gone, shapes):
+    """An op that only moves elements (slices, padding, channel maps): each output element's source
+    element, found by running the op on element labels (1-based; 0 is a constant)."""
+    ins = [shapes[i] for i in node.inputs]
+    labels = torch.arange(1, 1 + sum(math.prod(s) for s in ins), dtype=torch.float64)
+    parts = [p.view(1, *s) for p, s in zip(labels.split([math.prod(s) for s in ins]), ins)]
+    source = REGISTRY[node.op].run(node, parts, None)[0].long().flatten() - 1
+    flat = torch.zeros(len(labels) + 1, dtype=torch.bool)  # the last: where constants come from
+    flat[source[gone.flatten()]] = True
+    sizes = [math.prod(s) for s in ins]
+    return [(i, g.view(s)) for i, g, s in zip(node.inputs, flat[:-1].split(sizes), ins)]
+
+
+def _activation(name: str, fn: Callable, aten: tuple, zero_region: str = "") -> None:
     register(Op(name, lambda node, xs, w: fn(xs[0]), activation=True, zero_region=zero_region,
-                modules=modules, calls=calls))
+                aten=aten + tuple(a + "_" for a in aten), backtrack=_elementwise))
 
 
 def _conv(node, xs, w):
@@ -84,41 +159,198 @@ def _conv(node, xs, w):
     return F.conv2d(x, weight, w("bias"), a["stride"], padding, a["dilation"], groups)
 
 
-register(Op("input", lambda node, xs, w: xs[0], channels="whole"))
-register(Op("conv", _conv, channels="new", params=("weight", "bias"), modules=(nn.Conv2d,), calls=(F.conv2d,),
+def _conv_attrs(call) -> dict:
+    groups, padding = int(call.arg("groups")), call.arg("padding")
+    attrs = dict(stride=_pair(call.arg("stride")), dilation=_pair(call.arg("dilation")), groups=groups,
+                 padding=padding if isinstance(padding, str) else _pair(padding), bias="bias" in call.params)
+    if groups == call.shape("input")[0] == call.out[0] > 1:  # each output channel reads its own input channel
+        attrs["depthwise"] = True
+    return attrs
+
+
+def _conv_flow(node) -> str:
+    if node.attrs.get("depthwise"):
+        return "same"
+    return "whole" if node.attrs.get("groups", 1) != 1 else "new"
+
+
+register(Op("input", lambda node, xs, w: xs[0], channels="whole", why="the input"))
+register(Op("conv", _conv, channels=_conv_flow, params=("weight", "bias"), aten=("conv2d",), capture=_conv_attrs,
+            why="a grouped or depthwise convolution",
             macs=lambda node, out, weight: math.prod(out) * weight[0].numel()))  # outputs x Cin/groups*kh*kw
+
+
+def _bn_attrs(call):
+    if call.arg("training"):
+        call.refuse("batch_norm in training mode", "call model.eval() first")
+    if "running_mean" not in call.params or "running_var" not in call.params:
+        call.refuse("batch_norm without running statistics", "use nn.BatchNorm2d(track_running_stats=True)")
+    return dict(eps=float(call.arg("eps")), affine="weight" in call.params)
+
+
 register(Op("bn", lambda node, xs, w: F.batch_norm(xs[0], w("running_mean"), w("running_var"), w("weight"), w("bias"),
                                                    False, 0.0, node.attrs["eps"]),
-            params=("weight", "bias", "running_mean", "running_var"), modules=(nn.BatchNorm2d,), calls=(F.batch_norm,)))
+            params=("weight", "bias", "running_mean", "running_var"), aten=("batch_norm",), capture=_bn_attrs,
+            backtrack=_elementwise))
 register(Op("linear", lambda node, xs, w: F.linear(xs[0], w("weight"), w("bias")), channels="new",
-            params=("weight", "bias"), modules=(nn.Linear,), calls=(F.linear,),
+            params=("weight", "bias"), aten=("linear",), capture=lambda call: dict(bias="bias" in call.params),
             macs=lambda node, out, weight: weight.numel() * math.prod(out[:-1])))  # out: (K,), or (H, W, K)
-register(Op("add", lambda node, xs, w: xs[0] + xs[1], channels="tied",
-            calls=(operator.add, operator.iadd, torch.add, "add", "add_")))
-register(Op("mul", lambda node, xs, w: xs[0] * xs[1], channels="tied",
-            calls=(operator.mul, operator.imul, torch.mul, "mul", "mul_")))
-register(Op("cat", lambda node, xs, w: torch.cat(xs, dim=1), channels="index", calls=(torch.cat, torch.concat)))
-register(Op("identity", lambda node, xs, w: xs[0],
-            modules=(nn.Identity, nn.Dropout, nn.Dropout2d), calls=("contiguous",)))
+register(Op("add", lambda node, xs, w: xs[0] + xs[1], channels="tied", aten=("add", "add_"), backtrack=_into_each,
+            capture=lambda call: {} if _data(call, 2) and call.arg("alpha", 1) == 1 else None))
+# x times a parameter, reshaped to broadcast (ConvNeXt's layer scale): kept whole, as its parameter is
+# sliced by no strategy yet. Tried before ``mul``, which is the product of two of the network's tensors.
+register(Op("scale", lambda node, xs, w: xs[0] * w("weight").reshape(node.attrs["shape"]), channels="whole",
+            params=("weight",), aten=("mul", "mul_"), why="a layer scale",
+            capture=lambda call: dict(param=call.param, shape=call.param_shape) if call.param else None))
+register(Op("mul", lambda node, xs, w: xs[0] * xs[1], channels="tied", aten=("mul", "mul_"),
+            capture=lambda call: {} if _data(call, 2) else None))
+
+# Arithmetic with a number (x * 1.0, x / 6, 1 - x): each element alone, computed as written.
+_ARITHMETIC = {"add": lambda x, v: x + v, "sub": lambda x, v: x - v, "mul": lambda x, v: x * v,
+               "div": lambda x, v: x / v, "rsub": lambda x, v: v - x}
+
+
+def _arithmetic_attrs(call):
+    if not _data(call, 1) or call.number is None or call.arg("rounding_mode", None) is not None:
+        return None
+    fn, value = call.aten.rstrip("_"), call.number
+    if fn in ("add", "sub", "rsub") and call.arg("alpha", 1) != 1:
+        value *= call.arg("alpha")  # x + alpha * v; rsub: v - alpha * x is refused below
+        if fn == "rsub":
+            return None
+    return dict(fn=fn, value=float(value))
+
+
+register(Op("arithmetic", lambda node, xs, w: _ARITHMETIC[node.attrs["fn"]](xs[0], node.attrs["value"]),
+            aten=("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "rsub"), capture=_arithmetic_attrs,
+            backtrack=_elementwise))
+
+
+def _channel_dim(call, name: str = "dim") -> dict | None:
+    rank = len(call.out) + 1
+    return dict(dim=1) if call.arg(name) % rank == 1 else None
+
+
+register(Op("cat", lambda node, xs, w: torch.cat(xs, dim=1), channels="index", aten=("cat", "concat"),
+            capture=_channel_dim, backtrack=_moved_back))
+register(Op("identity", lambda node, xs, w: xs[0], backtrack=_elementwise))
 register(Op("flatten", lambda node, xs, w: torch.flatten(xs[0], node.attrs["start_dim"], node.attrs["end_dim"]),
-            modules=(nn.Flatten,), calls=(torch.flatten, "flatten")))
+            aten=("flatten",), backtrack=lambda node, gone, shapes: [(node.inputs[0], gone.reshape(shapes[node.inputs[0]]))],
+            capture=lambda call: dict(start_dim=int(call.arg("start_dim")), end_dim=int(call.arg("end_dim")))))
 register(Op("maxpool", lambda node, xs, w: F.max_pool2d(xs[0], node.attrs["kernel_size"], node.attrs["stride"],
                                                         node.attrs["padding"], node.attrs["dilation"],
                                                         node.attrs["ceil_mode"]),
-            modules=(nn.MaxPool2d,), calls=(F.max_pool2d,)))
+            aten=("max_pool2d",), backtrack=_pooled,
+            capture=lambda call: dict(kernel_size=_pair(call.arg("kernel_size")),
+                                      stride=_pair(call.arg("stride") or call.arg("kernel_size")),
+                                      padding=_pair(call.arg("padding")), ceil_mode=bool(call.arg("ceil_mode")),
+                                      dilation=_pair(call.arg("dilation")))))
 register(Op("avgpool", lambda node, xs, w: F.avg_pool2d(xs[0], node.attrs["kernel_size"], node.attrs["stride"],
                                                         node.attrs["padding"], node.attrs["ceil_mode"],
                                                         node.attrs["count_include_pad"]),
-            modules=(nn.AvgPool2d,), calls=(F.avg_pool2d,)))
+            aten=("avg_pool2d",), backtrack=_pooled,
+            capture=lambda call: None if call.arg("divisor_override") is not None else dict(
+                kernel_size=_pair(call.arg("kernel_size")), stride=_pair(call.arg("stride") or call.arg("kernel_size")),
+                padding=_pair(call.arg("padding")), ceil_mode=bool(call.arg("ceil_mode")),
+                count_include_pad=bool(call.arg("count_include_pad")))))
 register(Op("adaptive_avgpool", lambda node, xs, w: F.adaptive_avg_pool2d(xs[0], node.attrs["output_size"]),
-            modules=(nn.AdaptiveAvgPool2d,), calls=(F.adaptive_avg_pool2d,)))
-register(Op("mean", lambda node, xs, w: xs[0].mean(dim=(2, 3), keepdim=node.attrs["keepdim"]), calls=("mean",)))
+            aten=("adaptive_avg_pool2d",), backtrack=_global,
+            capture=lambda call: dict(output_size=_pair(call.arg("output_size")))))
+
+
+def _spatial(call):
+    """A reduction over the spatial dims (2, 3) of an (N, C, H, W) value."""
+    dims = call.arg("dim")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if len(call.shape("self")) != 3 or sorted(d % 4 for d in dims) != [2, 3]:
+        return None
+    return dict(keepdim=bool(call.arg("keepdim")))
+
+
+register(Op("mean", lambda node, xs, w: xs[0].mean(dim=(2, 3), keepdim=node.attrs["keepdim"]), aten=("mean",),
+            capture=_spatial, backtrack=_global))
+register(Op("amax", lambda node, xs, w: xs[0].amax(dim=(2, 3), keepdim=node.attrs["keepdim"]), aten=("amax",),
+            capture=_spatial, backtrack=_global))
+
+
+def _permute_attrs(call):
+    rank = len(call.out) + 1
+    if call.aten == "transpose":
+        dims = list(range(rank))
+        a, b = call.arg("dim0") % rank, call.arg("dim1") % rank
+        dims[a], dims[b] = dims[b], dims[a]
+    else:
+        dims = [d % rank for d in call.arg("dims")]
+    return dict(dims=dims) if dims[0] == 0 else None
+
 
 register(Op("permute", lambda node, xs, w: xs[0].permute(node.attrs["dims"]), channels="whole",
-            calls=(torch.permute, "permute")))
+            aten=("permute", "transpose"), capture=_permute_attrs, why="channels not on dim 1 (channels-last)"))
 register(Op("layer_norm", lambda node, xs, w: F.layer_norm(xs[0], node.attrs["normalized_shape"], w("weight"),
                                                            w("bias"), node.attrs["eps"]),
-            channels="whole", params=("weight", "bias"), modules=(nn.LayerNorm,), calls=(F.layer_norm,)))
+            channels="whole", params=("weight", "bias"), aten=("layer_norm",), why="LayerNorm (mixes channels)",
+            capture=lambda call: dict(normalized_shape=[int(d) for d in call.arg("normalized_shape")],
+                                      eps=float(call.arg("eps")))))
+
+
+def _slice(node, xs, w):
+    a = node.attrs
+    return xs[0][(slice(None),) * a["dim"] + (slice(a["start"], a["end"], a["step"]),)]
+
+
+def _slice_attrs(call):
+    """x[:, a:b:s] on one dimension other than the batch, its bounds made concrete by the input's size."""
+    size = call.shape("self")
+    dim = call.arg("dim") % (len(size) + 1)
+    if dim == 0:
+        return None  # the batch: the capture keeps only x[:] (every image)
+    start, end, step = slice(call.arg("start"), call.arg("end"), call.arg("step")).indices(size[dim - 1])
+    return dict(dim=dim, start=start, end=end, step=step)
+
+
+# A slice along the channels is an index map (a channel split: chunk, split, x[:, :c]); along the
+# rows or columns it keeps the channels (a crop, x[:, :, ::2, ::2]).
+register(Op("slice", _slice, channels=lambda node: "index" if node.attrs["dim"] == 1 else
+            "same" if node.attrs["dim"] in (2, 3) else "whole", aten=("slice",), capture=_slice_attrs,
+            backtrack=_moved_back, why="a slice of flattened features"))
+
+
+def _pad_attrs(call):
+    pad, rank = [int(p) for p in call.arg("pad")], len(call.out) + 1
+    mode = call.arg("mode", "constant") if call.aten == "pad" else "constant"
+    value = call.arg("value", 0.0) if mode == "constant" else None
+    if rank != 4 or len(pad) > 6 or len(pad) % 2 or mode not in ("constant", "reflect", "replicate", "circular"):
+        return None
+    return dict(pad=pad, mode=mode, value=None if value is None else float(value))
+
+
+def _pad_flow(node) -> str:
+    """Spatial padding keeps the channels; zero channels padded around the others are an index map
+    whose new channels are constants (option-A shortcuts); both at once are kept whole."""
+    pad = node.attrs["pad"] + [0] * (6 - len(node.attrs["pad"]))
+    if not any(pad[4:]):
+        return "same"
+    return "index" if not any(pad[:4]) and node.attrs["value"] == 0 else "whole"
+
+
+register(Op("pad", lambda node, xs, w: F.pad(xs[0], node.attrs["pad"], node.attrs["mode"], node.attrs["value"]),
+            channels=_pad_flow, aten=("pad", "constant_pad_nd"), capture=_pad_attrs,
+            backtrack=lambda node, gone, shapes: _moved_back(node, gone, shapes) if node.attrs["mode"] == "constant"
+            else None, why="padding of rows and channels at once"))
+
+_UPSAMPLING = {"upsample_nearest2d": "nearest", "_upsample_nearest_exact2d": "nearest-exact",
+               "upsample_bilinear2d": "bilinear", "upsample_bicubic2d": "bicubic"}
+
+
+def _interpolate_attrs(call):
+    scales = call.arg("scale_factors", None)
+    return dict(mode=_UPSAMPLING[call.aten], size=None if scales else list(call.out[1:]),
+                scale=[float(s) for s in scales] if scales else None, align_corners=call.arg("align_corners", None))
+
+
+register(Op("interpolate", lambda node, xs, w: F.interpolate(xs[0], node.attrs["size"], node.attrs["scale"],
+                                                             node.attrs["mode"], node.attrs["align_corners"]),
+            aten=tuple(_UPSAMPLING), capture=_interpolate_attrs))
 
 
 def _shuffle(node, xs, w):
@@ -127,35 +359,55 @@ def _shuffle(node, xs, w):
     return xs[0].reshape(b, g, c // g, h, wd).transpose(1, 2).reshape(b, c, h, wd)
 
 
-# ShuffleNet's channel split (x.chunk(2, dim=1)[i]) and channel shuffle (view, transpose, view), and
-# what a module holds in their place once channels are removed: the kept channels, picked by index.
-register(Op("chunk", lambda node, xs, w: xs[0].chunk(node.attrs["chunks"], 1)[node.attrs["index"]], channels="index"))
-register(Op("shuffle", _shuffle, channels="index"))
-register(Op("select", lambda node, xs, w: xs[0][:, node.attrs["index"]], channels="index"))
-# x times a parameter, reshaped to broadcast (ConvNeXt's layer scale): kept whole, as its parameter is
-# sliced by no strategy yet.
-register(Op("scale", lambda node, xs, w: xs[0] * w("weight").reshape(node.attrs["shape"]), channels="whole",
-            params=("weight",)))
+# ShuffleNet's channel split and channel shuffle as module files of earlier versions store them
+# (captures now give ``slice`` and ``select``), and what a module holds in place of an index op once
+# channels are removed: the kept channels, picked by index (``select``).
+register(Op("chunk", lambda node, xs, w: xs[0].chunk(node.attrs["chunks"], 1)[node.attrs["index"]], channels="index",
+            backtrack=_moved_back))
+register(Op("shuffle", _shuffle, channels="index", backtrack=_moved_back))
+register(Op("select", lambda node, xs, w: xs[0][:, node.attrs["index"]], channels="index", backtrack=_moved_back))
 
-_activation("relu", F.relu, (nn.ReLU,), (F.relu, torch.relu, "relu", "relu_"), zero_region="x <= 0")
-_activation("relu6", F.relu6, (nn.ReLU6,), (F.relu6,), zero_region="x <= 0")
-_activation("hardswish", F.hardswish, (nn.Hardswish,), (F.hardswish,), zero_region="x <= -3")
-_activation("hardsigmoid", F.hardsigmoid, (nn.Hardsigmoid,), (F.hardsigmoid,), zero_region="x <= -3")
-_activation("silu", F.silu, (nn.SiLU,), (F.silu,))
-_activation("sigmoid", torch.sigmoid, (nn.Sigmoid,), (torch.sigmoid, F.sigmoid, "sigmoid"))
-_activation("tanh", torch.tanh, (nn.Tanh,), (torch.tanh, F.tanh, "tanh"))
-_activation("mish", F.mish, (nn.Mish,), (F.mish,))
+_activation("relu", F.relu, ("relu",), zero_region="x <= 0")
+_activation("hardswish", F.hardswish, ("hardswish",), zero_region="x <= -3")
+_activation("hardsigmoid", F.hardsigmoid, ("hardsigmoid",), zero_region="x <= -3")
+_activation("silu", F.silu, ("silu",))
+_activation("sigmoid", torch.sigmoid, ("sigmoid",))
+_activation("tanh", torch.tanh, ("tanh",))
+_activation("mish", F.mish, ("mish",))
+
+
+def _bounds(call) -> tuple:
+    if call.aten.startswith("hardtanh"):
+        return float(call.arg("min_val")), float(call.arg("max_val"))
+    if call.aten.startswith("clamp_m"):
+        value = float(call.arg("min" if "min" in call.aten else "max"))
+        return (value, None) if "min" in call.aten else (None, value)
+    low, high = call.arg("min", None), call.arg("max", None)
+    return None if low is None else float(low), None if high is None else float(high)
+
+
+_CLAMPS = ("hardtanh", "hardtanh_", "clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_")
+register(Op("relu6", lambda node, xs, w: F.relu6(xs[0]), activation=True, zero_region="x <= 0",
+            aten=("relu6", "relu6_") + _CLAMPS, backtrack=_elementwise,
+            capture=lambda call: {} if call.aten.startswith("relu6") or _bounds(call) == (0.0, 6.0) else None))
+register(Op("clamp", lambda node, xs, w: torch.clamp(xs[0], node.attrs["min"], node.attrs["max"]), activation=True,
+            zero_region="x <= 0 when min is 0", aten=_CLAMPS, backtrack=_elementwise,
+            capture=lambda call: dict(zip(("min", "max"), _bounds(call)))))
 # GELU and LeakyReLU carry an attribute (the approximation, the slope): registered in full.
 register(Op("gelu", lambda node, xs, w: F.gelu(xs[0], approximate=node.attrs["approximate"]), activation=True,
-            modules=(nn.GELU,), calls=(F.gelu,)))
+            aten=("gelu", "gelu_"), capture=lambda call: dict(approximate=call.arg("approximate")),
+            backtrack=_elementwise))
 register(Op("leaky_relu", lambda node, xs, w: F.leaky_relu(xs[0], node.attrs["negative_slope"]), activation=True,
-            modules=(nn.LeakyReLU,), calls=(F.leaky_relu,)))
+            aten=("leaky_relu", "leaky_relu_"), backtrack=_elementwise,
+            capture=lambda call: dict(negative_slope=float(call.arg("negative_slope")))))
 
 
 # A strategy's overlays (see the module docstring); "mask" is a bool keep-mask, "bitmask" the same
 # packed as bits (a paper-strategy module of a ResNet-50 at 224 px: 1.2 MB instead of 9.6 MB) with
 # its shape, the others float32.
 register(Op("mask", lambda node, xs, w: xs[0] * w("mask"), params=("mask",), overlay=True))
+
+
 def _bitmask(node, xs, w):
     shape = xs[0].shape[1:]
     return xs[0] * unpack(w("bits"), math.prod(shape)).view(shape)
@@ -165,6 +417,14 @@ register(Op("bitmask", _bitmask, params=("bits", "shape"), overlay=True))
 register(Op("fill", lambda node, xs, w: torch.where(w("mask"), xs[0], w("fill")), params=("mask", "fill"),
             overlay=True))
 register(Op("addmap", lambda node, xs, w: xs[0] + w("addmap"), params=("addmap",), overlay=True))
+
+
+def channel_sources(node, channels: list[int]) -> torch.Tensor:
+    """For an index op reading inputs of ``channels`` channels: each output channel's position among
+    all the inputs' channels side by side, or -1 for a constant channel (found by running the op on
+    channel labels 1, 2, ...: exact below 2**24)."""
+    labels = torch.arange(1, 1 + sum(channels), dtype=torch.float32).split(channels)
+    return REGISTRY[node.op].run(node, [t.view(1, -1, 1, 1) for t in labels], None).flatten().long() - 1
 
 
 def weight_keys(node, overlays: bool = True) -> dict[str, str]:
@@ -181,7 +441,7 @@ def weight_keys(node, overlays: bool = True) -> dict[str, str]:
 
 
 def ops_where(**wanted) -> set[str]:
-    """The names of the ops whose fields equal ``wanted`` (``ops_where(channels="same")``)."""
+    """The names of the ops whose fields equal ``wanted`` (``ops_where(activation=True)``)."""
     return {o.name for o in REGISTRY.values() if all(getattr(o, k) == v for k, v in wanted.items())}
 
 
