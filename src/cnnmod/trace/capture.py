@@ -318,14 +318,14 @@ class _Converter:
                if isinstance(a.meta.get("val"), torch.Tensor)):
             raise CnnmodError(f"cannot capture {aten!r} of a tensor created inside forward ({where}); make it a "
                               "registered parameter or buffer of the model.")
-        name = self._owner(op, call, where) if op.params and op.name != "scale" else None
+        name = self._owner(op, call, where) if call.params and op.name != "scale" else None
         self._emit(n, Node(name or self._name(n, n.name), op.name, call.inputs, attrs))
 
     def _owner(self, op, call: _Call, where: str) -> str:
         """The module whose weights a layer uses: the layer's name (its tensors are keyed "<module>.<role>")."""
         owners = {fqn.rpartition(".")[0] for fqn in call.params.values()}
         if len(owners) != 1 or any(fqn.rpartition(".")[2] != role for role, fqn in call.params.items()) \
-                or not set(call.params) <= set(op.params) or "weight" not in call.params and op.name != "bn":
+                or not set(call.params) <= set(op.params):
             raise CnnmodError(f"cannot capture {call.aten} on weights {sorted(call.params.values())} ({where}); "
                               f"expected the {', '.join(op.params)} of one module, named so.")
         owner = owners.pop()
