@@ -83,6 +83,7 @@ class DualPath(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
         self.bn0 = nn.BatchNorm2d(16)
+        self.inner = nn.Conv2d(16, 16, 1)
         self.conv = nn.Conv2d(16, 20, 3, padding=1)
         self.bn = nn.BatchNorm2d(20)
         self.d = 12
@@ -90,7 +91,7 @@ class DualPath(nn.Module):
 
     def forward(self, x):
         x = F.relu(self.bn0(self.stem(x)))
-        out = self.bn(self.conv(x))
+        out = self.bn(self.conv(F.relu(self.inner(x))))
         d = self.d
         out = torch.cat([x[:, :d] + out[:, :d], x[:, d:], out[:, d:]], 1)
         out = F.relu(out)
@@ -199,6 +200,21 @@ class GroupNormNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 
+class ZeroChannels(nn.Module):
+    """Zero channels padded around a map and read by a convolution (a widening shortcut)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(12, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(F.pad(x, (0, 0, 0, 0, 1, 3))))
+        return self.fc(x.mean((2, 3)))
+
+
 CORPUS = {
     "cifar_resnet20": (lambda: cifar_resnet(20), (3, 32, 32)),
     "cifar_resnet8_narrow": (lambda: cifar_resnet(8, width=8), (3, 16, 16)),
@@ -207,6 +223,7 @@ CORPUS = {
     "split_shuffle": (SplitShuffle, (3, 8, 8)),
     "upsampling": (Upsampling, (3, 10, 10)),
     "group_norm": (GroupNormNet, (3, 8, 8)),
+    "zero_channels": (ZeroChannels, (3, 6, 6)),
 }
 
 

@@ -236,7 +236,8 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     masked = overlaid(parent.graph, weights, masks=masks, fills=fills)
     network = extract(masked, spaces, keep_channels, parent.input_shape)
     if refit and parent.sample is not None:
-        keep_all = spaces.expand(keep_channels, parent.shapes)  # derived spaces (after a concat, split, shuffle) too
+        # derived spaces (after a concat, split, shuffle) too; constant channels (padding) lose nothing
+        keep_all = spaces.expand(keep_channels, parent.shapes, constants=True)
         readers = {n.name for n in parent.graph.nodes if n.op in ("conv", "linear") and n.inputs
                    and spaces.of[n.inputs[0]] in keep_all and spaces.of[n.inputs[0]] != spaces.of[n.name]}
         outputs = parent.outputs(readers | {parent.head})

@@ -50,13 +50,15 @@ class Spaces:
     def members(self, space: int) -> list[str]:
         return [n for n, s in self.of.items() if s == space]
 
-    def expand(self, keep: dict[int, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> dict[int, torch.Tensor]:
-        """``keep`` (a bool per channel of some spaces) with the derived spaces' keeps added."""
+    def expand(self, keep: dict[int, torch.Tensor], shapes: dict[str, tuple[int, ...]],
+               constants: bool = False) -> dict[int, torch.Tensor]:
+        """``keep`` (a bool per channel of some spaces) with the derived spaces' keeps added. A constant
+        channel (channel padding) is removed (``constants``: counted as kept: removing it loses nothing)."""
         keep = dict(keep)
         for space, node in self.derived.items():
             masks = [keep.get(self.of[i], torch.ones(shapes[i][0], dtype=torch.bool)) for i in node.inputs]
-            # a constant channel (-1: channel padding) is never kept: the appended False
-            keep[space] = torch.cat([*masks, torch.zeros(1, dtype=torch.bool)])[channel_sources(node, [len(m) for m in masks])]
+            padded = torch.cat([*masks, torch.tensor([constants])])  # index -1 (a constant) reads the last
+            keep[space] = padded[channel_sources(node, [len(m) for m in masks])]
         return keep
 
 

@@ -20,23 +20,46 @@ def _key(name: str) -> str:
     return name.replace(".", "__")  # buffer names may not contain dots
 
 
+# The most elements one layer's output may hold for one image (1 GiB of float32): a graph read from
+# a file whose attributes ask for more (a padding or an upsampling of millions) is refused unrun.
+MAX_LAYER_ELEMENTS = 2 ** 28
+
+
 @torch.no_grad()
 def run_on_blank(model: nn.Module, spec, failure: str) -> torch.Tensor:
     """Run ``model`` once, in eval mode, on one blank input shaped as ``spec`` says; return its output.
 
     Whatever fails (layers that do not fit together, an input the model does not take) is one
-    sentence: ``failure``, then the error's first line.
+    sentence: ``failure``, then the error's first line. A graph is first run on shapes alone (the
+    meta device), so one whose layers would be too large is refused before anything is allocated.
     """
+    from ..errors import CnnmodError
+
     was = model.training
     model.eval()
     try:
+        if isinstance(model, GraphNetwork):
+            _check_sizes(model, (spec.channels, *spec.size), failure)
         return model(torch.zeros(1, spec.channels, *spec.size))
-    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
-        from ..errors import CnnmodError
-
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError, OverflowError) as e:
         raise CnnmodError(f"{failure} ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
     finally:
         model.train(was)
+
+
+def _check_sizes(net: "GraphNetwork", input_shape: tuple[int, ...], failure: str) -> None:
+    from ..errors import CnnmodError
+
+    shapes = GraphNetwork(net.graph, {k: v.to("meta") for k, v in net.weights().items()})
+    too_large = []
+
+    def check(name, out):
+        if out.numel() > MAX_LAYER_ELEMENTS and not too_large:
+            too_large.append(f"layer {name!r} would hold {out.numel():,} values per image")
+
+    shapes.run_all(torch.zeros(1, *input_shape, device="meta"), keep=False, after=check)
+    if too_large:
+        raise CnnmodError(f"{failure} ({too_large[0]}; at most {MAX_LAYER_ELEMENTS:,}).")
 
 
 def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -292,6 +292,16 @@ register(Op("layer_norm", lambda node, xs, w: F.layer_norm(xs[0], node.attrs["no
             capture=lambda call: dict(normalized_shape=[int(d) for d in call.arg("normalized_shape")],
                                       eps=float(call.arg("eps")))))
 
+# GroupNorm: per channel when each channel is its own group (then a module keeps any channels), else
+# its groups' statistics mix channels and its spaces are kept whole.
+register(Op("group_norm", lambda node, xs, w: F.group_norm(
+                xs[0], xs[0].shape[1] if node.attrs["groups"] == node.attrs["channels"] else node.attrs["groups"],
+                w("weight"), w("bias"), node.attrs["eps"]),
+            channels=lambda node: "same" if node.attrs["groups"] == node.attrs["channels"] else "whole",
+            params=("weight", "bias"), aten=("group_norm",), why="GroupNorm over groups of channels",
+            capture=lambda call: dict(groups=int(call.arg("num_groups")), channels=call.shape("input")[0],
+                                      eps=float(call.arg("eps")))))
+
 
 def _slice(node, xs, w):
     a = node.attrs
@@ -318,7 +328,7 @@ register(Op("slice", _slice, channels=lambda node: "index" if node.attrs["dim"] 
 def _pad_attrs(call):
     pad, rank = [int(p) for p in call.arg("pad")], len(call.out) + 1
     mode = call.arg("mode", "constant") if call.aten == "pad" else "constant"
-    value = call.arg("value", 0.0) if mode == "constant" else None
+    value = (call.arg("value") or 0.0) if mode == "constant" else None  # aten.pad's default None is 0
     if rank != 4 or len(pad) > 6 or len(pad) % 2 or mode not in ("constant", "reflect", "replicate", "circular"):
         return None
     return dict(pad=pad, mode=mode, value=None if value is None else float(value))

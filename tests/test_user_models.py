@@ -1,0 +1,165 @@
+"""Models as people write them (issue #23): the corpus (corpus.py) captured exactly, decomposed by
+both strategies, extracted exactly; what is still refused names the line it comes from."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cnnmod import CnnmodError, decompose
+from cnnmod.modules.extract import extract
+from cnnmod.trace import Graph, GraphNetwork, overlaid, trace_graph
+from cnnmod.trace.channels import channel_spaces
+
+from corpus import CORPUS, randomised
+
+NAMES = sorted(CORPUS)
+
+
+def _model(name):
+    make, shape = CORPUS[name]
+    torch.manual_seed(0)
+    return randomised(make()), shape
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_captured_graph_computes_what_the_model_computes(name):
+    model, shape = _model(name)
+    graph = Graph.from_dict(json.loads(json.dumps(trace_graph(model, shape).to_dict())))  # as a file stores it
+    x = torch.randn(7, *shape, generator=torch.Generator().manual_seed(1))  # another batch size than captured
+    with torch.no_grad():
+        assert (GraphNetwork(graph, model.state_dict())(x) - model(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_both_strategies_decompose_and_paper_modules_are_exact_on_observed_images(name):
+    model, shape = _model(name)
+    x = torch.randn(30, *shape, generator=torch.Generator().manual_seed(2))
+    data = torch.utils.data.TensorDataset(x, torch.arange(10).repeat(3))
+    with torch.no_grad():
+        logits = model(x)
+    paper = decompose(model, data, negatives_per_class=3, delta=1e9, calibration=0)  # every image observed
+    whole = decompose(model, data, negatives_per_class=3, calibration=0, strategy="channels", keep=1.0,
+                      sample_images=30)
+    small = decompose(model, data, negatives_per_class=3, calibration=0, strategy="channels", keep=0.5,
+                      sample_images=30, only=["3"])
+    with torch.no_grad():
+        for c in (0, 3, 9):
+            assert torch.allclose(paper[c].network(x)[:, 1], logits[:, c], atol=1e-6)  # the model's logit
+            assert torch.allclose(whole[c].network(x)[:, 1], logits[:, c], atol=1e-4)
+        assert torch.isfinite(small[0].network(x)).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_extraction_through_slices_padding_and_shuffles_is_exact(name):
+    """Oracle: random channels of every prunable space removed, random constants in their place;
+    the physically smaller network (slices, shuffles and channel padding picking the kept channels
+    by index) computes what the masked one does."""
+    model, shape = _model(name)
+    graph = trace_graph(model, shape)
+    spaces = channel_spaces(graph)
+    assert spaces.prunable, spaces.whole
+    weights = dict(model.state_dict())
+    shapes = GraphNetwork(graph, weights).shapes(shape)
+    gen = torch.Generator().manual_seed(3)
+    keep, masks, fills = {}, {}, {}
+    for space in spaces.prunable:
+        keep[space] = torch.rand(shapes[spaces.relus[space][0]][0], generator=gen) < 0.5
+        for r in spaces.relus[space]:
+            masks[r] = keep[space].view(-1, *[1] * (len(shapes[r]) - 1)).expand(shapes[r])
+            fills[r] = torch.rand(shapes[r], generator=gen)
+    masked = overlaid(graph, weights, masks=masks, fills=fills)
+    small = extract(masked, spaces, keep, shape)
+    x = torch.randn(4, *shape, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), masked(x), rtol=1e-4, atol=1e-4)
+
+
+def test_what_each_construct_becomes():
+    """Option-A shortcuts: a strided spatial slice keeps the stream's channels, the channel padding is
+    an index map tied to the block's output (kept whole, with the reason); the whole-map pooling
+    written with a shape query is an average pooling over the 8x8 map."""
+    graph = trace_graph(_model("cifar_resnet20")[0], (3, 32, 32))
+    ops = {n.name: n for n in graph.nodes}
+    assert [ops[n].op for n in ("layer2.0.shortcut", "layer2.0.shortcut:2", "layer2.0.shortcut:3")] == \
+        ["slice", "slice", "pad"]
+    assert ops["layer2.0.shortcut:3"].attrs == {"pad": [0, 0, 0, 0, 8, 8], "mode": "constant", "value": 0.0}
+    assert next(n for n in graph.nodes if n.op == "avgpool").attrs["kernel_size"] == [8, 8]
+    spaces = channel_spaces(graph)
+    assert "pad tied to other channels" in spaces.whole.values()
+    zero = trace_graph(_model("zero_channels")[0], (3, 6, 6))
+    assert {n.op for n in channel_spaces(zero).derived.values()} == {"pad"}  # a derived space: pruned through
+    split = channel_spaces(trace_graph(_model("split_shuffle")[0], (3, 8, 8)))
+    assert {n.op for n in split.derived.values()} == {"slice", "select", "cat"}
+
+
+def test_group_norm_is_one_registry_entry():
+    """GroupNorm was added as one entry of trace/ops.py: per channel (a group a channel) its spaces
+    are pruned, over groups of channels they are kept whole, with the reason."""
+    from cnnmod.trace.ops import REGISTRY
+
+    model, shape = _model("group_norm")
+    graph = trace_graph(model, shape)
+    norms = {n.name: n for n in graph.nodes if n.op == "group_norm"}
+    assert sorted(norms) == ["gn0", "gn1", "gn2"] and norms["gn1"].attrs == {"groups": 16, "channels": 16, "eps": 1e-5}
+    assert [REGISTRY["group_norm"].flow(norms[n]) for n in ("gn0", "gn1", "gn2")] == ["whole", "same", "whole"]
+    spaces = channel_spaces(graph)
+    assert spaces.of["gn1"] in spaces.prunable and "GroupNorm over groups of channels" in spaces.whole.values()
+
+
+class _MixesRows(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 2)
+
+    def forward(self, x):
+        x = self.conv(x).view(x.size(0), 8, 4, 8)  # rows into channels
+        return self.fc(F.relu(x).flatten(1))
+
+
+class _CatsRows(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 16 * 8, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(torch.cat([y, y * 2], dim=2).flatten(1))
+
+
+class _MakesTensors(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x) + torch.ones(1, 4, 1, 1)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model, message", [
+    (_MixesRows(), r"cannot capture a tensor reshaped off its \(channels, height, width\) layout \(tests/"
+                   r"test_user_models.py:\d+: `return self.fc\(F.relu\(x\).flatten\(1\)\)`\); supported: flattening"),
+    (_CatsRows(), r"cannot capture 'cat' as it is used here \(tests/test_user_models.py:\d+: `return self.fc\(torch"
+                  r".cat\(\[y, y \* 2\], dim=2\).flatten\(1\)\)`\); expected a concatenation along the channels"),
+    (_MakesTensors(), r"test_user_models.py:\d+: `return self.fc\(F.relu\(self.conv\(x\) \+ torch.ones"),
+])
+def test_what_is_refused_names_the_construct_and_its_line(model, message):
+    with pytest.raises(CnnmodError, match=message):
+        trace_graph(model.eval(), (3, 8, 8))
+
+
+def test_graphs_of_earlier_versions_still_run():
+    """Module files written before issue #23 store ShuffleNet's split and shuffle as ``chunk`` and
+    ``shuffle`` nodes: they still run, and still flow channels."""
+    graph = Graph.from_dict({"nodes": [
+        {"name": "x", "op": "input", "inputs": []},
+        {"name": "half", "op": "chunk", "inputs": ["x"], "attrs": {"chunks": 2, "index": 1}},
+        {"name": "mixed", "op": "shuffle", "inputs": ["x"], "attrs": {"groups": 2}}], "output": "mixed"})
+    x = torch.arange(4.0).view(1, 4, 1, 1)
+    values = GraphNetwork(graph, {}).run_all(x)
+    assert values["half"].flatten().tolist() == [2.0, 3.0] and values["mixed"].flatten().tolist() == [0, 2, 1, 3]
