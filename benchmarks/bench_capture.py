@@ -1,90 +1,103 @@
-"""Benchmark of issue #15: capture with torch.fx (cnnmod's tracer) or with torch.export, on the zoo.
+"""Benchmark of issue #23: capture coverage and time, the old capture against the new.
 
     .venv/bin/python benchmarks/bench_capture.py
 
-For every model of the zoo test (random weights, its small input), in the same run: whether
-``torch.fx.symbolic_trace`` and ``torch.export.export`` capture it, how long each takes, how long
-cnnmod's whole ``trace_graph`` (fx plus the registry's recognition) takes, and how many distinct
-operation spellings each capture yields across the zoo (fx: module types, functions and tensor
-methods; export: ATen overloads). This is the measurement behind the choice written in
-``src/cnnmod/trace/graph.py``.
+The models: the test corpus of user-style CIFAR code (tests/corpus.py) and the zoo test's
+torchvision/timm models (random weights, their small inputs). Each is captured, in this run, by
+the old capture (cnnmod's ``trace_graph`` at 2f36d34: symbolic torch.fx and its allowlist; run in
+a subprocess on that commit's sources, read with ``git archive``) and by the new one (torch.export
+on an example input, the registry's ops). A capture counts only if it succeeds; the new one also
+checks that its graph computes the model's outputs.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.fx as fx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import machine, write_section  # noqa: E402
+from common import ROOT, machine, write_section  # noqa: E402
+from corpus import CORPUS, randomised  # noqa: E402
 from zoo import ZOO, create  # noqa: E402
 
-from cnnmod.trace import trace_graph  # noqa: E402
+OLD = "2f36d34"  # main before issue #23
 
 
-def spellings_fx(model, graph) -> set[str]:
-    modules = dict(model.named_modules())
-    out = set()
-    for n in graph.graph.nodes:
-        if n.op == "call_module":
-            out.add("module " + type(modules[n.target]).__name__)
-        elif n.op in ("call_function", "call_method"):
-            out.add(f"{n.op[5:]} " + getattr(n.target, "__name__", str(n.target)))
-    return out
+def models():
+    """(name, make, input shape) of every model measured."""
+    found = [(f"corpus:{name}", lambda make=make: randomised(make()), shape) for name, (make, shape) in CORPUS.items()]
+    found += [(f"{lib}:{name}", lambda lib=lib, name=name: create(lib, name, num_classes=10), (3, size, size))
+              for lib, name, size in ZOO]
+    return found
 
 
 def timed(fn):
     start = time.perf_counter()
     try:
-        return fn(), time.perf_counter() - start, None
+        fn()
+        return time.perf_counter() - start, None
     except Exception as e:  # a row that says why
-        return None, time.perf_counter() - start, f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        return time.perf_counter() - start, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+
+def measure(capture) -> dict:
+    rows = {}
+    for name, make, shape in models():
+        torch.manual_seed(0)
+        model = make().eval()
+        seconds, error = timed(lambda: capture(model, shape))
+        rows[name] = {"seconds": seconds, "error": error}
+        print(name, rows[name], file=sys.stderr, flush=True)
+    return rows
+
+
+def old_rows() -> dict:
+    """The old capture, run on the old commit's sources in a subprocess (the same models)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", OLD, "src"], check=True, capture_output=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        code = ("import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r); import bench_capture as b; "
+                "from cnnmod.trace import trace_graph; assert %r in trace_graph.__code__.co_filename; "
+                "print(json.dumps(b.measure(lambda m, s: trace_graph(m))))") % (
+                    str(Path(tmp) / "src"), str(Path(__file__).parent), tmp)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={"PYTHONPATH": str(Path(tmp) / "src"), "PATH": "/usr/bin:/bin"})
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
-    torch.manual_seed(0)
-    rows, all_fx, all_aten = [], set(), set()
-    for library, name, size in ZOO:
-        model = create(library, name, num_classes=10)
-        x = torch.randn(2, 3, size, size)
-        g, fx_s, fx_err = timed(lambda: fx.symbolic_trace(model))
-        _, ours_s, ours_err = timed(lambda: trace_graph(model))
-        ep, ex_s, ex_err = timed(lambda: torch.export.export(model, (x,)))
-        if g is not None:
-            all_fx |= spellings_fx(model, g)
-        if ep is not None:
-            all_aten |= {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-        rows.append({"model": f"{library}:{name}", "fx_seconds": fx_s, "fx_error": fx_err, "cnnmod_seconds": ours_s,
-                     "cnnmod_error": ours_err, "export_seconds": ex_s, "export_error": ex_err})
-        print(rows[-1], flush=True)
-    results = {"machine": machine(), "rows": rows, "fx_spellings": sorted(all_fx), "aten_ops": sorted(all_aten)}
+    from cnnmod.trace import trace_graph
+
+    results = {"machine": machine(), "old": old_rows(), "new": measure(trace_graph)}
     write_section("capture", render(results), results)
     return 0
 
 
 def render(r: dict) -> str:
-    ok = lambda err, s: "refused" if err else f"{s:.2f} s"  # noqa: E731
-    lines = ["## Capture: torch.fx or torch.export (issue #15)", "",
-             f"Command: `.venv/bin/python benchmarks/bench_capture.py` ({r['machine']}). The zoo test's models "
-             "(random weights, small inputs), each captured three ways in the same run.", "",
-             "| model | torch.fx symbolic_trace | cnnmod trace_graph (fx + registry) | torch.export.export |",
-             "|---|---|---|---|"]
-    for row in r["rows"]:
-        lines.append(f"| {row['model']} | {ok(row['fx_error'], row['fx_seconds'])} | "
-                     f"{ok(row['cnnmod_error'], row['cnnmod_seconds'])} | {ok(row['export_error'], row['export_seconds'])} |")
-    fx_total = sum(x["fx_seconds"] for x in r["rows"])
-    ex_total = sum(x["export_seconds"] for x in r["rows"])
-    lines += ["", f"- Total: fx {fx_total:.1f} s, export {ex_total:.1f} s ({ex_total / fx_total:.0f}x). "
-              f"Distinct spellings across the zoo: fx {len(r['fx_spellings'])} (module types, functions, methods), "
-              f"export {len(r['aten_ops'])} ATen overloads.",
-              "- Failures: " + ("; ".join(f"{x['model']}: {x['export_error'] or x['fx_error'] or x['cnnmod_error']}"
-                                          for x in r["rows"] if x["export_error"] or x["fx_error"] or x["cnnmod_error"])
-                                or "none.")]
+    cell = lambda row: f"refused ({row['error'][:90]})" if row["error"] else f"{row['seconds']:.2f} s"  # noqa: E731
+    lines = ["## Capture of user code (issue #23): symbolic torch.fx against running the model", "",
+             f"Command: `.venv/bin/python benchmarks/bench_capture.py` ({r['machine']}). The test corpus of "
+             "user-style CIFAR code (`tests/corpus.py`) and the zoo test's torchvision/timm models, each captured "
+             f"in the same run by the old capture (cnnmod at {OLD}: symbolic torch.fx and its allowlist) and the new "
+             "one (torch.export on an example input of the input's shape, the batch symbolic; the registry's ops; "
+             "the graph checked against the model's outputs).", "",
+             "| model | old capture (fx) | new capture (export) |", "|---|---|---|"]
+    for name in r["new"]:
+        lines.append(f"| {name} | {cell(r['old'][name])} | {cell(r['new'][name])} |")
+    for group, prefix in (("corpus", "corpus:"), ("zoo", "")):
+        names = [n for n in r["new"] if n.startswith("corpus:") == (prefix == "corpus:")]
+        ok = {k: [n for n in names if not r[k][n]["error"]] for k in ("old", "new")}
+        t = {k: sum(r[k][n]["seconds"] for n in ok["old"] if n in ok["new"]) for k in ("old", "new")}
+        both = len(set(ok["old"]) & set(ok["new"]))
+        lines.append(f"- {group}: old {len(ok['old'])}/{len(names)}, new {len(ok['new'])}/{len(names)} captured; on "
+                     f"the {both} both capture, {t['old']:.1f} s old against {t['new']:.1f} s new.")
     return "\n".join(lines)
 
 

@@ -41,6 +41,8 @@ ZOO = [
     ("torchvision", "convnext_tiny", 32), ("torchvision", "shufflenet_v2_x0_5", 32),
     ("timm", "resnet18", 32), ("timm", "resnet18d", 32), ("timm", "efficientnet_b0", 32),
     ("timm", "mobilenetv3_small_050", 32), ("timm", "regnety_002", 32), ("timm", "convnext_atto", 32),
+    # TF-ported weights' "same" padding computed from the input's size, and GroupNorm (issue #23)
+    ("timm", "tf_mobilenetv3_small_minimal_100", 32), ("timm", "test_efficientnet_gn", 32),
 ]
 
 

@@ -41,7 +41,7 @@ def run_on_blank(model: nn.Module, spec, failure: str) -> torch.Tensor:
         if isinstance(model, GraphNetwork):
             _check_sizes(model, (spec.channels, *spec.size), failure)
         return model(torch.zeros(1, spec.channels, *spec.size))
-    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError, OverflowError) as e:
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError, ArithmeticError) as e:
         raise CnnmodError(f"{failure} ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
     finally:
         model.train(was)
