@@ -63,7 +63,7 @@ def measure(name: str, model, train_set, test_set, four: list[str], done: dict) 
     model.eval()
     base = evaluate_scores(restricted(model, model.cnnmod_meta["classes"]), test_set, test_set.classes)
     shape = (model.input_spec.channels, *model.input_spec.size)
-    model_macs = cost(GraphNetwork(trace_graph(model), model.state_dict()), shape)["macs"]
+    model_macs = cost(GraphNetwork(trace_graph(model, shape), model.state_dict()), shape)["macs"]
     rows = []
     for label, options in CONFIGS.items():
         if label in done:

@@ -89,7 +89,7 @@ def ten(model, train_set, val) -> list[dict]:
 
 
 def pairs(model, train_set, val) -> list[dict]:
-    rows, full = [], cost(GraphNetwork(trace_graph(model), model.state_dict()), (3, 32, 32))["macs"]
+    rows, full = [], cost(GraphNetwork(trace_graph(model, (3, 32, 32)), model.state_dict()), (3, 32, 32))["macs"]
     for a, b in itertools.combinations(CIFAR_FOUR, 2):
         pair = val.only([a, b])
         parent = evaluate_scores(restricted(model, [a, b]), pair, [a, b])["top1"]
@@ -124,7 +124,7 @@ def probe(model, train_set, val) -> list[dict]:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    rows, full = [], GraphNetwork(trace_graph(model), model.state_dict())
+    rows, full = [], GraphNetwork(trace_graph(model, (3, 32, 32)), model.state_dict())
     gen = torch.Generator().manual_seed(0)
     for a, b in itertools.combinations(CIFAR_FOUR, 2):
         modules = decompose(model, train_set, strategy="channels", calibration=0, only=[a, b], sample_images=1024,

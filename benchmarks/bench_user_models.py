@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import CIFAR_TAR, ROOT, machine, write_section  # noqa: E402
-from corpus import CORPUS, cifar_resnet, randomised  # noqa: E402
+from common import CIFAR_TAR, ROOT, machine, train_briefly, write_section  # noqa: E402
+from corpus import cifar_resnet  # noqa: E402
 
 from cnnmod import compose, decompose, load_data  # noqa: E402
 from cnnmod.data.inputspec import measure_spec  # noqa: E402
@@ -39,7 +37,6 @@ from cnnmod.evaluate import evaluate_model, evaluate_scores  # noqa: E402
 from cnnmod.modules.extract import cost  # noqa: E402
 from cnnmod.statistics import plain_pass, select_sample  # noqa: E402
 from cnnmod.trace import GraphNetwork, trace_graph  # noqa: E402
-from cnnmod.training import augment_batch  # noqa: E402
 
 # the channels strategy with a shared trunk (label, options), as the zoo benchmark runs it
 CHANNELS = [("retain 0.9", dict(trunk=1.0, retain=0.9, multiple=8)),
@@ -58,24 +55,11 @@ def first_per_class(data, n: int):
 def train(data, spec) -> dict:
     """Train from random weights (seeded) and cache the weights; returns the recipe and its time."""
     torch.manual_seed(0)
-    model = cifar_resnet(20).train()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    gen = torch.Generator().manual_seed(0)
-    steps = EPOCHS * math.ceil(len(data) / BATCH)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.15)
-    start = time.perf_counter()
-    for epoch in range(EPOCHS):
-        for idx in torch.randperm(len(data), generator=gen).split(BATCH):
-            x = spec.prepare(augment_batch(data.images[idx], gen, "crop-flip"))
-            loss = F.cross_entropy(model(x), data.labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        print(f"epoch {epoch + 1}/{EPOCHS}: loss {loss.item():.3f}, {time.perf_counter() - start:.0f} s", flush=True)
+    model = cifar_resnet(20)
+    seconds = train_briefly(model, data, spec, epochs=EPOCHS, batch=BATCH, lr=LR, log=lambda s: print(s, flush=True))
     CACHE.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, WEIGHTS)
-    return {"seconds": time.perf_counter() - start, "epochs": EPOCHS, "images": len(data), "threads": 1}
+    return {"seconds": seconds, "epochs": EPOCHS, "images": len(data), "threads": 1}
 
 
 def trained():
@@ -114,7 +98,8 @@ def measure(train_set, val, spec) -> dict:
     start = time.perf_counter()
     plain_pass(model, spec, train_set, select_sample(train_set.labels, 10))
     row["inference_seconds"] = time.perf_counter() - start
-    for label, strategy, options in [("paper", "paper", {})] + [(f"channels {lb}", "channels", o) for lb, o in CHANNELS]:
+    runs = [("paper", "paper", {})] + [(f"channels {label}", "channels", o) for label, o in CHANNELS]
+    for label, strategy, options in runs:
         start = time.perf_counter()
         modules = decompose(model, train_set, input_spec=spec, classes=classes, strategy=strategy, **options)
         row[f"{label}_seconds"] = time.perf_counter() - start

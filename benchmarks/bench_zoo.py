@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import CIFAR_TAR, ROOT, machine, write_section  # noqa: E402
+from common import CIFAR_TAR, ROOT, machine, train_briefly, write_section  # noqa: E402
 from zoo import create  # noqa: E402  (random-weight models and the torchvision import of the tests)
 
 from cnnmod import compose, decompose, load_data  # noqa: E402
@@ -39,7 +37,6 @@ from cnnmod.evaluate import evaluate_model, evaluate_scores  # noqa: E402
 from cnnmod.modules.extract import cost  # noqa: E402
 from cnnmod.statistics import plain_pass, select_sample  # noqa: E402
 from cnnmod.trace import GraphNetwork, trace_graph  # noqa: E402
-from cnnmod.training import augment_batch  # noqa: E402
 
 CACHE = ROOT / "benchmarks" / ".cache" / "zoo"
 ARCHS = [("torchvision", "resnet18"), ("torchvision", "mobilenet_v2"), ("torchvision", "mobilenet_v3_small"),
@@ -64,22 +61,10 @@ def train_one(library: str, name: str, data, spec) -> dict:
     for m in model.modules():  # MNASNet's own 0.0003 (MobileNetV3's 0.01) would leave the running
         if isinstance(m, torch.nn.BatchNorm2d):  # statistics near their start after a 6-epoch run
             m.momentum = 0.1
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    gen = torch.Generator().manual_seed(0)
-    steps = EPOCHS * math.ceil(len(data) / BATCH)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.15)
-    start = time.perf_counter()
-    for _ in range(EPOCHS):
-        for idx in torch.randperm(len(data), generator=gen).split(BATCH):
-            x = spec.prepare(augment_batch(data.images[idx], gen, "crop-flip"))
-            loss = F.cross_entropy(model(x), data.labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+    seconds = train_briefly(model, data, spec, epochs=EPOCHS, batch=BATCH, lr=LR)
     CACHE.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, CACHE / f"{library}_{name}.safetensors")
-    return {"seconds": time.perf_counter() - start, "epochs": EPOCHS, "images": len(data)}
+    return {"seconds": seconds, "epochs": EPOCHS, "images": len(data)}
 
 
 def trained(library: str, name: str):
@@ -99,7 +84,7 @@ def measure(library: str, name: str, train_set, val, spec) -> dict:
     plain_pass(model, spec, train_set, sample)
     row["inference_seconds"] = time.perf_counter() - start
     shape = (3, 32, 32)
-    model_macs = cost(GraphNetwork(trace_graph(model), model.state_dict()), shape)["macs"]
+    model_macs = cost(GraphNetwork(trace_graph(model, shape), model.state_dict()), shape)["macs"]
     for strategy, options in [("paper", {})] + [(f"channels {label}", o) for label, o in CHANNELS]:
         start = time.perf_counter()
         try:

@@ -50,3 +50,32 @@ def machine() -> str:
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, " \
            f"{torch.get_num_threads()} threads{gpu}"
+
+
+def train_briefly(model, data, spec, *, epochs: int, batch: int, lr: float, log=None) -> float:
+    """Train ``model`` from its random weights for a CPU budget (seeded order and augmentation, SGD
+    with Nesterov momentum, one-cycle schedule to ``lr``, crop and flip); returns the seconds taken."""
+    import math
+
+    import torch.nn.functional as F
+
+    from cnnmod.training import augment_batch
+
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    gen = torch.Generator().manual_seed(0)
+    steps = epochs * math.ceil(len(data) / batch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        for idx in torch.randperm(len(data), generator=gen).split(batch):
+            x = spec.prepare(augment_batch(data.images[idx], gen, "crop-flip"))
+            loss = F.cross_entropy(model(x), data.labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if log is not None:
+            log(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, {time.perf_counter() - start:.0f} s")
+    model.eval()
+    return time.perf_counter() - start

@@ -95,3 +95,18 @@ class Branchy(nn.Module):
         u = torch.transpose(u.view(b, 2, c // 2, h, w), 1, 2).contiguous().view(b, -1, h, w)
         u = F.max_pool2d(F.relu(self.last(u)), 2)
         return self.fc(u.flatten(1))
+
+
+def random_removal(graph, weights, shape, spaces, gen):
+    """The channels strategy's oracle input: random channels of every prunable space removed and
+    random constants in their place. Returns (keep per space, the masked network)."""
+    from cnnmod.trace import GraphNetwork, overlaid
+
+    shapes = GraphNetwork(graph, weights).shapes(shape)
+    keep, masks, fills = {}, {}, {}
+    for space in spaces.prunable:
+        keep[space] = torch.rand(shapes[spaces.relus[space][0]][0], generator=gen) < 0.5
+        for r in spaces.relus[space]:
+            masks[r] = keep[space].view(-1, *[1] * (len(shapes[r]) - 1)).expand(shapes[r])
+            fills[r] = torch.rand(shapes[r], generator=gen)
+    return keep, overlaid(graph, weights, masks=masks, fills=fills)

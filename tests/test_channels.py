@@ -11,7 +11,7 @@ from cnnmod.modules.extract import cost, extract, fold_batchnorm
 from cnnmod.trace import GraphNetwork, overlaid, trace_graph
 from cnnmod.trace.channels import channel_spaces
 
-from nets import Branchy, Unfamiliar
+from nets import Branchy, Unfamiliar, random_removal
 
 
 def _randomised(model):
@@ -90,18 +90,9 @@ def test_extracted_network_computes_what_the_masked_network_computes():
                          (_randomised(create_model("smallcnn", image_size=28)), (1, 28, 28))]:
         graph = trace_graph(model, shape)
         spaces = channel_spaces(graph)
-        weights = model.state_dict()
-        full = GraphNetwork(graph, weights)
-        shapes = full.shapes(shape)
+        full = GraphNetwork(graph, model.state_dict())
         gen = torch.Generator().manual_seed(1)
-        keep, masks, fills = {}, {}, {}
-        for space in spaces.prunable:
-            relu = spaces.relus[space][0]
-            keep[space] = torch.rand(shapes[relu][0], generator=gen) < 0.5
-            for r in spaces.relus[space]:
-                masks[r] = keep[space].view(-1, 1, 1).expand(shapes[r])
-                fills[r] = torch.rand(shapes[r], generator=gen)
-        masked = overlaid(graph, weights, masks=masks, fills=fills)
+        keep, masked = random_removal(graph, model.state_dict(), shape, spaces, gen)
         small = extract(masked, spaces, keep, shape)
         x = torch.randn(5, *shape, generator=gen)
         with torch.no_grad():

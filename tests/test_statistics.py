@@ -94,7 +94,8 @@ def test_exact_counts_on_the_pixel_net():
     data = pixel_data()
     sample = select_sample(data.tensors[1], 3, positives=2, negatives_per_class=0)
     labels, fetch = _adapt(data, None, None)
-    stats = collect_statistics(model, trace_graph(model, (1, 2, 2)), sample_batches(fetch, labels, sample, 4), 3, sums=True)
+    graph = trace_graph(model, (1, 2, 2))
+    stats = collect_statistics(model, graph, sample_batches(fetch, labels, sample, 4), 3, sums=True)
     # class c's two images light pixel c of channel 0 (weight +1); channel 1 (weight -1) never fires
     for c in range(3):
         expected = torch.zeros(2, 2, 2, dtype=torch.bool)
@@ -144,7 +145,8 @@ def test_sums_give_the_exact_mean_value_on_the_pixel_net():
     data = pixel_data()
     sample = select_sample(data.tensors[1], 3, positives=2, negatives_per_class=0)
     labels, fetch = _adapt(data, None, None)
-    stats = collect_statistics(model, trace_graph(model, (1, 2, 2)), sample_batches(fetch, labels, sample, 4), 3, sums=True)
+    graph = trace_graph(model, (1, 2, 2))
+    stats = collect_statistics(model, graph, sample_batches(fetch, labels, sample, 4), 3, sums=True)
     expected = torch.zeros(2, 2, 2, dtype=torch.float64)
     expected[0].view(-1)[:3] = 0.5
     assert torch.equal(stats.mean("relu"), expected)

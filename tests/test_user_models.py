@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 from cnnmod import CnnmodError, decompose
 from cnnmod.modules.extract import extract
-from cnnmod.trace import Graph, GraphNetwork, overlaid, trace_graph
+from cnnmod.trace import Graph, GraphNetwork, trace_graph
 from cnnmod.trace.channels import channel_spaces
 
 from corpus import CORPUS, randomised
+from nets import random_removal
 
 NAMES = sorted(CORPUS)
 
@@ -61,16 +62,8 @@ def test_extraction_through_slices_padding_and_shuffles_is_exact(name):
     graph = trace_graph(model, shape)
     spaces = channel_spaces(graph)
     assert spaces.prunable, spaces.whole
-    weights = dict(model.state_dict())
-    shapes = GraphNetwork(graph, weights).shapes(shape)
     gen = torch.Generator().manual_seed(3)
-    keep, masks, fills = {}, {}, {}
-    for space in spaces.prunable:
-        keep[space] = torch.rand(shapes[spaces.relus[space][0]][0], generator=gen) < 0.5
-        for r in spaces.relus[space]:
-            masks[r] = keep[space].view(-1, *[1] * (len(shapes[r]) - 1)).expand(shapes[r])
-            fills[r] = torch.rand(shapes[r], generator=gen)
-    masked = overlaid(graph, weights, masks=masks, fills=fills)
+    keep, masked = random_removal(graph, dict(model.state_dict()), shape, spaces, gen)
     small = extract(masked, spaces, keep, shape)
     x = torch.randn(4, *shape, generator=gen)
     with torch.no_grad():

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from cnnmod import Dataset, InputSpec, decompose, load_module, save_module
-from cnnmod.trace import Graph, GraphNetwork, overlaid, trace_graph
+from cnnmod.trace import Graph, GraphNetwork, trace_graph
 
+from nets import random_removal
 from zoo import ZOO, create
 
 NO_BLN = 1e9  # an MC-BLN threshold no weight reaches: the exactness check covers the masks alone
@@ -79,17 +80,10 @@ def test_extracted_zoo_network_computes_what_the_masked_network_computes(library
         assert any(graph.by_name[n].op == "mul" for n in pruned)  # squeeze-excitation's x * gate
     if name in ("googlenet", "shufflenet_v2_x0_5"):  # Inception's concatenations; ShuffleNet's split and shuffle
         derived = {n.op for n in spaces.derived.values()}
-        assert derived == ({"cat"} if name == "googlenet" else {"cat", "slice", "select"})  # split: slices; shuffle: select
-    weights = weights_of(model)
-    shapes = GraphNetwork(graph, weights).shapes((3, 32, 32))
+        # ShuffleNet's split is captured as slices, its shuffle as a select of channels
+        assert derived == ({"cat"} if name == "googlenet" else {"cat", "slice", "select"})
     gen = torch.Generator().manual_seed(1)
-    keep, masks, fills = {}, {}, {}
-    for space in spaces.prunable:
-        keep[space] = torch.rand(shapes[spaces.relus[space][0]][0], generator=gen) < 0.5
-        for r in spaces.relus[space]:
-            masks[r] = keep[space].view(-1, *[1] * (len(shapes[r]) - 1)).expand(shapes[r])
-            fills[r] = torch.rand(shapes[r], generator=gen)
-    masked = overlaid(graph, weights, masks=masks, fills=fills)
+    keep, masked = random_removal(graph, weights_of(model), (3, 32, 32), spaces, gen)
     small = extract(masked, spaces, keep, (3, 32, 32))
     x = torch.randn(4, 3, 32, 32, generator=gen)
     with torch.no_grad():

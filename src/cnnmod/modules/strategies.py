@@ -22,6 +22,7 @@ from ..statistics import ActivationStats
 from ..trace.channels import Spaces, channel_spaces, index_map
 from ..trace.graph import Graph
 from ..trace.network import GraphNetwork
+from ..trace.ops import REGISTRY
 from ..trace.overlays import overlaid
 from .extract import cost, extract, fold_batchnorm, layer_macs
 from .reconstruct import reconstruct_
@@ -62,7 +63,7 @@ class Parent:
         """The prunable spaces whose first layer starts within the first ``share`` of the MACs."""
         spaces = self.channel_spaces()
         macs = {n.name: layer_macs(n, self.shapes[n.name], self.weights[f"{n.name}.weight"])
-                for n in self.graph.nodes if n.op in ("conv", "linear")}
+                for n in self.graph.nodes if REGISTRY[n.op].macs is not None}
         total, before, start = sum(macs.values()), 0, {}
         for node in self.graph.nodes:
             start.setdefault(spaces.of[node.name], before / total)
@@ -118,7 +119,7 @@ class Parent:
             for node in self.graph.nodes:
                 first.setdefault(spaces.of[node.name], node.name)
                 s = spaces.of[node.inputs[0]] if node.inputs else None
-                if node.op in ("conv", "linear") and s != spaces.of[node.name] \
+                if REGISTRY[node.op].flow(node) == "new" and s != spaces.of[node.name] \
                         and (s in spaces.prunable or s in spaces.derived):  # not a grouped conv's space
                     w, c = self.weights[f"{node.name}.weight"], self.shapes[first[s]][0]
                     norm[s] = norm.get(s, 0) + w.pow(2).reshape(w.shape[0], c, -1).sum((0, 2))
@@ -238,7 +239,7 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     if refit and parent.sample is not None:
         # derived spaces (after a concat, split, shuffle) too; constant channels (padding) lose nothing
         keep_all = spaces.expand(keep_channels, parent.shapes, constants=True)
-        readers = {n.name for n in parent.graph.nodes if n.op in ("conv", "linear") and n.inputs
+        readers = {n.name for n in parent.graph.nodes if REGISTRY[n.op].flow(n) == "new" and n.inputs
                    and spaces.of[n.inputs[0]] in keep_all and spaces.of[n.inputs[0]] != spaces.of[n.name]}
         outputs = parent.outputs(readers | {parent.head})
         pruned = {n for n in readers if not bool(keep_all[spaces.of[parent.graph.by_name[n].inputs[0]]].all())}

@@ -235,7 +235,8 @@ register(Op("cat", lambda node, xs, w: torch.cat(xs, dim=1), channels="index", a
             capture=_channel_dim, backtrack=_moved_back))
 register(Op("identity", lambda node, xs, w: xs[0], backtrack=_elementwise))
 register(Op("flatten", lambda node, xs, w: torch.flatten(xs[0], node.attrs["start_dim"], node.attrs["end_dim"]),
-            aten=("flatten",), backtrack=lambda node, gone, shapes: [(node.inputs[0], gone.reshape(shapes[node.inputs[0]]))],
+            aten=("flatten",), backtrack=lambda node, gone, shapes: [(node.inputs[0],
+                                                                      gone.reshape(shapes[node.inputs[0]]))],
             capture=lambda call: dict(start_dim=int(call.arg("start_dim")), end_dim=int(call.arg("end_dim")))))
 register(Op("maxpool", lambda node, xs, w: F.max_pool2d(xs[0], node.attrs["kernel_size"], node.attrs["stride"],
                                                         node.attrs["padding"], node.attrs["dilation"],
