@@ -93,7 +93,8 @@ class DualPath(nn.Module):
         x = F.relu(self.bn0(self.stem(x)))
         out = self.bn(self.conv(F.relu(self.inner(x))))
         d = self.d
-        out = torch.cat([x[:, :d] + out[:, :d], x[:, d:], out[:, d:]], 1)
+        summed, new = torch.split(out, d, dim=1)
+        out = torch.cat([x[:, :d] + summed, x[:, d:], new], 1)
         out = F.relu(out)
         out = F.adaptive_avg_pool2d(out, (1, 1)).flatten(1)
         return self.fc(out)
@@ -122,7 +123,7 @@ class SqueezeExcite(nn.Module):
 
 class SplitShuffle(nn.Module):
     """A ShuffleNet v2 unit: a channel split computed from the input's size, a channel shuffle
-    written with ``reshape``, and ``torch.split`` by size."""
+    written with ``reshape``, ``torch.split`` by sizes and the halves of ``chunk`` swapped."""
 
     def __init__(self, num_classes=10, ratio=0.5):
         super().__init__()
@@ -132,7 +133,7 @@ class SplitShuffle(nn.Module):
         self.branch = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
                                     nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8),
                                     nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
-        self.side = nn.Conv2d(8, 8, 3, padding=1)
+        self.side = nn.Conv2d(6, 6, 3, padding=1)
         self.linear = nn.Linear(16, num_classes)
 
     @staticmethod
@@ -145,7 +146,7 @@ class SplitShuffle(nn.Module):
         c = int(x.size(1) * self.ratio)
         x1, x2 = x[:, :c, :, :], x[:, c:, :, :]
         out = self.shuffle(torch.cat([x1, self.branch(x2)], 1), 2)
-        a, b = torch.split(out, 8, dim=1)
+        a, b = torch.split(out, [6, 10], dim=1)
         out = torch.cat([F.relu(self.side(a)), b], 1)
         out = torch.cat(out.chunk(2, dim=1)[::-1], 1)
         return self.linear(F.adaptive_avg_pool2d(out, 1).view(out.size(0), -1))
@@ -168,7 +169,8 @@ class Upsampling(nn.Module):
         x = F.relu(self.stem(x))
         low = self.act(self.down(x))
         up = F.interpolate(self.up(low), scale_factor=2, mode="nearest")
-        x = x + up * 0.5
+        smooth = F.interpolate(low, size=x.shape[2:], mode="bilinear", align_corners=False)
+        x = x + up * 0.5 - smooth / 4
         x = torch.clamp(x - 1.0, min=0.0)
         x = F.pad(x, (1, 1, 1, 1))  # "same" padding written out
         x = F.relu_(self.crop(x)[:, :, 1:-1, 1:-1])

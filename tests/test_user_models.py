@@ -134,7 +134,20 @@ class _MakesTensors(nn.Module):
         return self.fc(F.relu(self.conv(x) + torch.ones(1, 4, 1, 1)).mean((2, 3)))
 
 
+class _FixesTheBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).view(2, -1))
+
+
 @pytest.mark.parametrize("model, message", [
+    (_FixesTheBatch(), r"cannot capture the model: .* fixes the batch size; write the batch dimension as x.size\(0\)"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)),
+     r"expected the model to take inputs of 3 x 8 x 8, found that it does not \(RuntimeError: mat1 and mat2"),
     (_MixesRows(), r"cannot capture a tensor reshaped off its \(channels, height, width\) layout \(tests/"
                    r"test_user_models.py:\d+: `return self.fc\(F.relu\(x\).flatten\(1\)\)`\); supported: flattening"),
     (_CatsRows(), r"cannot capture 'cat' as it is used here \(tests/test_user_models.py:\d+: `return self.fc\(torch"

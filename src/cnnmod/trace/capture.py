@@ -74,9 +74,14 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
     was = model.training
     model.eval()
     try:
-        example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+        device = next(iter(model.state_dict().values()), torch.empty(0)).device
+        example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
         with torch.no_grad():
-            expected = model(example)
+            try:
+                expected = model(example)
+            except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                raise CnnmodError(f"expected the model to take inputs of {' x '.join(map(str, input_shape))}, found "
+                                  f"that it does not ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
         program = _export(model, example)
         graph = _Converter(model, program).graph()
         _check(model, graph, example, expected)
@@ -417,6 +422,7 @@ def _known() -> str:
 
 
 _USAGE = {"add": "expected the sum of two tensors of the network, or a tensor and a number",
+          "sub": "expected the difference of two tensors of the network, or a tensor and a number",
           "mul": "expected the product of two tensors, of a tensor and a number, or of a tensor and one parameter",
           "cat": "expected a concatenation along the channels (dim=1)",
           "mean": "expected a spatial mean over dims (2, 3)", "amax": "expected a spatial amax over dims (2, 3)",

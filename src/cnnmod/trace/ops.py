@@ -197,6 +197,8 @@ register(Op("linear", lambda node, xs, w: F.linear(xs[0], w("weight"), w("bias")
             macs=lambda node, out, weight: weight.numel() * math.prod(out[:-1])))  # out: (K,), or (H, W, K)
 register(Op("add", lambda node, xs, w: xs[0] + xs[1], channels="tied", aten=("add", "add_"), backtrack=_into_each,
             capture=lambda call: {} if _data(call, 2) and call.arg("alpha", 1) == 1 else None))
+register(Op("sub", lambda node, xs, w: xs[0] - xs[1], channels="tied", aten=("sub", "sub_"), backtrack=_into_each,
+            capture=lambda call: {} if _data(call, 2) and call.arg("alpha", 1) == 1 else None))
 # x times a parameter, reshaped to broadcast (ConvNeXt's layer scale): kept whole, as its parameter is
 # sliced by no strategy yet. Tried before ``mul``, which is the product of two of the network's tensors.
 register(Op("scale", lambda node, xs, w: xs[0] * w("weight").reshape(node.attrs["shape"]), channels="whole",
