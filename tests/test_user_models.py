@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cnnmod import CnnmodError, decompose
 from cnnmod.modules.extract import extract
-from cnnmod.trace import Graph, GraphNetwork, trace_graph
+from cnnmod.trace import Graph, GraphNetwork, overlaid, trace_graph
 from cnnmod.trace.channels import channel_spaces
 
 from corpus import CORPUS, randomised
@@ -216,3 +216,54 @@ def test_hostile_attributes_of_the_new_ops_are_refused_or_harmless(name, tmp_pat
             assert out.shape == (2, 2) and torch.isfinite(out).all(), (node["op"], attrs)
     print(f"{name}: {len(refused)} of {tried} refused", *refused, sep="\n")
     assert tried >= 5 and len(refused) >= tried // 2  # the rest (an unused attribute changed) compute as before
+
+
+class _MovesElements(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 2, 3, padding=1)
+        self.fc = nn.Linear(8 * 3 * 3, 3)
+
+    def forward(self, x):
+        a = F.pad(F.relu(self.a(x))[:, :, 1:, ::2], (0, 0, 0, 0, 1, 1))  # (6, 5, 3): zero channels around a crop
+        b = F.max_pool2d(F.relu(self.b(x)), 2, ceil_mode=True)  # (2, 3, 3)
+        return self.fc(torch.cat([a[:, :, 1:4], b], 1).flatten(1))
+
+
+def test_mc_bln_back_tracks_through_slices_padding_and_concatenation_exactly():
+    """Oracle: zero the observed elements back-tracking names; every removed feature is then 0."""
+    from cnnmod.concerns import backtrack_removed
+
+    model = _MovesElements().eval()
+    graph = trace_graph(model, (3, 6, 6))
+    shapes = GraphNetwork(graph, model.state_dict()).shapes((3, 6, 6))
+    observed = {n.name for n in graph.nodes if n.op == "relu"}
+    head_input = graph.by_name[graph.output].inputs[0]
+    removed = torch.rand(72, generator=torch.Generator().manual_seed(5)) < 0.5
+    stopped: dict = {}
+    gone = backtrack_removed(graph, head_input, removed, observed, shapes, stopped)
+    assert set(gone) == observed and not stopped
+    masks = {name: ~g for name, g in gone.items()}
+    with torch.no_grad():
+        values = overlaid(graph, model.state_dict(), masks=masks).run_all(torch.randn(4, 3, 6, 6))
+    assert (values[head_input][:, removed] == 0).all() and (values[head_input][:, ~removed] != 0).any()
+
+
+def test_mc_bln_says_where_it_stops():
+    from cnnmod.concerns import backtrack_removed
+
+    class Upsampled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 2, 1), nn.Linear(2 * 4 * 4, 3)
+
+        def forward(self, x):
+            return self.fc(F.interpolate(F.relu(self.conv(x)), scale_factor=2).flatten(1))
+
+    model = Upsampled().eval()
+    graph = trace_graph(model, (1, 2, 2))
+    shapes = GraphNetwork(graph, model.state_dict()).shapes((1, 2, 2))
+    stopped: dict = {}
+    gone = backtrack_removed(graph, graph.by_name["fc"].inputs[0], torch.ones(32, dtype=torch.bool), {"relu"},
+                             shapes, stopped)
+    assert gone == {} and list(stopped.values()) == ["MC-BLN cannot see through interpolate 'upsample_nearest2d'"]

@@ -17,11 +17,13 @@ the line of the user's source it comes from (file:line) and the nearest supporte
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import os
 import re
 import traceback
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +71,13 @@ class _Chain:
     steps: list[tuple[str, list[int]]]  # ("reshape", shape without batch) or ("permute", dims with batch)
 
 
+# Graphs captured of models still alive, by input shape and layout (their layers' names, types and
+# tensor shapes). A graph is reused only after it reproduces the model's outputs again, so a model
+# changed since is captured anew. Why: one decomposition captures its model once or twice, and
+# export takes seconds where a forward pass takes milliseconds.
+_CAPTURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def capture(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
     """The graph of ``model`` (put in eval mode while it is captured) on inputs of ``input_shape``."""
     was = model.training
@@ -82,9 +91,18 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
             except (RuntimeError, TypeError, ValueError, IndexError) as e:
                 raise CnnmodError(f"expected the model to take inputs of {' x '.join(map(str, input_shape))}, found "
                                   f"that it does not ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
-        program = _export(model, example)
-        graph = _Converter(model, program).graph()
+        key = (input_shape, tuple((n, type(m).__qualname__) for n, m in model.named_modules()),
+               tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+        known = _CAPTURED.get(model, {}).get(key)
+        if known is not None:
+            try:
+                _check(model, known, example, expected)
+                return copy.deepcopy(known)
+            except CnnmodError:
+                pass  # the model computes something else now: captured anew below
+        graph = _Converter(model, _export(model, example)).graph()
         _check(model, graph, example, expected)
+        _CAPTURED.setdefault(model, {})[key] = copy.deepcopy(graph)
         return graph
     finally:
         model.train(was)
