@@ -134,6 +134,16 @@ class _MakesTensors(nn.Module):
         return self.fc(F.relu(self.conv(x) + torch.ones(1, 4, 1, 1)).mean((2, 3)))
 
 
+class _PicksChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x))[:, [0, 2, 5]].mean((2, 3)))
+
+
 class _FixesTheBatch(nn.Module):
     def __init__(self):
         super().__init__()
@@ -145,6 +155,8 @@ class _FixesTheBatch(nn.Module):
 
 
 @pytest.mark.parametrize("model, message", [
+    (_PicksChannels(), r"cannot capture operation 'index' \(tests/test_user_models.py:\d+: .*\); pick channels with "
+                       r"slices \(x\[:, a:b\]\), torch.split or chunk"),
     (_FixesTheBatch(), r"cannot capture the model: .* fixes the batch size; write the batch dimension as x.size\(0\)"),
     (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)),
      r"expected the model to take inputs of 3 x 8 x 8, found that it does not \(RuntimeError: mat1 and mat2"),
@@ -267,3 +279,31 @@ def test_mc_bln_says_where_it_stops():
     gone = backtrack_removed(graph, graph.by_name["fc"].inputs[0], torch.ones(32, dtype=torch.bool), {"relu"},
                              shapes, stopped)
     assert gone == {} and list(stopped.values()) == ["MC-BLN cannot see through interpolate 'upsample_nearest2d'"]
+
+
+class _LogProbabilities(nn.Module):
+    """MNIST-example style: spatial sums, and log-probabilities returned instead of logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return F.log_softmax(self.fc(F.relu(self.conv(x)).sum((2, 3)) / 36), dim=1)
+
+
+def test_a_model_returning_log_probabilities_decomposes_with_the_logits_margins():
+    """log_softmax shifts every logit alike: a module's margin z_c - mean of the others is the same
+    whether read off the logits or the log-probabilities."""
+    torch.manual_seed(0)
+    model = _LogProbabilities().eval()
+    x = torch.randn(16, 1, 8, 8)
+    assert [n.op for n in trace_graph(model, (1, 8, 8)).nodes][-3:] == ["arithmetic", "linear", "log_softmax"]
+    data = torch.utils.data.TensorDataset(x, torch.arange(4).repeat(4))
+    modules = decompose(model, data, negatives_per_class=4, calibration=0, delta=1e9)  # every image observed
+    with torch.no_grad():
+        lp = model(x)
+        for c in range(4):
+            others = torch.cat([lp[:, :c], lp[:, c + 1:]], 1).mean(1)
+            assert torch.allclose(modules[c].margin(x), lp[:, c] - others, atol=1e-5)

@@ -60,10 +60,11 @@ def ends_in_linear(graph: Graph) -> bool:
 
 
 def _logits_layer(graph: Graph):
-    """The layer that computes the logits: the output, or what identity and flatten layers after it
-    (of (B, K) logits: both leave them as they are) pass on."""
+    """The layer that computes the logits: the output, or what identity, flatten and log_softmax
+    layers after it pass on (of (B, K) logits, the first two leave them as they are and the last
+    shifts them all alike, so every difference of two logits, a module's margin, is unchanged)."""
     node = graph.by_name[graph.output]
-    while node.op in ("identity", "flatten"):
+    while node.op in ("identity", "flatten", "log_softmax"):
         node = graph.by_name[node.inputs[0]]
     return node
 

@@ -328,8 +328,8 @@ class _Converter:
     def _registered(self, n: fx.Node, aten: str, where: str) -> None:
         candidates = ATEN.get(aten)
         if not candidates:
-            raise CnnmodError(f"cannot capture operation {aten!r} ({where}); it is not one cnnmod knows: "
-                              f"{_known()}.")
+            hint = _HINTS.get(aten.rstrip("_"), f"the operations cnnmod knows: {_known()}")
+            raise CnnmodError(f"cannot capture operation {aten!r} ({where}); {hint}.")
         call = _Call(n, aten, self.values, where)
         for op in candidates:
             attrs = op.attrs(call)
@@ -433,6 +433,25 @@ def _channel_permutation(chain: _Chain, shape: list[int], where: str) -> list[in
         raise CnnmodError(f"cannot capture a reshape that mixes channels with rows or columns ({where}); "
                           f"{_RESHAPE_HINT}.")
     return channel.tolist()
+
+
+# The nearest supported way to write what users most often write that cnnmod cannot capture.
+_HINTS = {
+    "squeeze": "keep the (batch, channels, height, width) layout: pool with keepdim=True, and mix channels with a "
+               "1x1 Conv2d (a Conv1d across the channels is not supported)",
+    "unsqueeze": "keep the (batch, channels, height, width) layout: pool with keepdim=True",
+    "index": "pick channels with slices (x[:, a:b]), torch.split or chunk; a list or tensor of indices is not "
+             "supported",
+    "select": "keep the dimension with a slice (x[:, i:i + 1]) instead of an integer index (x[:, i])",
+    "expand": "multiply by the smaller tensor directly: broadcasting needs no expand",
+    "where": "write the choice as an activation (F.leaky_relu, torch.clamp) or a product with a gate",
+    "matmul": "products of two activations (attention) are not supported; linear layers are",
+    "bmm": "products of two activations (attention) are not supported; linear layers are",
+    "softmax": "return the logits (or F.log_softmax of them); a softmax of the classes is not supported",
+    "conv1d": "mix channels with a 1x1 Conv2d on the (batch, channels, height, width) layout",
+}
+for _cmp in ("gt", "lt", "ge", "le", "eq", "ne"):
+    _HINTS[_cmp] = "comparisons are not supported: write the choice as an activation (F.leaky_relu, torch.clamp)"
 
 
 def _known() -> str:

@@ -274,6 +274,13 @@ register(Op("mean", lambda node, xs, w: xs[0].mean(dim=(2, 3), keepdim=node.attr
             capture=_spatial, backtrack=_global))
 register(Op("amax", lambda node, xs, w: xs[0].amax(dim=(2, 3), keepdim=node.attrs["keepdim"]), aten=("amax",),
             capture=_spatial, backtrack=_global))
+register(Op("sum", lambda node, xs, w: xs[0].sum(dim=(2, 3), keepdim=node.attrs["keepdim"]), aten=("sum",),
+            capture=lambda call: None if call.arg("dtype") is not None else _spatial(call), backtrack=_global))
+# log-probabilities over the classes (MNIST-style models end in F.log_softmax): the differences of
+# two outputs are those of the logits, so a module's margin is unchanged by it.
+register(Op("log_softmax", lambda node, xs, w: F.log_softmax(xs[0], dim=1), channels="whole",
+            aten=("log_softmax", "_log_softmax"), why="log_softmax over the classes",
+            capture=lambda call: {} if len(call.out) == 1 and call.arg("dim") % 2 == 1 else None))
 
 
 def _permute_attrs(call):
