@@ -217,6 +217,38 @@ class ZeroChannels(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class SwishBlock(nn.Module):
+    """EfficientNet-style code: the input normalised inside the model by buffers, swish written by
+    hand (``x * x.sigmoid()``), a depthwise convolution, squeeze-excitation, ``F.dropout`` with
+    ``training=self.training`` and ``x.float()``."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.49, 0.48, 0.45]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.25, 0.24, 0.26]).view(1, 3, 1, 1))
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.se_reduce, self.se_expand = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.project = nn.Conv2d(16, 16, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = (x.float() - self.mean) / self.std
+        x = self.bn0(self.stem(x))
+        x = x * x.sigmoid()
+        out = self.bn1(self.dw(x))
+        out = out * torch.sigmoid(out)
+        gate = F.adaptive_avg_pool2d(out, 1)
+        gate = self.se_expand(F.silu(self.se_reduce(gate)))
+        out = self.bn2(self.project(out * torch.sigmoid(gate)))
+        out = out + x
+        out = F.dropout(out.mean((2, 3)), 0.2, training=self.training)
+        return self.fc(out)
+
+
 CORPUS = {
     "cifar_resnet20": (lambda: cifar_resnet(20), (3, 32, 32)),
     "cifar_resnet8_narrow": (lambda: cifar_resnet(8, width=8), (3, 16, 16)),
@@ -226,6 +258,7 @@ CORPUS = {
     "upsampling": (Upsampling, (3, 10, 10)),
     "group_norm": (GroupNormNet, (3, 8, 8)),
     "zero_channels": (ZeroChannels, (3, 6, 6)),
+    "swish_block": (SwishBlock, (3, 8, 8)),
 }
 
 

@@ -49,13 +49,13 @@ def test_untraceable_model_names_the_module():
             return self.body(x)
 
     with pytest.raises(CnnmodError, match=r"test_trace.py:\d+ in module 'body.1' branches on the values of a "
-                                          r"tensor \(data-dependent control flow\); compute both branches"):
+                                          r"tensor \(data-dependent control flow\); compute the same operations"):
         trace_graph(Outer(), (1, 4, 4))
 
 
 def test_unsupported_layer_is_named():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.PReLU(), nn.Flatten(), nn.Linear(8, 2))
-    with pytest.raises(CnnmodError, match=r"cannot capture operation 'prelu' \(.*in module '1'.*\); it is not one "
+    with pytest.raises(CnnmodError, match=r"cannot capture operation 'prelu' \(.*in module '1'.*\); the operations "
                                           r"cnnmod knows: .*conv2d"):
         trace_graph(model, (1, 4, 4))
 

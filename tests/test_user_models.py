@@ -86,6 +86,9 @@ def test_what_each_construct_becomes():
     assert {n.op for n in channel_spaces(zero).derived.values()} == {"pad"}  # a derived space: pruned through
     split = channel_spaces(trace_graph(_model("split_shuffle")[0], (3, 8, 8)))
     assert {n.op for n in split.derived.values()} == {"slice", "select", "cat"}
+    swish = trace_graph(_model("swish_block")[0], (3, 8, 8))  # x * x.sigmoid() is SiLU; normalising is a scale
+    assert [n.op for n in swish.nodes[:6]] == ["input", "scale", "scale", "conv", "bn", "silu"]
+    assert "sigmoid" in {n.op for n in swish.nodes} and channel_spaces(swish).prunable  # the gate stays a sigmoid
 
 
 def test_group_norm_is_one_registry_entry():
@@ -157,7 +160,8 @@ class _FixesTheBatch(nn.Module):
 @pytest.mark.parametrize("model, message", [
     (_PicksChannels(), r"cannot capture operation 'index' \(tests/test_user_models.py:\d+: .*\); pick channels with "
                        r"slices \(x\[:, a:b\]\), torch.split or chunk"),
-    (_FixesTheBatch(), r"cannot capture the model: .* fixes the batch size; write the batch dimension as x.size\(0\)"),
+    (_FixesTheBatch(), r"cannot capture the model: .* fixes or constrains the batch size; write the batch dimension as "
+                       r"x.size\(0\)"),
     (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)),
      r"expected the model to take inputs of 3 x 8 x 8, found that it does not \(RuntimeError: mat1 and mat2"),
     (_MixesRows(), r"cannot capture a tensor reshaped off its \(channels, height, width\) layout \(tests/"
@@ -307,3 +311,31 @@ def test_a_model_returning_log_probabilities_decomposes_with_the_logits_margins(
         for c in range(4):
             others = torch.cat([lp[:, :c], lp[:, c + 1:]], 1).mean(1)
             assert torch.allclose(modules[c].margin(x), lp[:, c] - others, atol=1e-5)
+
+
+def test_a_checkpoint_of_a_model_that_does_not_return_logits_is_refused(tmp_path):
+    from cnnmod import InputSpec, save_checkpoint
+
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 10, 3, padding=1)
+
+        def forward(self, x):
+            return F.adaptive_avg_pool2d(self.conv(x), 1)  # (B, 10, 1, 1), not (B, 10)
+
+    spec, names = InputSpec(3, (8, 8), (0.5,) * 3, (0.25,) * 3), [str(d) for d in range(10)]
+    with pytest.raises(CnnmodError, match=r"expected a model returning one tensor of logits \(batch, classes\), "
+                                          r"found \(10, 1, 1\)"):
+        save_checkpoint(Features().eval(), tmp_path / "f.safetensors", classes=names, input_spec=spec)
+    model = Features().train()
+    model.conv.eval()
+    with pytest.raises(CnnmodError, match="found tuple"):
+        save_checkpoint(nn.Sequential(model, _Pair()), tmp_path / "g.safetensors", classes=names, input_spec=spec)
+    assert model.training and not model.conv.training  # each module's mode as the user left it
+    assert not (tmp_path / "f.safetensors").exists() and not (tmp_path / "g.safetensors").exists()
+
+
+class _Pair(nn.Module):
+    def forward(self, x):
+        return x.flatten(1), x

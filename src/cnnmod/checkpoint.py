@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.nn as nn
 
 from . import __version__
@@ -40,7 +41,11 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, classes: list[
             "input": input_spec.to_dict(), **provenance}
     failure = (f"expected the model to take inputs of {input_spec.channels} x {input_spec.size[0]} x "
                f"{input_spec.size[1]} (its input specification), found that it does not")
-    outputs = run_on_blank(model, input_spec, failure).shape[1]
+    out = run_on_blank(model, input_spec, failure)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        found = tuple(out.shape)[1:] if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CnnmodError(f"expected a model returning one tensor of logits (batch, classes), found {found}.")
+    outputs = out.shape[1]
     if outputs != len(classes):
         raise CnnmodError(f"expected {outputs} class names (the model's outputs), found {len(classes)}.")
     if architecture in list_models():
@@ -50,7 +55,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, classes: list[
         from .trace import trace_graph, weights_of
         from .trace.ops import weight_keys
 
-        graph = trace_graph(model.eval(), (input_spec.channels, *input_spec.size))
+        graph = trace_graph(model, (input_spec.channels, *input_spec.size))
         everything = weights_of(model)
         tensors = {k: everything[k] for n in graph.nodes for k in weight_keys(n).values() if k in everything}
         meta.update(format_version=2, architecture=architecture or type(model).__name__, arch_args={},

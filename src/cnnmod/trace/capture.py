@@ -17,12 +17,16 @@ the line of the user's source it comes from (file:line) and the nearest supporte
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import math
 import operator
 import os
 import re
 import traceback
+import types
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -46,6 +50,7 @@ SKIPPED = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "_assert
 ALIASES = {"clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy"} | \
     {f"{kind}dropout{inplace}" for kind in ("", "feature_", "alpha_", "feature_alpha_") for inplace in ("", "_")}
 # (the same values; dropout: in eval mode)
+CONVERSIONS = {"to", "_to_copy", "type_as"}  # an alias when nothing changes (x.float() of float32)
 RESHAPES = {"view", "reshape", "_unsafe_view", "view_copy"}
 SPLITS = {"split", "split_with_sizes", "chunk", "unsafe_split", "unsafe_chunk"}
 _TORCH = os.path.dirname(torch.__file__)
@@ -80,7 +85,7 @@ _CAPTURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def capture(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
     """The graph of ``model`` (put in eval mode while it is captured) on inputs of ``input_shape``."""
-    was = model.training
+    modes = {m: m.training for m in model.modules()}  # each restored as it was (a frozen BatchNorm stays so)
     model.eval()
     try:
         device = next(iter(model.state_dict().values()), torch.empty(0)).device
@@ -88,9 +93,9 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
         with torch.no_grad():
             try:
                 expected = model(example)
-            except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            except Exception as e:  # the user's code: anything (an assert on the input's size) says no
                 raise CnnmodError(f"expected the model to take inputs of {' x '.join(map(str, input_shape))}, found "
-                                  f"that it does not ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
+                                  f"that it does not ({type(e).__name__}: {_first_line(e)}).") from None
         key = (input_shape, tuple((n, type(m).__qualname__) for n, m in model.named_modules()),
                tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
         known = _CAPTURED.get(model, {}).get(key)
@@ -105,15 +110,38 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
         _CAPTURED.setdefault(model, {})[key] = copy.deepcopy(graph)
         return graph
     finally:
-        model.train(was)
+        for m, training in modes.items():
+            m.training = training
 
 
 def _export(model: nn.Module, example: torch.Tensor):
     batch = torch.export.Dim("batch")
     try:
-        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
+        with _quiet():
+            return torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
     except Exception as e:  # export raises many kinds (UserError, GuardOnDataDependentSymNode, ...)
         raise CnnmodError(_export_failure(model, e)) from None
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.export logs graph dumps and warnings of its own when it gives up: the refusal says it all."""
+    loggers = [logging.getLogger(name) for name in ("torch._dynamo", "torch._export", "torch.export",
+                                                    "torch.fx.experimental.symbolic_shapes", "torch._subclasses")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
 
 
 def _export_failure(model: nn.Module, e: Exception) -> str:
@@ -127,11 +155,10 @@ def _export_failure(model: nn.Module, e: Exception) -> str:
     inside = f" in module {module or '<top level>'!r}" if module is not None else ""
     if "data-dependent" in text or "GuardOnDataDependent" in type(e).__name__ or "data dependent" in text:
         return (f"cannot capture the model: {where}{inside} branches on the values of a tensor (data-dependent "
-                "control flow); compute both branches and choose with torch.where, or move the choice out of "
-                "the model.")
+                "control flow); compute the same operations for every input, or move the choice out of the model.")
     if "batch" in text and ("Constraints violated" in text or "specializ" in text):
-        return (f"cannot capture the model: {where}{inside} fixes the batch size; write the batch dimension as "
-                "x.size(0) or -1.")
+        return (f"cannot capture the model: {where}{inside} fixes or constrains the batch size; write the batch "
+                "dimension as x.size(0) or -1, and nothing that depends on its value.")
     return f"cannot capture the model: {where}{inside}: {type(e).__name__}: {text[:200]}."
 
 
@@ -146,8 +173,13 @@ def _check(model: nn.Module, graph: Graph, example: torch.Tensor, expected) -> N
 
     if not isinstance(expected, torch.Tensor):
         raise CnnmodError("expected a model returning one tensor of logits, found a tuple or dict.")
-    with torch.no_grad():
-        got = GraphNetwork(graph, dict(model.state_dict(keep_vars=False)))(example)
+    try:
+        with torch.no_grad():
+            got = GraphNetwork(graph, dict(model.state_dict(keep_vars=False)))(example)
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+        raise CnnmodError(f"expected the captured graph to run as the model does, found that it fails "
+                          f"({type(e).__name__}: {_first_line(e)}): the model computes something cnnmod does not "
+                          "capture.") from None
     diff = float((got - expected).abs().max()) if got.shape == expected.shape else math.inf
     if not diff <= 1e-4 * (1.0 + float(expected.abs().max())):
         raise CnnmodError(f"expected the captured graph to reproduce the model's outputs, found a difference of "
@@ -213,12 +245,18 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(int(d) for d in node.meta["val"].shape[1:])
 
 
-def _where(node: fx.Node, model_modules: dict) -> str:
+def _where(node: fx.Node, modules: dict) -> str:
     """``file:line`` of the user's source a captured call comes from, and the module it is in."""
     frames = re.findall(r'File "(.+?)", line (\d+), in \S+\n\s*(.*)', node.meta.get("stack_trace") or "")
     user = [f for f in frames if not f[0].startswith((_TORCH, _CNNMOD))]
     stack = list((node.meta.get("nn_module_stack") or {}).values())
     module = f" in module {stack[-1][0]!r}" if stack and stack[-1][0] else ""
+    # export's trace omits a lambda's own frame (a lambda layer's shortcut): name where it is defined
+    lambdas = [f for f in getattr(modules.get(stack[-1][0]), "__dict__", {}).values()
+               if isinstance(f, types.FunctionType) and f.__name__ == "<lambda>"] if stack else []
+    if lambdas:
+        code = lambdas[0].__code__
+        module += f" (its lambda at {_short(code.co_filename)}:{code.co_firstlineno})"
     if not user:
         return f"operation {node.name!r}{module}"
     path, line, code = user[-1]
@@ -229,12 +267,18 @@ class _Converter:
     """Walks an exported program once, mapping each call to a registry op (or resolving it)."""
 
     def __init__(self, model: nn.Module, program):
-        self.model, self.program = model, program
+        self.program = program
         self.modules = dict(model.named_modules())
         sig = program.graph_signature
         self.weights = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+        stored = set(model.state_dict())
+        for fqn in self.weights.values():
+            if fqn not in stored:
+                raise CnnmodError(f"cannot capture buffer {fqn!r}: it is not in the model's state dict (registered "
+                                  "with persistent=False), so no file could hold it; register it as persistent.")
         self.values: dict = {}  # exported node -> graph node name | _Param | _Pieces | _Chain | None
         self.nodes: list[Node] = []
+        self.by_name: dict[str, Node] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}  # graph node -> its shape without the batch
         self.names: set[str] = set()
         self.calls: dict[str, int] = {}  # a stateless module's calls so far
@@ -257,7 +301,11 @@ class _Converter:
                 self._call(n)
             else:
                 raise CnnmodError(f"cannot capture operation {n.op} {n.target!r} of the exported model.")
-        return Graph(self.nodes, output)
+        used = {output}  # layers the output does not read (a sigmoid folded into a SiLU) are left out
+        for node in reversed(self.nodes):
+            if node.name in used:
+                used.update(node.inputs)
+        return Graph([n for n in self.nodes if n.name in used or n.op == "input"], output)
 
     def _placeholder(self, n: fx.Node) -> None:
         if n.name in self.weights:
@@ -273,6 +321,7 @@ class _Converter:
 
     def _emit(self, n: fx.Node, node: Node) -> None:
         self.shapes[node.name] = _shape(n)
+        self.by_name[node.name] = node
         self.nodes.append(node)
         self.names.add(node.name)
         self.values[n.name] = node.name
@@ -307,9 +356,16 @@ class _Converter:
         where = _where(n, self.modules)
         if aten in SKIPPED:
             self.values[n.name] = None
+        elif aten in CONVERSIONS:
+            out, given = n.meta["val"], n.args[0].meta["val"]
+            if (out.dtype, out.device) != (given.dtype, given.device):
+                raise CnnmodError(f"cannot capture a conversion to {n.meta['val'].dtype} ({where}); the model runs in "
+                                  "float32 throughout.")
+            self.values[n.name] = source  # x.float() of a float32 tensor: the same values
         elif aten in ALIASES:
             if "dropout" in aten and (n.args[2] if len(n.args) > 2 else n.kwargs.get("train", False)):
-                raise CnnmodError(f"cannot capture dropout in training mode ({where}); call model.eval() first.")
+                raise CnnmodError(f"cannot capture dropout that is on in eval mode ({where}); F.dropout is on unless "
+                                  "given training=self.training (or use nn.Dropout).")
             self.values[n.name] = source
         elif aten in RESHAPES or (isinstance(source, _Chain) and aten in ("permute", "transpose")):
             self._reshape(n, aten, source, where)
@@ -332,7 +388,10 @@ class _Converter:
             raise CnnmodError(f"cannot capture operation {aten!r} ({where}); {hint}.")
         call = _Call(n, aten, self.values, where)
         for op in candidates:
-            attrs = op.attrs(call)
+            try:
+                attrs = op.attrs(call)
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError):
+                attrs = None  # an argument that is a tensor or a size where the op takes a number
             if attrs is not None:
                 break
         else:
@@ -342,7 +401,18 @@ class _Converter:
             raise CnnmodError(f"cannot capture {aten!r} of a tensor created inside forward ({where}); make it a "
                               "registered parameter or buffer of the model.")
         name = self._owner(op, call, where) if call.params and op.name != "scale" else None
-        self._emit(n, Node(name or self._name(n, n.name), op.name, call.inputs, attrs))
+        inputs = call.inputs
+        if op.name == "mul" and self._swish(*inputs):  # x * x.sigmoid(): swish written by hand is SiLU
+            op, attrs, inputs = REGISTRY["silu"], {}, [self._swish(*inputs)]
+        self._emit(n, Node(name or self._name(n, n.name), op.name, inputs, attrs))
+
+    def _swish(self, a: str, b: str) -> str | None:
+        """x, if the product of ``a`` and ``b`` is x * sigmoid(x)."""
+        for x, gate in ((a, b), (b, a)):
+            node = self.by_name.get(gate)
+            if node is not None and node.op == "sigmoid" and node.inputs == [x]:
+                return x
+        return None
 
     def _owner(self, op, call: _Call, where: str) -> str:
         """The module whose weights a layer uses: the layer's name (its tensors are keyed "<module>.<role>")."""
@@ -389,7 +459,12 @@ class _Converter:
         out = list(_shape(n))
         if isinstance(source, _Param):  # a weight viewed to broadcast (a layer scale)
             self.values[n.name] = _Param(source.fqn, [int(d) for d in n.meta["val"].shape])
-        elif isinstance(source, _Chain):
+            return
+        batch_moves = aten in ("permute", "transpose") and _dims(n, aten)[0] != 0
+        if batch_moves or str(n.meta["val"].shape[0]) != str(n.args[0].meta["val"].shape[0]):
+            raise CnnmodError(f"cannot capture a reshape that folds the batch into other dimensions ({where}); keep "
+                              "the batch first: x.reshape(x.size(0), ...).")
+        if isinstance(source, _Chain):
             steps = source.steps + [("permute", _dims(n, aten)) if aten in ("permute", "transpose")
                                     else ("reshape", out)]
             chain = _Chain(source.source, steps)
@@ -450,6 +525,11 @@ _HINTS = {
     "softmax": "return the logits (or F.log_softmax of them); a softmax of the classes is not supported",
     "conv1d": "mix channels with a 1x1 Conv2d on the (batch, channels, height, width) layout",
 }
+for _new in ("zeros", "zeros_like", "new_zeros", "ones", "ones_like", "new_ones", "full", "full_like", "empty",
+             "arange", "randn", "rand", "scalar_tensor", "tensor"):
+    _HINTS[_new] = ("create no tensors in forward: pad channels with zeros by F.pad(x, (0, 0, 0, 0, 0, k)), keep "
+                    "constants as registered buffers")
+_HINTS["adaptive_max_pool2d"] = "pool the whole map with x.amax((2, 3), keepdim=True)"
 for _cmp in ("gt", "lt", "ge", "le", "eq", "ne"):
     _HINTS[_cmp] = "comparisons are not supported: write the choice as an activation (F.leaky_relu, torch.clamp)"
 

@@ -99,8 +99,11 @@ def channel_spaces(graph: Graph) -> Spaces:
             whole.setdefault(n, reason)
 
     perm: dict[str, tuple] = {}  # node -> which input dimension each of its dimensions is (after permutes)
+    flat: set[str] = set()  # nodes whose values are flattened features, not channels
     for node in graph.nodes:
         parent[node.name] = node.name
+        if node.op == "flatten" or flow(node) != "new" and any(i in flat for i in node.inputs):
+            flat.add(node.name)
         if flow(node) in ("same", "tied"):
             for i in node.inputs:
                 union(node.name, i)
@@ -124,7 +127,7 @@ def channel_spaces(graph: Graph) -> Spaces:
     derived = {}
     for node in graph.nodes:
         if flow(node) == "index":
-            if any(graph.by_name[i].op == "flatten" for i in node.inputs):  # features, not channels
+            if any(i in flat for i in node.inputs):  # features, not channels
                 keep_whole([node.name, *node.inputs], f"{node.op} of flattened features")
             elif len(starts[of[node.name]]) == 1:
                 derived[of[node.name]] = node

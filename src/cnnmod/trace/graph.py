@@ -73,6 +73,11 @@ class Graph:
             graph = cls([Node(**n) for n in d["nodes"]], d["output"])
         except (KeyError, TypeError) as e:
             raise CnnmodError(f"expected a layer graph (nodes, output), found a damaged one ({e}).") from None
+        if not isinstance(graph.output, str) or not all(
+                isinstance(n.name, str) and isinstance(n.op, str) and isinstance(n.inputs, list)
+                and all(isinstance(i, str) for i in n.inputs) for n in graph.nodes):
+            raise CnnmodError("expected a layer graph whose names, operations and inputs are text, found other "
+                              "values (a damaged graph).")
         seen = set()
         for n in graph.nodes:
             if n.then != []:

@@ -20,9 +20,11 @@ def _key(name: str) -> str:
     return name.replace(".", "__")  # buffer names may not contain dots
 
 
-# The most elements one layer's output may hold for one image (1 GiB of float32): a graph read from
-# a file whose attributes ask for more (a padding or an upsampling of millions) is refused unrun.
+# The most elements one layer's output may hold for one image (1 GiB of float32), and all layers
+# together (4 GiB; a ResNet-50 at 224 px: 0.03 GiB): a graph read from a file whose attributes ask
+# for more (a padding or an upsampling of millions, many of them) is refused unrun.
 MAX_LAYER_ELEMENTS = 2 ** 28
+MAX_TOTAL_ELEMENTS = 2 ** 30
 
 
 @torch.no_grad()
@@ -35,7 +37,7 @@ def run_on_blank(model: nn.Module, spec, failure: str) -> torch.Tensor:
     """
     from ..errors import CnnmodError
 
-    was = model.training
+    modes = {m: m.training for m in model.modules()}  # each restored as it was
     model.eval()
     try:
         if isinstance(model, GraphNetwork):
@@ -44,22 +46,26 @@ def run_on_blank(model: nn.Module, spec, failure: str) -> torch.Tensor:
     except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError, ArithmeticError) as e:
         raise CnnmodError(f"{failure} ({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
     finally:
-        model.train(was)
+        for m, training in modes.items():
+            m.training = training
 
 
 def _check_sizes(net: "GraphNetwork", input_shape: tuple[int, ...], failure: str) -> None:
     from ..errors import CnnmodError
 
     shapes = GraphNetwork(net.graph, {k: v.to("meta") for k, v in net.weights().items()})
-    too_large = []
+    total = [0]
 
-    def check(name, out):
-        if out.numel() > MAX_LAYER_ELEMENTS and not too_large:
-            too_large.append(f"layer {name!r} would hold {out.numel():,} values per image")
+    def check(name, out):  # raised inside the meta run: nothing larger is even shaped
+        total[0] += out.numel()
+        if out.numel() > MAX_LAYER_ELEMENTS:
+            raise CnnmodError(f"{failure} (layer {name!r} would hold {out.numel():,} values per image; at most "
+                              f"{MAX_LAYER_ELEMENTS:,}).")
+        if total[0] > MAX_TOTAL_ELEMENTS:
+            raise CnnmodError(f"{failure} (its layers up to {name!r} would hold {total[0]:,} values per image; at "
+                              f"most {MAX_TOTAL_ELEMENTS:,} in all).")
 
     shapes.run_all(torch.zeros(1, *input_shape, device="meta"), keep=False, after=check)
-    if too_large:
-        raise CnnmodError(f"{failure} ({too_large[0]}; at most {MAX_LAYER_ELEMENTS:,}).")
 
 
 def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:

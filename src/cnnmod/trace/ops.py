@@ -10,8 +10,9 @@ may mask. Capture (capture.py), back-tracking, extraction and the channel spaces
 Channel flow (``channels``: a class, or a function of the node giving one), read by
 ``channels.py``, ``extract.py`` and the strategies:
 - ``same``: output channel c is computed from input channel c alone (BatchNorm, activations,
-  pooling, a depthwise convolution, spatial slices and padding); a removed channel's constant
-  stays a constant, and a per-channel tensor is sliced with the channels.
+  pooling, a depthwise convolution, spatial slices, padding and upsampling); a removed channel's
+  constant stays independent of the input (a constant map), and a per-channel tensor is sliced
+  with the channels.
 - ``new``: the op mixes its input channels into new ones (convolution, linear): a space ends.
 - ``tied``: an element-wise op of two tensors (add, multiply): their channels are one space.
 - ``index``: each output channel is one input channel, moved, or a constant (concatenation,
@@ -199,11 +200,6 @@ register(Op("add", lambda node, xs, w: xs[0] + xs[1], channels="tied", aten=("ad
             capture=lambda call: {} if _data(call, 2) and call.arg("alpha", 1) == 1 else None))
 register(Op("sub", lambda node, xs, w: xs[0] - xs[1], channels="tied", aten=("sub", "sub_"), backtrack=_into_each,
             capture=lambda call: {} if _data(call, 2) and call.arg("alpha", 1) == 1 else None))
-# x times a parameter, reshaped to broadcast (ConvNeXt's layer scale): kept whole, as its parameter is
-# sliced by no strategy yet. Tried before ``mul``, which is the product of two of the network's tensors.
-register(Op("scale", lambda node, xs, w: xs[0] * w("weight").reshape(node.attrs["shape"]), channels="whole",
-            params=("weight",), aten=("mul", "mul_"), why="a layer scale",
-            capture=lambda call: dict(param=call.param, shape=call.param_shape) if call.param else None))
 register(Op("mul", lambda node, xs, w: xs[0] * xs[1], channels="tied", aten=("mul", "mul_"),
             capture=lambda call: {} if _data(call, 2) else None))
 
@@ -211,6 +207,25 @@ register(Op("mul", lambda node, xs, w: xs[0] * xs[1], channels="tied", aten=("mu
 _ARITHMETIC = {"add": lambda x, v: x + v, "sub": lambda x, v: x - v, "mul": lambda x, v: x * v,
                "div": lambda x, v: x / v, "rsub": lambda x, v: v - x}
 
+
+
+
+def _scale_attrs(call):
+    """x times (plus, minus, over) one parameter of the model, reshaped to broadcast."""
+    fn = call.aten.rstrip("_")
+    if not call.param or len(call.data) != 1 or call.arg("alpha", 1) != 1 or fn in ("sub", "div") and \
+            call.data != ["self"]:
+        return None
+    attrs = dict(param=call.param, shape=call.param_shape)
+    return attrs if fn == "mul" else dict(attrs, fn=fn)
+
+
+# x times a parameter, reshaped to broadcast (ConvNeXt's layer scale), or plus, minus or over one (a
+# normalisation inside the model): kept whole, as its parameter is sliced by no strategy yet.
+register(Op("scale", lambda node, xs, w: _ARITHMETIC[node.attrs.get("fn", "mul")](
+                xs[0], w("weight").reshape(node.attrs["shape"])), channels="whole", params=("weight",),
+            aten=("mul", "mul_", "add", "add_", "sub", "sub_", "div", "div_"), capture=_scale_attrs,
+            why="a layer scale"))
 
 def _arithmetic_attrs(call):
     if not _data(call, 1) or call.number is None or call.arg("rounding_mode", None) is not None:
@@ -223,9 +238,15 @@ def _arithmetic_attrs(call):
     return dict(fn=fn, value=float(value))
 
 
+def _arithmetic_back(node, gone, shapes):
+    """x * v and x / v are 0 where x is; x + v is not (unless v is 0): a stop."""
+    zero_kept = node.attrs["fn"] in ("mul", "div") or node.attrs["value"] == 0 and node.attrs["fn"] != "rsub"
+    return _elementwise(node, gone, shapes) if zero_kept else None
+
+
 register(Op("arithmetic", lambda node, xs, w: _ARITHMETIC[node.attrs["fn"]](xs[0], node.attrs["value"]),
             aten=("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "rsub"), capture=_arithmetic_attrs,
-            backtrack=_elementwise))
+            backtrack=_arithmetic_back))
 
 
 def _channel_dim(call, name: str = "dim") -> dict | None:
@@ -355,8 +376,9 @@ def _pad_flow(node) -> str:
 
 register(Op("pad", lambda node, xs, w: F.pad(xs[0], node.attrs["pad"], node.attrs["mode"], node.attrs["value"]),
             channels=_pad_flow, aten=("pad", "constant_pad_nd"), capture=_pad_attrs,
-            backtrack=lambda node, gone, shapes: _moved_back(node, gone, shapes) if node.attrs["mode"] == "constant"
-            else None, why="padding of rows and channels at once"))
+            backtrack=lambda node, gone, shapes: _moved_back(node, gone, shapes)  # its zeros read no input
+            if node.attrs["mode"] == "constant" and node.attrs["value"] == 0 else None,
+            why="padding of rows and channels at once"))
 
 _UPSAMPLING = {"upsample_nearest2d": "nearest", "_upsample_nearest_exact2d": "nearest-exact",
                "upsample_bilinear2d": "bilinear", "upsample_bicubic2d": "bicubic"}
