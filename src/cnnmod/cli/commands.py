@@ -235,7 +235,10 @@ def cmd_decompose(args) -> int:
               f"{d['macs']:.3g} multiply-accumulates{share}; loss {d['loss_before']:.4g} -> {d['loss_after']:.4g}"
               + ("" if d["kept"] else ": not lower, so the modules are kept as built (try a smaller --distill-lr)"))
     for name, m in summary["modules"].items():
-        if "params_fraction" in m:  # the channels strategy
+        if m.get("channels_prunable") == 0:  # the channels strategy, with nothing it may prune
+            print(f"  {name:<12} keeps every channel: no channel space can be pruned (cnnmod inspect says why), "
+                  f"{m['file_bytes']:,} bytes on disk")
+        elif "params_fraction" in m:  # the channels strategy
             print(f"  {name:<12} keeps {m['share_kept']:.4f} of the prunable channels: "
                   f"{m['params_fraction']:.3f} of the parameters, {m['macs_fraction']:.3f} of the MACs, "
                   f"{m['file_bytes']:,} bytes on disk")

@@ -181,7 +181,7 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
                                                        first.timing["statistics_macs"] // first.timing["images"]),
         "strategy": first.meta["strategy"],
         "modules": {m.class_name: dict({k: m.meta[k] for k in ("share_kept", "observed_images", "params_fraction",
-                                                               "macs_fraction") if k in m.meta},
+                                                               "macs_fraction", "channels_prunable") if k in m.meta},
                                        **({"file_bytes": p.stat().st_size} if paths else {}))
                     for m, p in zip(modules, paths or [None] * len(modules))},
         "files": {str(p): p.stat().st_size for p in paths},
