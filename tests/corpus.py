@@ -249,6 +249,25 @@ class SwishBlock(nn.Module):
         return self.fc(out)
 
 
+class ChannelAttention(nn.Module):
+    """Efficient channel attention: a Conv1d across the pooled channels, written with squeeze,
+    transpose and unsqueeze, its gate expanded over the map."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.attend = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        y = F.adaptive_avg_pool2d(x, 1)
+        y = self.attend(y.squeeze(-1).transpose(-1, -2)).transpose(-1, -2).unsqueeze(-1)
+        x = x * torch.sigmoid(y).expand_as(x)
+        return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
+
+
 CORPUS = {
     "cifar_resnet20": (lambda: cifar_resnet(20), (3, 32, 32)),
     "cifar_resnet8_narrow": (lambda: cifar_resnet(8, width=8), (3, 16, 16)),
@@ -259,6 +278,7 @@ CORPUS = {
     "group_norm": (GroupNormNet, (3, 8, 8)),
     "zero_channels": (ZeroChannels, (3, 6, 6)),
     "swish_block": (SwishBlock, (3, 8, 8)),
+    "channel_attention": (ChannelAttention, (3, 8, 8)),
 }
 
 

@@ -89,6 +89,9 @@ def test_what_each_construct_becomes():
     swish = trace_graph(_model("swish_block")[0], (3, 8, 8))  # x * x.sigmoid() is SiLU; normalising is a scale
     assert [n.op for n in swish.nodes[:6]] == ["input", "scale", "scale", "conv", "bn", "silu"]
     assert "sigmoid" in {n.op for n in swish.nodes} and channel_spaces(swish).prunable  # the gate stays a sigmoid
+    eca = trace_graph(_model("channel_attention")[0], (3, 8, 8))  # squeeze, transpose, Conv1d and back
+    assert [n.op for n in eca.nodes[3:7]] == ["adaptive_avgpool", "channel_conv", "sigmoid", "expand"]
+    assert "a Conv1d across the channels" in channel_spaces(eca).whole.values()
 
 
 def test_group_norm_is_one_registry_entry():
@@ -195,10 +198,12 @@ HOSTILE = {  # attributes a crafted file might give the new ops: too large, the 
     "clamp": [{"min": "x"}], "amax": [{"keepdim": "x"}],
     "select": [{"index": [10 ** 9]}, {"index": "x"}],
     "group_norm": [{"groups": 0}, {"groups": 3}, {"channels": "x"}],
+    "channel_conv": [{"padding": [10 ** 6]}, {"dilation": [0]}, {"padding": "x"}],
+    "expand": [{"size": [10 ** 5, 10 ** 5]}, {"size": [3]}],
 }
 
 
-@pytest.mark.parametrize("name", ["upsampling", "split_shuffle", "group_norm"])
+@pytest.mark.parametrize("name", ["upsampling", "split_shuffle", "group_norm", "channel_attention"])
 def test_hostile_attributes_of_the_new_ops_are_refused_or_harmless(name, tmp_path):
     """Loading runs no code of the model's: a graph is registry names with data. A crafted file (its
     checksum recomputed) whose new ops carry hostile attributes is refused in one sentence, or loads

@@ -51,7 +51,7 @@ ALIASES = {"clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy
     {f"{kind}dropout{inplace}" for kind in ("", "feature_", "alpha_", "feature_alpha_") for inplace in ("", "_")}
 # (the same values; dropout: in eval mode)
 CONVERSIONS = {"to", "_to_copy", "type_as"}  # an alias when nothing changes (x.float() of float32)
-RESHAPES = {"view", "reshape", "_unsafe_view", "view_copy"}
+RESHAPES = {"view", "reshape", "_unsafe_view", "view_copy", "squeeze", "unsqueeze"}
 SPLITS = {"split", "split_with_sizes", "chunk", "unsafe_split", "unsafe_chunk"}
 _TORCH = os.path.dirname(torch.__file__)
 _CNNMOD = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,7 +237,8 @@ class _Call:
 
 
 _RESHAPE_HINT = ("supported: flattening to (batch, -1), channel shuffles (reshape, transpose or permute, "
-                 "reshape back), and slices, splits and chunks of the channels")
+                 "reshape back), a Conv1d across pooled channels (squeeze, transpose, Conv1d and back), and "
+                 "slices, splits and chunks of the channels")
 
 
 def _shape(node: fx.Node) -> tuple[int, ...]:
@@ -376,8 +377,10 @@ class _Converter:
             if (start or 0) != 0 or step != 1 or not (end is None or isinstance(end, int) and end >= 2 ** 62):
                 raise CnnmodError(f"cannot capture a slice of the batch ({where}); slice dimensions after the first.")
             self.values[n.name] = source  # x[:, ...]: every image
-        elif aten == "expand" and isinstance(source, _Param):
-            raise CnnmodError(f"cannot capture a weight expanded over the batch ({where}); multiply by it instead.")
+        elif aten in ("expand", "expand_as") and isinstance(source, str):
+            self._expand(n, source, where)
+        elif aten == "conv1d" and isinstance(source, _Chain):
+            self._channel_conv(n, source, where)
         else:
             self._registered(n, aten, where)
 
@@ -471,7 +474,10 @@ class _Converter:
             self.values[n.name] = chain
             if steps[-1][0] == "reshape" and out == list(self.shapes[source.source]):
                 index = _channel_permutation(chain, out, where)
-                self._emit(n, Node(self._name(n, n.name), "select", [source.source], {"index": index}))
+                if index == list(range(len(index))):  # back where it started (around a Conv1d across channels)
+                    self.values[n.name] = source.source
+                else:
+                    self._emit(n, Node(self._name(n, n.name), "select", [source.source], {"index": index}))
         elif not isinstance(source, str):
             raise CnnmodError(f"cannot capture a reshape of this value ({where}); {_RESHAPE_HINT}.")
         elif out == list(_shape(n.args[0])):
@@ -482,6 +488,46 @@ class _Converter:
             self.values[n.name] = _Chain(source, [("reshape", out)])  # resolved when it comes back to (C, H, W)
         else:
             raise CnnmodError(f"cannot capture a reshape to {tuple(out)} ({where}); {_RESHAPE_HINT}.")
+
+
+    def _expand(self, n: fx.Node, source: str, where: str) -> None:
+        given, out = self.shapes[source], _shape(n)
+        if len(given) != 3 or given[0] != out[0] or given[1:] != (1, 1):
+            raise CnnmodError(f"cannot capture this expand ({where}); expected a (batch, channels, 1, 1) gate repeated "
+                              "over the rows and columns, or multiply by it directly: broadcasting needs no expand.")
+        self._emit(n, Node(self._name(n, n.name), "expand", [source], {"size": list(out[1:])}))
+
+    def _channel_conv(self, n: fx.Node, chain: _Chain, where: str) -> None:
+        """``conv1d(x.squeeze(-1).transpose(-1, -2))`` of a (B, C, 1, 1) x: a Conv1d along its channels."""
+        call = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), n.args))
+        call.update(n.kwargs)
+        weight, bias = self.values.get(call["weight"].name), call.get("bias")
+        bias = self.values.get(bias.name) if isinstance(bias, fx.Node) else None
+        c = self.shapes[chain.source][0]
+        labels = torch.arange(float(c)).view(1, c, 1, 1)
+        for kind, arg in chain.steps:
+            labels = labels.reshape(1, *arg) if kind == "reshape" else labels.permute(arg)
+        padding, dilation = call.get("padding", [0]), call.get("dilation", [1])
+        if self.shapes[chain.source][1:] != (1, 1) or tuple(labels.shape) != (1, 1, c) \
+                or not torch.equal(labels.flatten(), torch.arange(float(c))) or not isinstance(weight, _Param) \
+                or weight.shape[:2] != [1, 1] or list(call.get("stride", [1])) != [1] or call.get("groups", 1) != 1 \
+                or isinstance(padding, str) or _shape(n) != (1, c):
+            raise CnnmodError(f"cannot capture this Conv1d ({where}); a Conv1d is captured only across the channels "
+                              "of a pooled (batch, channels, 1, 1) value, one channel in and out, stride 1.")
+        params = {"weight": weight.fqn, **({"bias": bias.fqn} if isinstance(bias, _Param) else {})}
+        owner = self._owner(REGISTRY["channel_conv"], _Weights("conv1d", params), where)
+        attrs = dict(padding=[int(p) for p in padding], dilation=[int(d) for d in dilation], bias="bias" in params)
+        node = Node(owner, "channel_conv", [chain.source], attrs)
+        self.nodes.append(node)
+        self.by_name[node.name], self.shapes[node.name] = node, self.shapes[chain.source]
+        self.names.add(node.name)
+        self.values[n.name] = _Chain(node.name, chain.steps)  # its output keeps the chain's (1, C) layout
+
+
+@dataclass
+class _Weights:
+    aten: str
+    params: dict  # argument -> qualified name, as ``_Converter._owner`` reads a call's
 
 
 def _dims(n: fx.Node, aten: str) -> list[int]:
@@ -512,9 +558,6 @@ def _channel_permutation(chain: _Chain, shape: list[int], where: str) -> list[in
 
 # The nearest supported way to write what users most often write that cnnmod cannot capture.
 _HINTS = {
-    "squeeze": "keep the (batch, channels, height, width) layout: pool with keepdim=True, and mix channels with a "
-               "1x1 Conv2d (a Conv1d across the channels is not supported)",
-    "unsqueeze": "keep the (batch, channels, height, width) layout: pool with keepdim=True",
     "index": "pick channels with slices (x[:, a:b]), torch.split or chunk; a list or tensor of indices is not "
              "supported",
     "select": "keep the dimension with a slice (x[:, i:i + 1]) instead of an integer index (x[:, i])",
@@ -523,7 +566,8 @@ _HINTS = {
     "matmul": "products of two activations (attention) are not supported; linear layers are",
     "bmm": "products of two activations (attention) are not supported; linear layers are",
     "softmax": "return the logits (or F.log_softmax of them); a softmax of the classes is not supported",
-    "conv1d": "mix channels with a 1x1 Conv2d on the (batch, channels, height, width) layout",
+    "conv1d": "a Conv1d is captured across the channels of a pooled value (conv(y.squeeze(-1).transpose(-1, -2)) "
+              "of a (batch, channels, 1, 1) y); elsewhere mix channels with a 1x1 Conv2d",
 }
 for _new in ("zeros", "zeros_like", "new_zeros", "ones", "ones_like", "new_ones", "full", "full_like", "empty",
              "arange", "randn", "rand", "scalar_tensor", "tensor"):

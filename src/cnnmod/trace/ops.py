@@ -395,6 +395,21 @@ register(Op("interpolate", lambda node, xs, w: F.interpolate(xs[0], node.attrs["
             aten=tuple(_UPSAMPLING), capture=_interpolate_attrs))
 
 
+def _channel_conv(node, xs, w):
+    """A Conv1d sliding along the channels of a (B, C, 1, 1) value (efficient channel attention)."""
+    b, c = xs[0].shape[:2]
+    a = node.attrs
+    return F.conv1d(xs[0].reshape(b, 1, c), w("weight"), w("bias"), 1, a["padding"], a["dilation"]).reshape(b, c, 1, 1)
+
+
+# Captured from ``conv1d(x.squeeze(-1).transpose(-1, -2))`` and back (capture.py): it mixes
+# neighbouring channels, so its spaces are kept whole.
+register(Op("channel_conv", _channel_conv, channels="whole", params=("weight", "bias"),
+            why="a Conv1d across the channels", macs=lambda node, out, weight: math.prod(out) * weight.numel()))
+# x.expand_as(y) of a (B, C, 1, 1) gate: each channel repeated over the rows and columns.
+register(Op("expand", lambda node, xs, w: xs[0].expand(-1, -1, *node.attrs["size"])))
+
+
 def _shuffle(node, xs, w):
     b, c, h, wd = xs[0].shape
     g = node.attrs["groups"]
