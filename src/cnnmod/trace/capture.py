@@ -38,8 +38,9 @@ from ..errors import CnnmodError
 from .graph import Graph, Node
 from .ops import REGISTRY
 
-# The registry's entries by the ATen operation they capture, in registration order (the first
-# whose ``capture`` accepts the call is the op: ``scale`` before ``mul`` before ``arithmetic``).
+# The registry's entries by the ATen operation they capture, in registration order: the first
+# whose ``capture`` accepts the call is the op (``mul`` takes two tensors of the network, ``scale`` a
+# tensor and a parameter, ``arithmetic`` a tensor and a number).
 ATEN: dict[str, list] = {}
 for _op in REGISTRY.values():
     for _name in _op.aten:
