@@ -67,10 +67,11 @@ def observe(model: nn.Module, dataset, *, positives: int = 1000, negatives_per_c
     start = time.perf_counter()
     meta = getattr(model, "cnnmod_meta", {})
     spec = input_spec or getattr(model, "input_spec", None)
-    graph = trace_graph(model, _input_shape(dataset, spec))
+    input_shape = _input_shape(dataset, spec)
+    graph = trace_graph(model, input_shape)
     weights = {k: v.detach().cpu() for k, v in weights_of(model).items()}
     if not ends_in_linear(graph):  # SqueezeNet: conv, ReLU, pooling; its K logits get an identity Linear head
-        shape = GraphNetwork(graph, weights).shapes(_input_shape(dataset, spec))[graph.output]
+        shape = GraphNetwork(graph, weights).shapes(input_shape)[graph.output]
         if len(shape) != 1:
             raise CnnmodError(f"expected the model to output (batch, classes) logits, found shape {shape}.")
         graph, weights = append_logits_head(graph, weights, shape[0])

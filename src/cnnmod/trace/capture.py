@@ -12,21 +12,15 @@ queries, the pieces of a split, a reshape round trip that shuffles channels) is 
 
 Every layer of the result is a registry name with data attributes: loading a graph runs no code
 of the model's. Whatever cannot be captured is refused in one sentence naming the construct,
-the line of the user's source it comes from (file:line) and the nearest supported way to write it.
+the line of the user's source it comes from (file:line) and the nearest supported way to write it
+(refusals.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import math
 import operator
-import os
-import re
-import traceback
-import types
-import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -37,6 +31,7 @@ import torch.nn as nn
 from ..errors import CnnmodError
 from .graph import Graph, Node
 from .ops import REGISTRY
+from .refusals import RESHAPE_HINT, export_failure, first_line, hint, quiet, usage, where_in_source
 
 # The registry's entries by the ATen operation they capture, in registration order: the first
 # whose ``capture`` accepts the call is the op (``mul`` takes two tensors of the network, ``scale`` a
@@ -54,8 +49,6 @@ ALIASES = {"clone", "contiguous", "alias", "detach", "detach_", "lift_fresh_copy
 CONVERSIONS = {"to", "_to_copy", "type_as"}  # an alias when nothing changes (x.float() of float32)
 RESHAPES = {"view", "reshape", "_unsafe_view", "view_copy", "squeeze", "unsqueeze"}
 SPLITS = {"split", "split_with_sizes", "chunk", "unsafe_split", "unsafe_chunk"}
-_TORCH = os.path.dirname(torch.__file__)
-_CNNMOD = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclass
@@ -96,7 +89,7 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
                 expected = model(example)
             except Exception as e:  # the user's code: anything (an assert on the input's size) says no
                 raise CnnmodError(f"expected the model to take inputs of {' x '.join(map(str, input_shape))}, found "
-                                  f"that it does not ({type(e).__name__}: {_first_line(e)}).") from None
+                                  f"that it does not ({type(e).__name__}: {first_line(e)}).") from None
         key = (input_shape, tuple((n, type(m).__qualname__) for n, m in model.named_modules()),
                tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
         known = _CAPTURED.get(model, {}).get(key)
@@ -118,54 +111,10 @@ def capture(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
 def _export(model: nn.Module, example: torch.Tensor):
     batch = torch.export.Dim("batch")
     try:
-        with _quiet():
+        with quiet():
             return torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
     except Exception as e:  # export raises many kinds (UserError, GuardOnDataDependentSymNode, ...)
-        raise CnnmodError(_export_failure(model, e)) from None
-
-
-@contextlib.contextmanager
-def _quiet():
-    """torch.export logs graph dumps and warnings of its own when it gives up: the refusal says it all."""
-    loggers = [logging.getLogger(name) for name in ("torch._dynamo", "torch._export", "torch.export",
-                                                    "torch.fx.experimental.symbolic_shapes", "torch._subclasses")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
-
-
-def _export_failure(model: nn.Module, e: Exception) -> str:
-    """One sentence: where in the user's code the model could not be run symbolically, and why."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    frames = [f for f, _ in traceback.walk_tb(e.__traceback__)]
-    user = [f for f in frames if not f.f_code.co_filename.startswith((_TORCH, _CNNMOD))]
-    where = f"{_short(user[-1].f_code.co_filename)}:{user[-1].f_lineno}" if user else "the model's forward"
-    names = {id(m): n for n, m in model.named_modules()}
-    module = next((names[id(f.f_locals["self"])] for f in reversed(user) if id(f.f_locals.get("self")) in names), None)
-    inside = f" in module {module or '<top level>'!r}" if module is not None else ""
-    if "data-dependent" in text or "GuardOnDataDependent" in type(e).__name__ or "data dependent" in text:
-        return (f"cannot capture the model: {where}{inside} branches on the values of a tensor (data-dependent "
-                "control flow); compute the same operations for every input, or move the choice out of the model.")
-    if "batch" in text and ("Constraints violated" in text or "specializ" in text):
-        return (f"cannot capture the model: {where}{inside} fixes or constrains the batch size; write the batch "
-                "dimension as x.size(0) or -1, and nothing that depends on its value.")
-    return f"cannot capture the model: {where}{inside}: {type(e).__name__}: {text[:200]}."
-
-
-def _short(path: str) -> str:
-    rel = os.path.relpath(path)
-    return rel if not rel.startswith("..") else path
+        raise CnnmodError(export_failure(model, e)) from None
 
 
 def _check(model: nn.Module, graph: Graph, example: torch.Tensor, expected) -> None:
@@ -179,7 +128,7 @@ def _check(model: nn.Module, graph: Graph, example: torch.Tensor, expected) -> N
             got = GraphNetwork(graph, dict(model.state_dict(keep_vars=False)))(example)
     except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
         raise CnnmodError(f"expected the captured graph to run as the model does, found that it fails "
-                          f"({type(e).__name__}: {_first_line(e)}): the model computes something cnnmod does not "
+                          f"({type(e).__name__}: {first_line(e)}): the model computes something cnnmod does not "
                           "capture.") from None
     diff = float((got - expected).abs().max()) if got.shape == expected.shape else math.inf
     if not diff <= 1e-4 * (1.0 + float(expected.abs().max())):
@@ -216,7 +165,7 @@ class _Call:
                         self.params[name] = found.fqn
                         self.param, self.param_shape = found.fqn, found.shape
                     elif isinstance(found, (_Pieces, _Chain)):
-                        self.refuse("a tensor reshaped off its (channels, height, width) layout", _RESHAPE_HINT)
+                        self.refuse("a tensor reshaped off its (channels, height, width) layout", RESHAPE_HINT)
                 elif name in ("other", "value", "scalar") and isinstance(item, (int, float)) \
                         and not isinstance(item, bool):
                     self.number = item
@@ -237,32 +186,9 @@ class _Call:
         raise CnnmodError(f"cannot capture {what} ({self.where}); {how}.")
 
 
-_RESHAPE_HINT = ("supported: flattening to (batch, -1), channel shuffles (reshape, transpose or permute, "
-                 "reshape back), a Conv1d across pooled channels (squeeze, transpose, Conv1d and back), and "
-                 "slices, splits and chunks of the channels")
-
-
 def _shape(node: fx.Node) -> tuple[int, ...]:
     """A value's shape without its batch dimension, as concrete numbers."""
     return tuple(int(d) for d in node.meta["val"].shape[1:])
-
-
-def _where(node: fx.Node, modules: dict) -> str:
-    """``file:line`` of the user's source a captured call comes from, and the module it is in."""
-    frames = re.findall(r'File "(.+?)", line (\d+), in \S+\n\s*(.*)', node.meta.get("stack_trace") or "")
-    user = [f for f in frames if not f[0].startswith((_TORCH, _CNNMOD))]
-    stack = list((node.meta.get("nn_module_stack") or {}).values())
-    module = f" in module {stack[-1][0]!r}" if stack and stack[-1][0] else ""
-    # export's trace omits a lambda's own frame (a lambda layer's shortcut): name where it is defined
-    lambdas = [f for f in getattr(modules.get(stack[-1][0]), "__dict__", {}).values()
-               if isinstance(f, types.FunctionType) and f.__name__ == "<lambda>"] if stack else []
-    if lambdas:
-        code = lambdas[0].__code__
-        module += f" (its lambda at {_short(code.co_filename)}:{code.co_firstlineno})"
-    if not user:
-        return f"operation {node.name!r}{module}"
-    path, line, code = user[-1]
-    return f"{_short(path)}:{line}{module}: `{code.strip()}`"
 
 
 class _Converter:
@@ -322,11 +248,14 @@ class _Converter:
             self.values[n.name] = None
 
     def _emit(self, n: fx.Node, node: Node) -> None:
-        self.shapes[node.name] = _shape(n)
-        self.by_name[node.name] = node
+        """Add ``node`` to the graph as the value of the exported node ``n``."""
+        self._add(node, _shape(n))
+        self.values[n.name] = node.name
+
+    def _add(self, node: Node, shape: tuple[int, ...]) -> None:
+        self.shapes[node.name], self.by_name[node.name] = shape, node
         self.nodes.append(node)
         self.names.add(node.name)
-        self.values[n.name] = node.name
 
     def _name(self, n: fx.Node, fallback: str) -> str:
         """A stateless module's qualified name (":k" for its k-th op), else the capture's node name."""
@@ -355,7 +284,7 @@ class _Converter:
         aten = t._schema.name.split("::")[-1]
         first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
         source = self.values.get(first.name) if first is not None else None
-        where = _where(n, self.modules)
+        where = where_in_source(n, self.modules)
         if aten in SKIPPED:
             self.values[n.name] = None
         elif aten in CONVERSIONS:
@@ -388,8 +317,7 @@ class _Converter:
     def _registered(self, n: fx.Node, aten: str, where: str) -> None:
         candidates = ATEN.get(aten)
         if not candidates:
-            hint = _HINTS.get(aten.rstrip("_"), f"the operations cnnmod knows: {_known()}")
-            raise CnnmodError(f"cannot capture operation {aten!r} ({where}); {hint}.")
+            raise CnnmodError(f"cannot capture operation {aten!r} ({where}); {hint(aten, ATEN)}.")
         call = _Call(n, aten, self.values, where)
         for op in candidates:
             try:
@@ -399,12 +327,12 @@ class _Converter:
             if attrs is not None:
                 break
         else:
-            raise CnnmodError(f"cannot capture {aten!r} as it is used here ({where}); {_usage(aten)}.")
+            raise CnnmodError(f"cannot capture {aten!r} as it is used here ({where}); {usage(aten)}.")
         if any(not isinstance(self.values.get(a.name), (str, _Param)) for a in n.all_input_nodes
                if isinstance(a.meta.get("val"), torch.Tensor)):
             raise CnnmodError(f"cannot capture {aten!r} of a tensor created inside forward ({where}); make it a "
                               "registered parameter or buffer of the model.")
-        name = self._owner(op, call, where) if call.params and op.name != "scale" else None
+        name = self._owner(op, call.params, call.aten, where) if call.params and op.name != "scale" else None
         inputs = call.inputs
         if op.name == "mul" and self._swish(*inputs):  # x * x.sigmoid(): swish written by hand is SiLU
             op, attrs, inputs = REGISTRY["silu"], {}, [self._swish(*inputs)]
@@ -418,12 +346,13 @@ class _Converter:
                 return x
         return None
 
-    def _owner(self, op, call: _Call, where: str) -> str:
-        """The module whose weights a layer uses: the layer's name (its tensors are keyed "<module>.<role>")."""
-        owners = {fqn.rpartition(".")[0] for fqn in call.params.values()}
-        if len(owners) != 1 or any(fqn.rpartition(".")[2] != role for role, fqn in call.params.items()) \
-                or not set(call.params) <= set(op.params):
-            raise CnnmodError(f"cannot capture {call.aten} on weights {sorted(call.params.values())} ({where}); "
+    def _owner(self, op, params: dict, aten: str, where: str) -> str:
+        """The module whose weights (``params``: argument -> qualified name) a layer uses: the layer's
+        name (its tensors are keyed "<module>.<role>")."""
+        owners = {fqn.rpartition(".")[0] for fqn in params.values()}
+        if len(owners) != 1 or any(fqn.rpartition(".")[2] != role for role, fqn in params.items()) \
+                or not set(params) <= set(op.params):
+            raise CnnmodError(f"cannot capture {aten} on weights {sorted(params.values())} ({where}); "
                               f"expected the {', '.join(op.params)} of one module, named so.")
         owner = owners.pop()
         if owner in self.owners:
@@ -443,7 +372,7 @@ class _Converter:
 
     def _split(self, n: fx.Node, aten: str, source, where: str) -> None:
         if not isinstance(source, str):
-            raise CnnmodError(f"cannot capture a split of this value ({where}); {_RESHAPE_HINT}.")
+            raise CnnmodError(f"cannot capture a split of this value ({where}); {RESHAPE_HINT}.")
         shape = _shape(n.args[0])
         dim = (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)) % (len(shape) + 1)
         if dim == 0:
@@ -480,7 +409,7 @@ class _Converter:
                 else:
                     self._emit(n, Node(self._name(n, n.name), "select", [source.source], {"index": index}))
         elif not isinstance(source, str):
-            raise CnnmodError(f"cannot capture a reshape of this value ({where}); {_RESHAPE_HINT}.")
+            raise CnnmodError(f"cannot capture a reshape of this value ({where}); {RESHAPE_HINT}.")
         elif out == list(_shape(n.args[0])):
             self.values[n.name] = source  # the same shape: nothing moves
         elif len(out) == 1:  # x.view(x.size(0), -1): the features, flattened
@@ -488,7 +417,7 @@ class _Converter:
         elif len(_shape(n.args[0])) == 3:
             self.values[n.name] = _Chain(source, [("reshape", out)])  # resolved when it comes back to (C, H, W)
         else:
-            raise CnnmodError(f"cannot capture a reshape to {tuple(out)} ({where}); {_RESHAPE_HINT}.")
+            raise CnnmodError(f"cannot capture a reshape to {tuple(out)} ({where}); {RESHAPE_HINT}.")
 
 
     def _expand(self, n: fx.Node, source: str, where: str) -> None:
@@ -516,19 +445,10 @@ class _Converter:
             raise CnnmodError(f"cannot capture this Conv1d ({where}); a Conv1d is captured only across the channels "
                               "of a pooled (batch, channels, 1, 1) value, one channel in and out, stride 1.")
         params = {"weight": weight.fqn, **({"bias": bias.fqn} if isinstance(bias, _Param) else {})}
-        owner = self._owner(REGISTRY["channel_conv"], _Weights("conv1d", params), where)
+        owner = self._owner(REGISTRY["channel_conv"], params, "conv1d", where)
         attrs = dict(padding=[int(p) for p in padding], dilation=[int(d) for d in dilation], bias="bias" in params)
-        node = Node(owner, "channel_conv", [chain.source], attrs)
-        self.nodes.append(node)
-        self.by_name[node.name], self.shapes[node.name] = node, self.shapes[chain.source]
-        self.names.add(node.name)
-        self.values[n.name] = _Chain(node.name, chain.steps)  # its output keeps the chain's (1, C) layout
-
-
-@dataclass
-class _Weights:
-    aten: str
-    params: dict  # argument -> qualified name, as ``_Converter._owner`` reads a call's
+        self._add(Node(owner, "channel_conv", [chain.source], attrs), self.shapes[chain.source])
+        self.values[n.name] = _Chain(owner, chain.steps)  # its output keeps the chain's (1, C) layout
 
 
 def _dims(n: fx.Node, aten: str) -> list[int]:
@@ -553,44 +473,5 @@ def _channel_permutation(chain: _Chain, shape: list[int], where: str) -> list[in
     channel = source[:, 0] // (h * w)
     if not torch.equal(source, channel[:, None] * (h * w) + torch.arange(h * w)):
         raise CnnmodError(f"cannot capture a reshape that mixes channels with rows or columns ({where}); "
-                          f"{_RESHAPE_HINT}.")
+                          f"{RESHAPE_HINT}.")
     return channel.tolist()
-
-
-# The nearest supported way to write what users most often write that cnnmod cannot capture.
-_HINTS = {
-    "index": "pick channels with slices (x[:, a:b]), torch.split or chunk; a list or tensor of indices is not "
-             "supported",
-    "select": "keep the dimension with a slice (x[:, i:i + 1]) instead of an integer index (x[:, i])",
-    "expand": "multiply by the smaller tensor directly: broadcasting needs no expand",
-    "where": "write the choice as an activation (F.leaky_relu, torch.clamp) or a product with a gate",
-    "matmul": "products of two activations (attention) are not supported; linear layers are",
-    "bmm": "products of two activations (attention) are not supported; linear layers are",
-    "softmax": "return the logits (or F.log_softmax of them); a softmax of the classes is not supported",
-    "conv1d": "a Conv1d is captured across the channels of a pooled value (conv(y.squeeze(-1).transpose(-1, -2)) "
-              "of a (batch, channels, 1, 1) y); elsewhere mix channels with a 1x1 Conv2d",
-}
-for _new in ("zeros", "zeros_like", "new_zeros", "ones", "ones_like", "new_ones", "full", "full_like", "empty",
-             "arange", "randn", "rand", "scalar_tensor", "tensor"):
-    _HINTS[_new] = ("create no tensors in forward: pad channels with zeros by F.pad(x, (0, 0, 0, 0, 0, k)), keep "
-                    "constants as registered buffers")
-_HINTS["adaptive_max_pool2d"] = "pool the whole map with x.amax((2, 3), keepdim=True)"
-for _cmp in ("gt", "lt", "ge", "le", "eq", "ne"):
-    _HINTS[_cmp] = "comparisons are not supported: write the choice as an activation (F.leaky_relu, torch.clamp)"
-
-
-def _known() -> str:
-    return ", ".join(sorted({name for name in ATEN if not name.endswith("_")}))
-
-
-_USAGE = {"add": "expected the sum of two tensors of the network, or a tensor and a number",
-          "sub": "expected the difference of two tensors of the network, or a tensor and a number",
-          "mul": "expected the product of two tensors, of a tensor and a number, or of a tensor and one parameter",
-          "cat": "expected a concatenation along the channels (dim=1)",
-          "mean": "expected a spatial mean over dims (2, 3)", "amax": "expected a spatial amax over dims (2, 3)",
-          "permute": "expected a permute that keeps the batch first",
-          "pad": "expected padding of the rows, columns or channels"}
-
-
-def _usage(aten: str) -> str:
-    return _USAGE.get(aten.rstrip("_"), "this use of it is not supported")

@@ -12,9 +12,9 @@ comes after the space's activations.
 
 A space that starts at a concatenation, a channel slice, a channel shuffle or channel padding
 (ops whose channels are ``index``: each output channel is one input channel, or a constant) is
-*derived*: which of its channels a
-module keeps follows from the spaces it reads (``Spaces.expand``), and its removed channels are
-constants already, computed from their sources' constants. A derived space that is also tied to
+*derived*: which of its channels a module keeps follows from the spaces it reads
+(``Spaces.expand``), and its removed channels are constants already, computed from their sources'
+constants. A derived space that is also tied to
 other channels (an add with a convolution's output), or kept whole for another reason, keeps its
 sources whole. Spaces of the input, of linear layers' outputs, and those touching an op whose
 channel flow is ``whole`` (a grouped, not depthwise, convolution, LayerNorm, a permute: their
