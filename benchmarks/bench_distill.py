@@ -50,6 +50,10 @@ def main(argv=None) -> int:
     parser.add_argument("--flip", action="store_true", help="mirror a seeded half of each batch (--distill-flip)")
     parser.add_argument("--composed", type=float, default=0.0,
                         help="weight of the composed-answer term (KL of the margins' softmax; --distill-composed)")
+    parser.add_argument("--features", type=float, default=0.0,
+                        help="weight of the feature term (the parent's block outputs; --distill-features)")
+    parser.add_argument("--crop", action="store_true", help="shift each image by up to 4 pixels (--distill-crop)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="the composed-answer term's temperature")
     parser.add_argument("--all-images", action="store_true",
                         help="distil on every training image (45,000, labels unused), not only the statistics sample")
     parser.add_argument("--pairs", type=float, default=None, metavar="EPOCHS",
@@ -77,13 +81,15 @@ def main(argv=None) -> int:
         for epochs in (float(e) for e in args.epochs.split(",")):
             modules = build(obs, "channels", **options)
             row = {"keep": args.keep, "trunk": args.trunk, "flip": args.flip, "all_images": args.all_images,
-                   "epochs": epochs, "lr": args.lr, "composed": args.composed,
+                   "epochs": epochs, "lr": args.lr, "composed": args.composed, "features": args.features,
+                   "crop": args.crop, "temperature": args.temperature,
                    "model_top1": model_top1,
                    "params_fraction": max(m.meta["params_fraction"] for m in modules),
                    "macs_fraction": max(m.meta["macs_fraction"] for m in modules),
                    "decomposition_images": len(index), "parent_training_macs": parent_training}
             if epochs > 0:
-                chosen = DistillOptions(epochs=epochs, lr=args.lr, flip=args.flip, composed=args.composed)
+                chosen = DistillOptions(epochs=epochs, lr=args.lr, flip=args.flip, composed=args.composed,
+                                        features=args.features, crop=args.crop, temperature=args.temperature)
                 report = distill_(modules, teacher, fetch, index, chosen)
                 row.update({k: report[k] for k in ("steps", "images", "macs", "seconds", "loss_first", "loss_last")})
                 row["share_of_parent_training"] = report["macs"] / parent_training
@@ -94,7 +100,9 @@ def main(argv=None) -> int:
             row["machine"] = machine()
             print(row, flush=True)
             images = ", all images" if args.all_images else ""
-            composed = f", composed {args.composed}" if args.composed else ""
+            composed = (f", composed {args.composed}" if args.composed else "") + \
+                (f", features {args.features}" if args.features else "") + (", crop" if args.crop else "") + \
+                (f", T {args.temperature}" if args.temperature != 1.0 else "")
             rows[f"keep {args.keep}, trunk {args.trunk}, flip {args.flip}{images}, lr {args.lr}, epochs {epochs}"
                  f"{composed}"] = row
             CACHE.parent.mkdir(exist_ok=True)

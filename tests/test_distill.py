@@ -197,5 +197,74 @@ def test_the_composed_term_is_the_divergence_of_the_margins_softmax():
     p, q = theirs.softmax(1), mine.softmax(1)
     kl = float((p * (p.log() - q.log())).sum())  # oracle: the definition
     assert float(_summed_loss(moved, targets, 0.5)) == pytest.approx(mse + 0.5 * kl, rel=1e-5)
+    p, q = (theirs / 4).softmax(1), (mine / 4).softmax(1)  # at a temperature of 4, scaled by its square
+    soft = float((p * (p.log() - q.log())).sum())
+    assert float(_summed_loss(moved, targets, 0.5, 4.0)) == pytest.approx(mse + 0.5 * 16 * soft, rel=1e-5)
     with pytest.raises(CnnmodError, match="expected a composed-answer weight >= 0"):
         DistillOptions(composed=-1.0)
+
+
+def test_the_feature_term_compares_the_channels_each_module_kept(parent):
+    from cnnmod.modules.distill import _Features
+
+    modules, teacher, fetch, index = _setup(parent, keep=0.5)
+    x = fetch(index[:64])
+    features = _Features(modules, teacher, x)
+    assert features.points  # the smallcnn's stage ends and its last feature map
+    seen, mine = {}, {}
+    teacher(x, after=features.grab(seen))
+    group = type("G", (), {"members": list(range(len(modules)))})()
+    for k, m in enumerate(modules):
+        m.network(x, after=lambda name, out, k=k: features.grab_own(mine)(k, name, out))
+    right = float(features.loss(mine, seen, group))
+    # the same modules compared with the parent's first channels instead of those they kept: much further
+    wrong = _Features(modules, teacher, x)
+    wrong.index = [{p: None if k is None else torch.arange(len(k)) for p, k in idx.items()} for idx in wrong.index]
+    assert any(k is not None for idx in features.index for k in idx.values())
+    assert 0 < right < 0.5 * float(wrong.loss(mine, seen, group))
+    # a module keeping every channel computes the parent's features: the term is zero (up to rounding)
+    whole, *_ = _setup(parent, keep=1.0)
+    full, mine = _Features(whole, teacher, x), {}
+    for k, m in enumerate(whole):
+        m.network(x, after=lambda name, out, k=k: full.grab_own(mine)(k, name, out))
+    assert float(full.loss(mine, seen, group)) < 1e-8
+
+
+def test_feature_distillation_trains_binds_on_the_device_and_refuses_modules_from_files(parent, tmp_path):
+    modules, teacher, fetch, index = _setup(parent, keep=0.25)
+    untouched = {k: modules[0].network.weight(k) for k in modules[0].network.weight_names if "running" in k
+                 or k.endswith(".addmap")}
+    x = fetch(index)
+    before = _distance(modules, teacher, x)
+    options = DistillOptions(epochs=2, batch_size=64, lr=3e-3, seed=1, features=1.0)
+    report = distill_(modules, teacher, fetch, index, options, device="cpu")
+    assert report["kept"] and _distance(modules, teacher, x) < before
+    # the tensors it did not train are the modules' own still (shared with the parent), not copies
+    assert all(modules[0].network.weight(k) is t for k, t in untouched.items())
+    again, *_ = _setup(parent, keep=0.25)
+    distill_(again, teacher, fetch, index, options)
+    assert all(torch.equal(m.network.weight(k), n.network.weight(k)) for m, n in zip(modules, again)
+               for k in m.network.weight_names)
+    save_module(modules[0], tmp_path / "zero.safetensors")
+    with pytest.raises(CnnmodError, match="modules read from files"):
+        distill_([load_module(tmp_path / "zero.safetensors")], teacher, fetch, index, options)
+
+
+def test_crop_shifts_each_image_by_at_most_an_eighth_of_its_size(parent):
+    modules, teacher, fetch, index = _setup(parent, keep=0.5)
+    fetched, shown = [], []
+
+    class Recording(GraphNetwork):
+        def forward(self, x, after=None):
+            shown.append(x.clone())
+            return super().forward(x, after)
+
+    recording = Recording(teacher.graph, teacher.weights())
+    distill_(modules, recording, lambda idx: fetched.append(fetch(idx)) or fetched[-1], index[:64],
+             DistillOptions(epochs=1, batch_size=64, crop=True))
+    given, seen = fetched[0], shown[0]
+    padded = torch.nn.functional.pad(given, (1, 1, 1, 1))  # 8x8 digits: up to one pixel
+    h, w = given.shape[-2:]
+    shifts = [[bool(torch.equal(padded[i, :, dy:dy + h, dx:dx + w], seen[i])) for dy in range(3) for dx in range(3)]
+              for i in range(len(given))]
+    assert all(any(s) for s in shifts) and sum(s[4] for s in shifts) < len(given)  # some moved, all within one

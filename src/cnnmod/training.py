@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from .data.sources import Dataset
 from .errors import CnnmodError
 from .evaluate import evaluate_model
 from .files import read_file, write_file
+from .loop import Order, run_steps
 from .models import create_model
 
 
@@ -101,9 +101,7 @@ def train(architecture: str, data: Dataset, out: str | os.PathLike, config: Trai
     images, labels = data.images.to(device), data.labels.to(device)
     for epoch in range(start, config.epochs):
         lr = learning_rate(config, epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss = _train_epoch(model, opt, images, labels, spec, gen, mode, config.batch_size,
+        loss = _train_epoch(model, opt, images, labels, spec, gen, mode, config.batch_size, epoch, lr,
                             desc=f"epoch {epoch + 1}/{config.epochs}" if progress else None)
         if not math.isfinite(loss):
             raise CnnmodError(f"expected a finite training loss, found {loss} in epoch {epoch + 1}: "
@@ -136,21 +134,28 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
 
 
 def _train_epoch(model: nn.Module, opt, images: torch.Tensor, labels: torch.Tensor, spec: InputSpec,
-                 gen, mode: str, batch_size: int, desc: str | None) -> float:
-    model.train()
-    order = torch.randperm(len(images), generator=gen)
-    batches = [b for b in order.split(batch_size) if len(b) > 1]  # BatchNorm needs 2+ images
+                 gen, mode: str, batch_size: int, epoch: int, lr: float, desc: str | None) -> float:
+    """One pass over the images in a new seeded order, at learning rate ``lr``; the mean loss."""
+    n = len(images)
+    per_epoch = sum(1 for first in range(0, n, batch_size) if min(batch_size, n - first) >= 2)  # BatchNorm: 2+
     total = torch.zeros((), dtype=torch.float64, device=images.device)  # summed on the device: no sync per step
-    for idx in tqdm(batches, desc=desc, disable=desc is None or not sys.stderr.isatty(), leave=False, unit="batch"):
+    seen = 0
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
         idx = idx.to(images.device)
-        x = spec.prepare(augment_batch(images[idx], gen, mode))
-        loss = F.cross_entropy(model(x), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += loss.detach() * len(idx)
+        return F.cross_entropy(model(spec.prepare(augment_batch(images[idx], gen, mode))), labels[idx])
+
+    def after(order: Order, batch: torch.Tensor, loss: torch.Tensor) -> None:
+        nonlocal total, seen
+        total += loss * len(batch)
+        seen += len(batch)
+
+    model.train()
+    run_steps(opt, loss_of, index=torch.arange(n), batch_size=batch_size, steps=(epoch + 1) * per_epoch,
+              rate=lambda step: lr, gen=gen, order=Order(epoch * per_epoch), min_batch=2, after=after,
+              desc=desc or "", progress=desc is not None)
     model.eval()
-    return float(total) / max(1, sum(len(b) for b in batches))
+    return float(total) / max(1, seen)
 
 
 def _save_state(path: Path, model, opt, gen, config: TrainConfig, epoch: int) -> None:

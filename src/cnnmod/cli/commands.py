@@ -187,16 +187,15 @@ def _strategy_options(args) -> dict:
 
 
 def _distill_options(args) -> dict | None:
+    given = {"lr": args.distill_lr, "composed": args.distill_composed, "features": args.distill_features,
+             "temperature": args.distill_temperature, "flip": args.distill_flip or None,
+             "crop": args.distill_crop or None}
+    given = {k: v for k, v in given.items() if v is not None}
     if args.distill is None:
-        given = [flag for flag, value in (("--distill-lr", args.distill_lr is not None),
-                                          ("--distill-flip", args.distill_flip),
-                                          ("--distill-composed", args.distill_composed is not None)) if value]
         if given:
-            raise CnnmodError(f"expected {given[0]} only with --distill EPOCHS, found it alone.")
+            raise CnnmodError(f"expected --distill-{next(iter(given))} only with --distill EPOCHS, found it alone.")
         return None
-    return {"epochs": args.distill, "seed": args.seed, "flip": args.distill_flip,
-            **({"lr": args.distill_lr} if args.distill_lr else {}),
-            **({"composed": args.distill_composed} if args.distill_composed is not None else {})}
+    return {"epochs": args.distill, "seed": args.seed, **given}
 
 
 def cmd_decompose(args) -> int:
@@ -334,7 +333,10 @@ def cmd_replace(args) -> int:
         from ..data import load_data_for
 
         data = load_data_for(args.data, args.split, [m.input_spec for m in modules], default_split="train")
-        report = repair_(modules, new.class_name, data, RepairOptions(**options), progress=True)
+        from ..distributed import resolve_device
+
+        report = repair_(modules, new.class_name, data, RepairOptions(**options), progress=True,
+                         device=resolve_device(args.device))
     write_modules(modules, args.out)
     print(f"wrote {args.out}: module {new.class_name!r} replaced by {args.new}")
     if options is not None:

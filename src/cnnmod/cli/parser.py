@@ -170,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-composed", type=NONNEGATIVE, default=None, metavar="WEIGHT",
                    help="also distil the modules' composed answer: WEIGHT x the divergence of the softmax of their "
                         "margins from the parent's (default 0)")
+    p.add_argument("--distill-features", type=NONNEGATIVE, default=None, metavar="WEIGHT",
+                   help="also distil the parent's features: WEIGHT x the squared error of each block's output at the "
+                        "channels a module kept, over the parent's mean square there (default 0)")
+    p.add_argument("--distill-crop", action="store_true",
+                   help="distil on images shifted by up to an eighth of their size too (photos)")
+    p.add_argument("--distill-temperature", type=POSITIVE, default=None, metavar="T",
+                   help="the composed-answer term's softmax temperature (default 1)")
     p.add_argument("--seed", type=int, default=0, help="fixes which images are observed")
     p.add_argument("--batch-size", type=COUNT, default=256, help="images per batch of the statistics pass")
     p.add_argument("--workers", type=COUNT0, default=None,
@@ -177,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: up to 4; 0: decode in the main process)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run's statistics and distillation")
     p.add_argument("--device", default="auto",
-                   help="where to run the statistics pass: auto, cpu, cuda or cuda:N (torchrun: one process per "
-                        "device)")
+                   help="where to run the statistics pass and the distillation: auto, cpu, cuda or cuda:N "
+                        "(torchrun: one process per device)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: autocast statistics pass (faster on GPUs; may change masks, see BENCHMARKS.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -233,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair-per-class", type=COUNT, default=None,
                    help="images per class to fit on (default 200; 100 more per class check the result; a class "
                         "with fewer images than both is shared between them in proportion)")
+    p.add_argument("--device", default="auto", help="--repair train: where to train: auto, cpu, cuda or cuda:N")
 
     p = command("import", "turn a .pt/.pth state dict into a checkpoint (any architecture cnnmod can trace)")
     p.add_argument("state_dict", help="the .pt/.pth file (read with weights_only=True: nothing is unpickled)")

@@ -38,16 +38,15 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm import tqdm
 
 from ..errors import CnnmodError
 from ..modules.adapt import adapt_
 from ..modules.calibration import calibrated_logit
+from ..loop import run_steps, warmup_cosine
 from ..modules.distill import trainable_weights
 from ..modules.extract import cost
 from ..modules.module import Module
@@ -112,7 +111,7 @@ def confused_classes(scores: torch.Tensor, labels: torch.Tensor, new: int, names
 
 @torch.no_grad()
 def repair_(modules: list[Module], new_class: str, data, options: RepairOptions = RepairOptions(), *,
-            progress: bool = False) -> dict:
+            progress: bool = False, device: str | torch.device = "cpu") -> dict:
     """Adapt, in place, the modules of ``modules`` that the module of ``new_class`` confuses, on
     labelled images ``data`` (a ``cnnmod.Dataset`` or ``Views`` holding every composed class).
 
@@ -167,7 +166,8 @@ def repair_(modules: list[Module], new_class: str, data, options: RepairOptions 
                 adapt_(modules[k], data.images_for(modules[k].input_spec)[fit_index[fit_labels == new]])
                 macs += batches.macs_of(k, int((fit_labels == new).sum()))  # tangling identification's forward pass
         else:
-            steps, spent = _train(modules, touched, fit_index, fit_labels, fit_margins, batches, options, progress)
+            steps, spent = _train(modules, touched, fit_index, fit_labels, fit_margins, batches, options, progress,
+                                  torch.device(device))
             report["steps"], macs = steps, macs + spent
         for k in adapted:
             fit_margins[:, k], check_margins[:, k] = batches.margins(fit_index, k), batches.margins(check_index, k)
@@ -291,48 +291,47 @@ def _restore(modules: list[Module], saved: dict) -> None:
         modules[k].meta = meta
 
 
-def _train(modules, touched, index, labels, margins, batches, options, progress) -> tuple[int, int]:
+def _train(modules, touched, index, labels, margins, batches, options, progress, device) -> tuple[int, int]:
     """Train the weights of the ``touched`` modules (their own layers: a trunk shared with siblings
     stays as it is) against the composition's cross-entropy; the other columns stay ``margins``.
     Returns the optimizer steps and the multiply-accumulates they cost."""
     groups = group_modules(modules, [m.network for m in modules])
     trunk = {k: g.trunk for g in groups for k in g.members}
     nets = {k: modules[k].network for k in touched}
-    params = {k: {key: nets[k].weight(key).detach().clone().requires_grad_(True)
+    params = {k: {key: nets[k].weight(key).detach().to(device, copy=True).requires_grad_(True)
                   for key in trainable_weights(nets[k], {n.name for n in nets[k].graph.nodes} - trunk[k])}
               for k in touched}
     everything = [p for mine in params.values() for p in mine.values()]
     if not everything:
         raise CnnmodError("expected confused modules with weights to train, found none (try --repair calibrate).")
-    scale = torch.tensor([(m.meta.get("calibration") or {"a": 1.0})["a"] for m in modules])
-    shift = torch.tensor([(m.meta.get("calibration") or {"b": 0.0})["b"] for m in modules])
-    fixed = margins.float() * scale + shift
-    weight = _class_weights(labels, len(modules), torch.float32)
+    # each touched network runs on its trained tensors and its others moved to the device (bound, not moved)
+    bound = {k: {**{key: t.to(device) for key, t in nets[k].weights().items()}, **params[k]} for k in touched}
+    scale = torch.tensor([(m.meta.get("calibration") or {"a": 1.0})["a"] for m in modules]).to(device)
+    shift = torch.tensor([(m.meta.get("calibration") or {"b": 0.0})["b"] for m in modules]).to(device)
+    fixed = margins.float().to(device) * scale + shift
+    targets = labels.to(device)
+    weight = _class_weights(targets, len(modules), torch.float32)
     steps = max(1, math.ceil(options.epochs * math.ceil(len(index) / options.batch_size)))
     optimizer = torch.optim.Adam(everything, lr=options.lr)
-    gen = torch.Generator().manual_seed(options.seed)
-    order, images = torch.empty(0, dtype=torch.long), 0
-    for step in tqdm(range(steps), disable=not (progress and sys.stderr.isatty()), unit="step", desc="repair"):
-        for g in optimizer.param_groups:  # cosine, from the full rate to none
-            g["lr"] = options.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        if len(order) == 0:
-            order = torch.randperm(len(index), generator=gen)
-        rows, order = order[: options.batch_size], order[options.batch_size:]
+    images = 0
+
+    def loss_of(rows: torch.Tensor) -> torch.Tensor:
+        nonlocal images
         images += len(rows)
-        with torch.enable_grad():
-            columns = list(fixed[rows].unbind(1))
-            for k in touched:
-                with nets[k].bound(params[k]):
-                    z = nets[k](batches.prepared(index[rows], k))
-                columns[k] = (z[:, 1] - z[:, 0]) * scale[k] + shift[k]
-            scores = torch.stack(columns, 1)
-            loss = _balanced_cross_entropy(scores, labels[rows], weight)
-            optimizer.zero_grad()
-            loss.backward()
-        optimizer.step()
+        columns = list(fixed[rows].unbind(1))
+        for k in touched:
+            with nets[k].bound(bound[k]):
+                z = nets[k](batches.prepared(index[rows], k).to(device))
+            columns[k] = (z[:, 1] - z[:, 0]) * scale[k] + shift[k]
+        return _balanced_cross_entropy(torch.stack(columns, 1), targets[rows], weight)
+
+    # cosine, from the full rate to none (no warm-up: the repair starts from weights that already work)
+    run_steps(optimizer, loss_of, index=torch.arange(len(index)), batch_size=options.batch_size, steps=steps,
+              rate=warmup_cosine(options.lr, steps, 0), gen=torch.Generator().manual_seed(options.seed),
+              desc="repair", progress=progress)
     for k in touched:
         for key, p in params[k].items():
-            nets[k].set_weight(key, p.detach())
+            nets[k].set_weight(key, p.detach().cpu())
     return steps, sum(3 * batches.macs_of(k, 1) for k in touched) * images
 
 

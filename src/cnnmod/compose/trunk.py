@@ -81,11 +81,18 @@ def group_modules(modules, networks: list[GraphNetwork]) -> list[Group]:
     return groups
 
 
-def run_group(group: Group, networks: list[GraphNetwork], x: torch.Tensor) -> list[torch.Tensor]:
-    """Each member's output on ``x`` (prepared for the group), the trunk run once."""
+def run_group(group: Group, networks: list[GraphNetwork], x: torch.Tensor, after=None) -> list[torch.Tensor]:
+    """Each member's output on ``x`` (prepared for the group), the trunk run once.
+
+    ``after(member, name, output)``, if given, sees each layer's output as it is computed (``member``
+    None for the trunk's layers, computed once for all members)."""
+    def seen(member):
+        return None if after is None else (lambda name, out: after(member, name, out))
+
     if not group.trunk:
-        return [networks[k](x) for k in group.members]
+        return [networks[k](x, after=seen(k)) for k in group.members]
     first = networks[group.members[0]]
-    frontier = first.run_all(x, keep=False, only=group.trunk)  # the trunk values branches read
+    frontier = first.run_all(x, keep=False, only=group.trunk, after=seen(None))  # the values branches read
     output = first.graph.output
-    return [networks[k].run_all(x, keep=False, only=group.branch, given=frontier)[output] for k in group.members]
+    return [networks[k].run_all(x, keep=False, only=group.branch, given=frontier, after=seen(k))[output]
+            for k in group.members]

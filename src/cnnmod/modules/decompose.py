@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..data.inputspec import InputSpec
-from ..distributed import rank_and_world
+from ..distributed import rank_and_world, resolve_device
 from ..errors import CnnmodError
 from ..trace.network import GraphNetwork
 from .calibration import calibrate_
@@ -62,8 +62,8 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
         try:
             distill = DistillOptions(**{"seed": seed, **distill})  # the run's seed unless told otherwise
         except TypeError as e:
-            raise CnnmodError(f"expected distillation options among epochs, batch_size, lr, seed, flip "
-                              f"({e}).") from None
+            raise CnnmodError(f"expected distillation options among "
+                              f"{', '.join(f.name for f in fields(DistillOptions))} ({e}).") from None
     if not (distill is None or isinstance(distill, DistillOptions)):
         raise CnnmodError(f"expected distill to be DistillOptions or a dict of them, found {distill!r}.")
     if distill is not None and strategy != "channels":
@@ -76,11 +76,12 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     modules = build(obs, strategy, options)  # recorded as given
     if distill is not None or calibration > 0:  # both read images of the data again
         labels, fetch = _adapt(dataset, obs.classes, input_spec or getattr(model, "input_spec", None))
-    if distill is not None:  # on the CPU (a device option for it is not built yet); every rank alike
+    if distill is not None:  # on the statistics pass's device; every rank alike
         teacher = GraphNetwork(obs.parent.graph, obs.parent.weights)
         alone = rank_and_world()[1] == 1  # the ranks of a torchrun group would race for one progress file
         distill_(modules, teacher, fetch, distill_index(obs, labels), distill, progress=progress,
-                 progress_file=distill_progress_file if alone else None, resume=resume)
+                 progress_file=distill_progress_file if alone else None, resume=resume,
+                 device=resolve_device(device))
     built, macs = time.perf_counter(), 0
     if calibration > 0:
         index, source = _calibration_index(labels, obs.sample, calibration, seed)
@@ -124,9 +125,11 @@ def build(observation: Observation, strategy: str = "paper", options=None, **mor
     modules = []
     for c in observation.focus:
         network, summary = chosen.build(parent, c, **{f.name: getattr(opts, f.name) for f in fields(opts)})
+        kept = summary.pop("parent_channels", None)  # in memory only: the distillation's feature targets
         meta = dict(common, class_index=c, class_name=observation.classes[c], observed_images=stats.observed(c),
                     positives_observed=int(stats.seen_neg[c] + stats.seen_rest[c]), **summary)
-        module = Module(c, observation.classes[c], network, observation.spec, meta, parent=observation.shared)
+        module = Module(c, observation.classes[c], network, observation.spec, meta, parent=observation.shared,
+                        kept=kept)
         module.timing = dict(observation.timing, total_seconds=observation.timing.get("statistics_seconds", 0.0)
                              + time.perf_counter() - start)
         modules.append(module)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -31,7 +30,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 # The shared trunk is found and run by the code that composes modules: distillation trains through
 # exactly what a composition will run (a later stage's code, imported on purpose).
@@ -41,6 +39,8 @@ from ..files import tensors_checksum, write_file
 from ..statistics.progress import read_progress
 from ..trace.network import GraphNetwork
 from ..trace.ops import REGISTRY, weight_keys
+from ..loop import Order, run_steps, warmup_cosine
+from ..training import augment_batch
 from .extract import cost
 from .module import Module
 
@@ -52,7 +52,11 @@ CHECK_IMAGES = 2048  # the images the loss is checked on, before and after
 class DistillOptions:
     """``epochs``: passes over the decomposition images (the budget; 0.5 is half of them once).
     ``flip``: mirror a seeded half of each batch left to right (for photos; not for digits or text).
-    ``composed``: weight of a term for the modules' composed answer (``_summed_loss``)."""
+    ``composed``: weight of a term for the modules' composed answer (``_summed_loss``), its softmax
+    taken at ``temperature``.
+    ``features``: weight of a term for the parent's features (``_feature_loss``): each block's output
+    and the features before pooling, at the channels the module kept.
+    ``crop``: shift each image by up to an eighth of its size (zero padding, seeded), as training does."""
 
     epochs: float = 1.0
     batch_size: int = 128
@@ -60,6 +64,9 @@ class DistillOptions:
     seed: int = 0
     flip: bool = False
     composed: float = 0.0
+    features: float = 0.0
+    crop: bool = False
+    temperature: float = 1.0
 
     def __post_init__(self):
         if not (isinstance(self.epochs, (int, float)) and 0 < self.epochs <= 1000 and math.isfinite(self.epochs)):
@@ -72,8 +79,15 @@ class DistillOptions:
             raise CnnmodError(f"expected flip to be true or false, found {self.flip!r}.")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise CnnmodError(f"expected a distillation learning rate in (0, 1), found {self.lr!r}.")
-        if not (isinstance(self.composed, (int, float)) and 0 <= self.composed and math.isfinite(self.composed)):
-            raise CnnmodError(f"expected a composed-answer weight >= 0, found {self.composed!r}.")
+        for name, what in (("composed", "composed-answer"), ("features", "feature")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value and math.isfinite(value)):
+                raise CnnmodError(f"expected a {what} weight >= 0, found {value!r}.")
+        if not isinstance(self.crop, bool):
+            raise CnnmodError(f"expected crop to be true or false, found {self.crop!r}.")
+        if isinstance(self.temperature, bool) or not (isinstance(self.temperature, (int, float))
+                                                      and 0 < self.temperature <= 100):
+            raise CnnmodError(f"expected a temperature in (0, 100], found {self.temperature!r}.")
 
 
 def channeled_targets(logits: torch.Tensor, classes: list[int]) -> torch.Tensor:
@@ -99,7 +113,8 @@ def trainable_weights(net: GraphNetwork, layers: set[str]) -> list[str]:
 @torch.no_grad()
 def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torch.Tensor], torch.Tensor],
              index: torch.Tensor, options: DistillOptions = DistillOptions(), *, progress: bool = False,
-             progress_file: str | Path | None = None, resume: bool = False, save_every: float = 30.0) -> dict:
+             progress_file: str | Path | None = None, resume: bool = False, save_every: float = 30.0,
+             device: str | torch.device = "cpu") -> dict:
     """Fine-tune ``modules`` (of one parent, in place: their networks get new tensors) to reproduce
     ``teacher``'s channeled logits on the images ``fetch(index[batch])`` (prepared, (B, C, H, W)).
 
@@ -121,89 +136,103 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
         raise CnnmodError(f"expected modules of the channels strategy to distil, found {others[0]} modules.")
     if len(index) == 0:
         raise CnnmodError("expected images to distil the modules on, found none.")
+    if options.features and any(m.kept is None for m in modules):
+        raise CnnmodError("expected modules built in this run for the feature term (they know which of the parent's "
+                          "channels they kept), found modules read from files; distil without it.")
     if options.composed and len(modules) < 2:
         raise CnnmodError("expected two or more modules for the composed-answer term (it compares their answer "
                           f"with the parent's), found {len(modules)}.")
     start = time.perf_counter()
+    device = torch.device(device)
     nets = [m.network for m in modules]
     trunk = shared_layers(nets) if len(nets) > 1 else set()
     group = Group(list(range(len(nets))), trunk, {n.name for n in nets[0].graph.nodes} - trunk)
-    # One parameter per trunk tensor for all modules, one per branch tensor for each module.
-    shared = {k: nets[0].weight(k).detach().clone().requires_grad_(True) for k in trainable_weights(nets[0], trunk)}
-    own = [{k: net.weight(k).detach().clone().requires_grad_(True) for k in trainable_weights(net, group.branch)}
-           for net in nets]
+    # One parameter per trunk tensor for all modules, one per branch tensor for each module, on the device.
+    shared = {k: nets[0].weight(k).detach().to(device, copy=True).requires_grad_(True)
+              for k in trainable_weights(nets[0], trunk)}
+    own = [{k: net.weight(k).detach().to(device, copy=True).requires_grad_(True)
+            for k in trainable_weights(net, group.branch)} for net in nets]
     params = list(shared.values()) + [p for mine in own for p in mine.values()]
-    trained = [{**shared, **mine} for mine in own]  # what each module runs on while it trains
     if not params:
         raise CnnmodError("expected modules with weights to train, found none.")
-    steps_per_epoch = math.ceil(len(index) / options.batch_size)
-    steps = max(1, math.ceil(options.epochs * steps_per_epoch))
+    # What each module runs on while it trains: its trained tensors, and the others moved to the device
+    # (bound, not moved: the modules' own tensors, shared with the parent's, stay where they are).
+    trained = [{**{k: t.to(device) for k, t in net.weights().items()}, **shared, **mine} for net, mine in zip(nets, own)]
+    teacher_on = teacher if device.type == "cpu" else \
+        GraphNetwork(teacher.graph, {k: t.to(device) for k, t in teacher.weights().items()})
+    steps = max(1, math.ceil(options.epochs * math.ceil(len(index) / options.batch_size)))
     optimizer = torch.optim.Adam(params, lr=options.lr)
+    gen = torch.Generator().manual_seed(options.seed)
+    classes = [m.class_index for m in modules]
+    images_on = (lambda batch: fetch(batch).to(device)) if device.type != "cpu" else fetch
+    features = _Features(modules, teacher_on, images_on(index[: options.batch_size])) if options.features else None
+    state = {"order": Order(), "images": 0, "losses": []}
+    saver = None
+    if progress_file is not None:
+        key = hashlib.sha256(json.dumps([asdict(options), classes, sorted(trunk)]).encode()
+                             + tensors_checksum({"index": index, **_named(shared, own, cpu=True)}).encode()).hexdigest()
+        saver = _Saver(Path(progress_file), key, save_every, index)
+        if resume:
+            saver.load(state, shared, own, optimizer, gen)
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        x = images_on(batch)
+        if options.flip:  # the teacher sees the mirrored image too: its logits stay the target
+            mirror = (torch.rand(len(x), generator=gen) < 0.5).to(device)
+            x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+        if options.crop:
+            x = augment_batch(x, gen, "crop", pad=max(1, x.shape[-1] // 8))
+        seen: dict = {}
+        with torch.no_grad():
+            z = teacher_on(x, after=features and features.grab(seen))
+        mine: dict = {}
+        outputs = _outputs(nets, group, x, trained, features and features.grab_own(mine))
+        loss = _summed_loss(outputs, channeled_targets(z, classes), options.composed, options.temperature)
+        if features is not None:
+            loss = loss + options.features * features.loss(mine, seen, group)
+        return loss / len(x)
+
+    def after(order: Order, batch: torch.Tensor, loss: torch.Tensor) -> None:
+        state["losses"].append(float(loss) / len(modules))
+        state["images"] += len(batch)
+        if saver is not None:
+            saver.maybe_save(dict(state, order=order), shared, own, optimizer, gen)
+
     # A linear warm-up over the first 5% of the steps: Adam's first steps move every weight by the full
     # learning rate whatever its gradient, which undid much of the closed-form fit (measured on the
     # CIFAR-10 ResNet-20 without it: the first tenth of the steps averaged a loss of 20.6 at lr 1e-3,
     # 5.5 at 3e-4; with it, 4 epochs at 1e-3 beat 3e-4, 78.9% against 76.7% composed top-1).
-    warm = max(1, steps // 20)
-    gen = torch.Generator().manual_seed(options.seed)
-    classes = [m.class_index for m in modules]
-    state = {"step": 0, "images": 0, "losses": [], "order": torch.empty(0, dtype=torch.long)}
-    saver = None
-    if progress_file is not None:
-        key = hashlib.sha256(json.dumps([asdict(options), classes, sorted(trunk)]).encode()
-                             + tensors_checksum({"index": index, **_named(shared, own)}).encode()).hexdigest()
-        saver = _Saver(Path(progress_file), key, save_every, index)
-        if resume:
-            saver.load(state, shared, own, optimizer, gen)
-    bar = tqdm(total=steps, initial=state["step"], disable=not (progress and sys.stderr.isatty()), unit="step",
-               desc="distillation")
-    losses, images, order = state["losses"], state["images"], state["order"]
-    try:
-        for step in range(state["step"], steps):
-            for g in optimizer.param_groups:
-                g["lr"] = options.lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / steps))
-            if len(order) == 0:  # a new epoch: the images in a new seeded order
-                order = index[torch.randperm(len(index), generator=gen)]
-            batch, order = order[: options.batch_size], order[options.batch_size:]
-            x = fetch(batch)
-            if options.flip:  # the teacher sees the mirrored image too: its logits stay the target
-                mirror = torch.rand(len(x), generator=gen) < 0.5
-                x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
-            targets = channeled_targets(teacher(x), classes)
-            with torch.enable_grad():
-                outputs = _outputs(nets, group, x, trained)
-                loss = _summed_loss(outputs, targets, options.composed) / len(x)
-                optimizer.zero_grad()
-                loss.backward()
-            optimizer.step()
-            losses.append(float(loss) / len(modules))
-            images += len(batch)
-            bar.update(1)
-            if saver is not None:
-                saver.maybe_save(dict(step=step + 1, images=images, losses=losses, order=order),
-                                 shared, own, optimizer, gen)
-    finally:
-        bar.close()
+    run_steps(optimizer, loss_of, index=index, batch_size=options.batch_size, steps=steps,
+              rate=warmup_cosine(options.lr, steps, max(1, steps // 20)), gen=gen, order=state["order"],
+              after=after, desc="distillation", progress=progress)
+    losses, images = state["losses"], state["images"]
     if saver is not None:
         saver.path.unlink(missing_ok=True)  # a finished run leaves nothing to resume
     # The check: the loss on (up to) the first CHECK_IMAGES images, before and after. Weights that did
     # not lower it are not kept (few steps at a learning rate too high for a module already close).
     check = index[:CHECK_IMAGES]
-    before = _loss(nets, group, teacher, fetch, check, classes, options.batch_size, None, options.composed)
-    after = _loss(nets, group, teacher, fetch, check, classes, options.batch_size, trained, options.composed)
-    if after < before:
-        for net, mine in zip(nets, trained):  # the trunk's trained tensors are the same objects in every module
-            for k, p in mine.items():
-                net.set_weight(k, p.detach())
+    on_device = [{k: t.to(device) for k, t in net.weights().items()} for net in nets]
+    before = _loss(nets, group, teacher_on, images_on, check, classes, options, on_device)
+    after_loss = _loss(nets, group, teacher_on, images_on, check, classes, options, trained)
+    if after_loss < before:
+        for net, mine in zip(nets, own):
+            for k, p in {**shared, **mine}.items():  # the trunk's tensors: one CPU copy for every module
+                net.set_weight(k, p.detach().cpu())
+        if shared:  # the same object in every module, as a shared trunk is
+            cpu = {k: nets[0].weight(k) for k in shared}
+            for net in nets[1:]:
+                for k, t in cpu.items():
+                    net.set_weight(k, t)
     shape = tuple(fetch(index[:1]).shape[1:])
     student = sum(cost(net, shape, group.branch)["macs"] for net in nets) + (cost(nets[0], shape, trunk)["macs"]
                                                                              if trunk else 0)
     tenth = max(1, steps // 10)
     teacher_macs = cost(teacher, shape)["macs"]
     report = {"steps": steps, "images": images, "parent_macs_per_image": teacher_macs,
-              "teacher_macs": teacher_macs * (images + len(check)),
+              "teacher_macs": teacher_macs * (images + len(check) + (features.images if features else 0)),
               "student_macs": student * (3 * images + 2 * len(check)), "loss_first": sum(losses[:tenth]) / tenth,
-              "loss_last": sum(losses[-tenth:]) / tenth, "loss_before": before, "loss_after": after,
-              "kept": after < before, "trunk_layers": len(trunk), "options": asdict(options)}
+              "loss_last": sum(losses[-tenth:]) / tenth, "loss_before": before, "loss_after": after_loss,
+              "kept": after_loss < before, "trunk_layers": len(trunk), "options": asdict(options)}
     report["macs"] = report["teacher_macs"] + report["student_macs"]
     for m in modules:
         m.meta["distillation"] = dict(report)
@@ -222,45 +251,101 @@ def training_macs(checkpoint_meta: dict, macs_per_image: int) -> int | None:
 
 
 def _loss(nets, group: Group, teacher: GraphNetwork, fetch, check: torch.Tensor, classes: list[int],
-          batch_size: int, tensors: list[dict] | None, composed: float) -> float:
-    """The distillation loss over ``check``, averaged over the modules as the steps' losses are, with
-    ``tensors`` bound (None: the networks' own)."""
+          options: DistillOptions, tensors: list[dict]) -> float:
+    """The distillation loss over ``check`` (the logits' terms: the features are a means, the logits the
+    end), averaged over the modules as the steps' losses are, with ``tensors`` bound (each network's)."""
     total = 0.0
-    for batch in check.split(batch_size):
+    for batch in check.split(options.batch_size):
         x = fetch(batch)
         targets = channeled_targets(teacher(x), classes)
         outputs = _outputs(nets, group, x, tensors or [{}] * len(nets))
-        total += float(_summed_loss(outputs, targets, composed))
+        total += float(_summed_loss(outputs, targets, options.composed, options.temperature))
     return total / len(check) / len(nets)
 
 
-def _summed_loss(outputs: list[torch.Tensor], targets: torch.Tensor, composed: float) -> torch.Tensor:
+def _summed_loss(outputs: list[torch.Tensor], targets: torch.Tensor, composed: float,
+                 temperature: float = 1.0) -> torch.Tensor:
     """The loss of a batch, summed over its images: each module's squared error to its two target
     logits (halved), plus ``composed`` x the divergence of the modules' answer from the parent's:
-    KL(softmax of the parent's channeled margins || softmax of the modules' margins), over the
-    modules distilled together (a composition's vote is the argmax of those margins)."""
+    KL(softmax of the parent's channeled margins || softmax of the modules' margins), both divided
+    by ``temperature`` (and the divergence multiplied by its square, as Hinton et al. keep the
+    gradient's scale), over the modules distilled together (a composition's vote is the argmax of
+    those margins)."""
     loss = sum(torch.nn.functional.mse_loss(o, t, reduction="sum") for o, t in zip(outputs, targets)) / 2
     if composed and len(outputs) > 1:
-        mine = torch.stack([o[:, 1] - o[:, 0] for o in outputs], 1)
-        theirs = targets[:, :, 1].T - targets[:, :, 0].T
-        loss = loss + composed * torch.nn.functional.kl_div(mine.log_softmax(1), theirs.log_softmax(1),
-                                                            reduction="sum", log_target=True)
+        mine = torch.stack([o[:, 1] - o[:, 0] for o in outputs], 1) / temperature
+        theirs = (targets[:, :, 1].T - targets[:, :, 0].T) / temperature
+        loss = loss + composed * temperature ** 2 * torch.nn.functional.kl_div(
+            mine.log_softmax(1), theirs.log_softmax(1), reduction="sum", log_target=True)
     return loss
 
 
-def _outputs(nets: list[GraphNetwork], group: Group, x: torch.Tensor, tensors: list[dict]) -> list[torch.Tensor]:
+def _outputs(nets: list[GraphNetwork], group: Group, x: torch.Tensor, tensors: list[dict],
+             after=None) -> list[torch.Tensor]:
     """Each module's output on ``x``, the trunk run once (as a composition runs it), each network
-    on its ``tensors`` (autograd kept) instead of its own."""
+    on its ``tensors`` (autograd kept) instead of its own; ``after`` as ``run_group`` takes it."""
     with ExitStack() as stack:
         for net, mine in zip(nets, tensors):
             stack.enter_context(net.bound(mine))
-        return run_group(group, nets, x)
+        return run_group(group, nets, x, after)
 
 
-def _named(shared: dict, own: list[dict]) -> dict[str, torch.Tensor]:
-    """The trained tensors by one name each: the trunk's once, each module's under its position."""
-    return {**{f"trunk/{k}": t for k, t in shared.items()},
-            **{f"{i}/{k}": t for i, mine in enumerate(own) for k, t in mine.items()}}
+def feature_points(teacher: GraphNetwork, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The layers whose features a module is taught: each block's output (an addition, the end of a
+    residual block; a max pooling, the end of a VGG stage) and the last feature map (the features
+    before pooling), all of them (C, H, W) values."""
+    maps = [n for n in teacher.graph.nodes if len(shapes[n.name]) == 3 and n.op != "input"]
+    points = [n.name for n in maps if n.op in ("add", "maxpool")]
+    return points + [maps[-1].name] if maps and maps[-1].name not in points else points
+
+
+class _Features:
+    """The feature term: at each of ``feature_points``, the module's features against the parent's at
+    the channels the module kept, each point's squared error divided by the mean square of the
+    parent's features there (on one fixed batch), averaged over the points."""
+
+    def __init__(self, modules: list[Module], teacher: GraphNetwork, first: torch.Tensor):
+        self.points = feature_points(teacher, teacher.shapes(tuple(first.shape[1:])))
+        self.index = []  # per module: the parent's channels at each point (None: all of them)
+        for m in modules:
+            of, keep = m.kept
+            self.index.append({p: _kept_index(keep.get(of[p])) for p in self.points})
+        seen: dict = {}
+        teacher(first, after=self.grab(seen))
+        self.norms = {p: float(v.pow(2).mean().clamp_min(1e-12)) for p, v in seen.items()}
+        self.images = len(first)
+
+    def grab(self, seen: dict):
+        """A ``run_all`` callback keeping the parent's values at the points."""
+        names = set(self.points)
+        return lambda name, out: seen.__setitem__(name, out) if name in names else None
+
+    def grab_own(self, mine: dict):
+        """A ``run_group`` callback keeping the modules' values at the points (member None: the trunk's)."""
+        names = set(self.points)
+        return lambda member, name, out: mine.__setitem__((member, name), out) if name in names else None
+
+    def loss(self, mine: dict, seen: dict, group: Group) -> torch.Tensor:
+        """Summed over the images and the modules (a trunk's point counts for each module it serves)."""
+        total = 0.0
+        for (member, name), s in mine.items():
+            k = self.index[0 if member is None else member][name]
+            t = seen[name] if k is None else seen[name][:, k]
+            weight = len(group.members) if member is None else 1
+            total = total + weight * (s - t).pow(2).flatten(1).mean(1).sum() / self.norms[name]
+        return total / len(self.points)
+
+
+def _kept_index(keep: torch.Tensor | None) -> torch.Tensor | None:
+    return None if keep is None or bool(keep.all()) else keep.nonzero().flatten()
+
+
+def _named(shared: dict, own: list[dict], cpu: bool = False) -> dict[str, torch.Tensor]:
+    """The trained tensors by one name each: the trunk's once, each module's under its position
+    (``cpu``: copies on the CPU, to be written or checksummed)."""
+    named = {**{f"trunk/{k}": t for k, t in shared.items()},
+             **{f"{i}/{k}": t for i, mine in enumerate(own) for k, t in mine.items()}}
+    return {k: t.detach().cpu() for k, t in named.items()} if cpu else named
 
 
 class _Saver:
@@ -275,12 +360,12 @@ class _Saver:
     def maybe_save(self, state: dict, shared: dict, own: list[dict], optimizer, gen: torch.Generator) -> None:
         if time.monotonic() - self.last < self.every:
             return
-        tensors = {f"w/{k}": t.detach() for k, t in _named(shared, own).items()}
+        tensors = {f"w/{k}": t for k, t in _named(shared, own, cpu=True).items()}
         for j, moments in optimizer.state_dict()["state"].items():
-            tensors.update({f"adam/{j}/{name}": t for name, t in moments.items()})
-        tensors.update({"order": state["order"], "generator": gen.get_state()})
+            tensors.update({f"adam/{j}/{name}": t.cpu() for name, t in moments.items()})
+        tensors.update({"order": state["order"].rest, "generator": gen.get_state()})
         write_file(self.path, tensors, {"format": self.FORMAT, "format_version": 1, "key": self.key,
-                                        "step": state["step"], "images": state["images"],
+                                        "step": state["order"].step, "images": state["images"],
                                         "losses": state["losses"]})
         self.last = time.monotonic()
 
@@ -319,5 +404,5 @@ class _Saver:
                 saved["state"].setdefault(int(j), {})[name] = t
         optimizer.load_state_dict(saved)
         gen.set_state(tensors["generator"])
-        state.update(step=step, images=meta["images"], losses=[float(v) for v in meta["losses"]],
-                     order=tensors["order"])
+        state.update(order=Order(step, tensors["order"]), images=meta["images"],
+                     losses=[float(v) for v in meta["losses"]])

@@ -30,6 +30,10 @@ class Module:
     # The parent tensors its network shares (set by decompose and by loading a module of a
     # decomposition folder): what lets a folder store the parent once (shared.py).
     parent: "ParentTensors | None" = field(default=None, repr=False, compare=False)
+    # Which of the parent's channels each layer of a channels module kept (set by ``build``, in
+    # memory only): the channel space of each layer and a bool per channel of each space. The
+    # distillation compares the module's features with the parent's at these channels.
+    kept: "tuple[dict[str, int], dict[int, torch.Tensor]] | None" = field(default=None, repr=False, compare=False)
 
     @torch.no_grad()
     def margin(self, x: torch.Tensor) -> torch.Tensor:

@@ -262,7 +262,8 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
         reasons[reason] = reasons.get(reason, 0) + 1
     summary = {"channels_kept": kept, "channels_prunable": total, "share_kept": kept / max(1, total),
                "params_fraction": mine["params"] / full["params"], "macs_fraction": mine["macs"] / full["macs"],
-               "spaces_kept_whole": dict(sorted(reasons.items()))}
+               "spaces_kept_whole": dict(sorted(reasons.items())),
+               "parent_channels": (spaces.of, spaces.expand(keep_channels, parent.shapes))}  # build() takes it out
     return network, summary
 
 
