@@ -107,3 +107,58 @@ def describe_folder(path: str) -> tuple[str, dict]:
                                        for i, (v, w) in enumerate(zip(row, widths)))).rstrip())
     return "\n".join(lines), {"folder": str(folder), "modules": rows,
                               "parent_files": {p.name: p.stat().st_size for p in parents}}
+
+
+def describe_metrics(folder: str, data: str | None = None, split: str | None = None, per_class: int = 50,
+                     plot: str | None = None) -> tuple[str, dict]:
+    """The modularity metrics of a module folder's modules (``modules/metrics.py``): kernel retention
+    per module, the overlap matrix, and with ``data`` (images of the modules' classes, as the command
+    line names them; its test split unless ``split``) cohesion and coupling on the first
+    ``per_class`` images of each class."""
+    import torch
+
+    from .compose.io import load_modules
+    from .modules.metrics import cohesion_coupling, overlap, retention
+
+    modules = load_modules(folder)
+    if len(modules) < 2:
+        raise CnnmodError(f"{folder}: expected two or more modules to compare, found {len(modules)}.")
+    names = [m.class_name for m in modules]
+    matrix = overlap(modules)
+    k = len(modules)
+    others = (matrix.sum(1) - matrix.diagonal()) / (k - 1)
+    rows = [{"class": n, "retention": retention(m), "mean_overlap": float(o)}
+            for n, m, o in zip(names, modules, others)]
+    coupling = float(others.mean())
+    result = {"folder": str(folder), "strategy": modules[0].meta.get("strategy"), "modules": rows,
+              "overlap": matrix.tolist(), "mean_retention": sum(r["retention"] for r in rows) / k,
+              "module_coupling": coupling}
+    width = max(len(n) for n in names + ["class"])
+    lines = [f"{folder}: modularity of {k} modules ({result['strategy']} strategy)",
+             f"  {'class':<{width}}  kernel retention  mean overlap with the others (Jaccard)"]
+    lines += [f"  {r['class']:<{width}}  {r['retention']:>16.4f}  {r['mean_overlap']:>.4f}" for r in rows]
+    lines.append(f"  mean kernel retention {result['mean_retention']:.4f}; mean overlap of two modules "
+                 f"{coupling:.4f}")
+    if data is not None:
+        from .data import load_data_for
+
+        data = load_data_for(data, split, [modules[0].input_spec], default_split="test")
+        missing = [n for n in names if n not in data.classes]
+        if missing:
+            raise CnnmodError(f"expected images of every module's class in the data, found none of "
+                              f"{', '.join(missing[:5])}.")
+        spec = modules[0].input_spec
+        chosen = [torch.nonzero(data.labels == data.classes.index(n)).flatten()[:per_class] for n in names]
+        index = torch.cat(chosen)
+        labels = torch.cat([torch.full((len(c),), i) for i, c in enumerate(chosen)])
+        found = cohesion_coupling(modules, spec.prepare(data.images_for(spec)[index]), labels)
+        result.update(found)
+        lines.append(f"  on {found['images']:,} images ({per_class} per class at most), each through its class's "
+                     f"module: cohesion {found['cohesion']:.4f}, coupling {found['coupling']:.4f} (mean Jaccard "
+                     f"index of the active kernels of two images of one class / of two classes)")
+    if plot is not None:
+        from .plot import plot_overlap
+
+        plot_overlap(names, matrix.tolist(), plot, title=f"{folder}: overlap of kept kernels")
+        lines.append(f"wrote {plot}")
+    return "\n".join(lines), result

@@ -22,8 +22,8 @@ def _drawn_by_cnnmod(path: Path) -> bool:
         return False
 
 
-def plot_evaluation(result: dict, path: str | os.PathLike, *, title: str = "") -> None:
-    """Draw ``result`` (from ``evaluate_scores(..., confusion=True)``) into the PNG ``path``."""
+def _pyplot(path: Path):
+    """matplotlib's pyplot, drawing to files only, once ``path`` is known to be a PNG cnnmod may write."""
     try:
         import matplotlib
 
@@ -32,10 +32,49 @@ def plot_evaluation(result: dict, path: str | os.PathLike, *, title: str = "") -
     except ImportError:
         raise CnnmodError("expected matplotlib for --plot, found it missing; install it "
                           "(pip install matplotlib, or cnnmod[plot]).") from None
-    path = Path(path)
     if path.suffix.lower() != ".png":
         raise CnnmodError(f"{path}: expected a .png file name for --plot, found {path.suffix or 'no suffix'}.")
     refuse_unless_ours(path, _drawn_by_cnnmod, "a plot cnnmod drew")
+    return plt
+
+
+def _write(plt, fig, path: Path) -> None:
+    try:
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100, metadata={"Software": SOFTWARE})
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_overlap(names: list[str], matrix, path: str | os.PathLike, *, title: str = "") -> None:
+    """Draw the modules' overlap matrix (Jaccard index of their kept kernels) into the PNG ``path``."""
+    path = Path(path)
+    plt = _pyplot(path)
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(max(5, 0.4 * k + 3), max(4, 0.35 * k + 2)))
+    try:
+        shown = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(k), names, rotation=90)
+        ax.set_yticks(range(k), names)
+        fig.colorbar(shown, ax=ax, label="Jaccard index of kept kernels")
+        if k <= 20:
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, f"{float(matrix[i][j]):.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if float(matrix[i][j]) > 0.5 else "black")
+        ax.set_title(title or "module overlap", fontsize=9)
+    except Exception:
+        plt.close(fig)
+        raise
+    _write(plt, fig, path)
+
+
+def plot_evaluation(result: dict, path: str | os.PathLike, *, title: str = "") -> None:
+    """Draw ``result`` (from ``evaluate_scores(..., confusion=True)``) into the PNG ``path``."""
+    path = Path(path)
+    plt = _pyplot(path)
     names = list(result["per_class"])
     conf = result["confusion"]
     k = len(names)
@@ -63,9 +102,7 @@ def plot_evaluation(result: dict, path: str | os.PathLike, *, title: str = "") -
                                    color="white" if shares[i][j] > 0.5 else "black")
         if title:
             fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=100, metadata={"Software": SOFTWARE})
-    finally:
+    except Exception:
         plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+        raise
+    _write(plt, fig, path)

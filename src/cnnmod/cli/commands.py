@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 from ..errors import CnnmodError
 
@@ -267,9 +268,19 @@ def cmd_export(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from ..inspect import describe
+    from ..inspect import describe, describe_metrics
 
-    text, meta = describe(args.file)
+    given = [flag for flag, value in (("--data", args.data), ("--plot", args.plot), ("--split", args.split))
+             if value is not None]
+    if given and not args.metrics:
+        raise CnnmodError(f"expected {given[0]} only with --metrics, found it alone.")
+    if args.metrics:
+        if not Path(args.file).is_dir():
+            raise CnnmodError(f"{args.file}: expected a module folder for --metrics, found "
+                              f"{'a file' if Path(args.file).exists() else 'nothing there'}.")
+        text, meta = describe_metrics(args.file, args.data, args.split, args.per_class, args.plot)
+    else:
+        text, meta = describe(args.file)
     if args.json:
         _print_json(meta)
     else:
@@ -278,7 +289,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_compose(args) -> int:
-    from pathlib import Path
 
     import torch
 

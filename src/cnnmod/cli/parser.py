@@ -201,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("inspect", "show what a checkpoint, module or composed file, or a module folder holds")
     p.add_argument("file", help="a cnnmod file, or a folder of module files (one row per module)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--metrics", action="store_true",
+                   help="a module folder's modularity metrics: each module's kernel retention, the overlap of each "
+                        "two modules' kernels; with --data, cohesion and coupling on images")
+    p.add_argument("--data", default=None, help="--metrics: labelled images of the modules' classes")
+    p.add_argument("--split", choices=["train", "test", "val", "all"], default=None,
+                   help="which part of --data (default: its test split)")
+    p.add_argument("--per-class", type=COUNT, default=50, help="--metrics: images per class of --data (default 50)")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="--metrics: draw the overlap matrix")
 
     p = command("compose", "compose two or more modules into one classifier file")
     p.add_argument("files", nargs="+", help="module files or module folders")

@@ -25,6 +25,7 @@ from ..trace.network import GraphNetwork
 from ..trace.ops import REGISTRY
 from ..trace.overlays import overlaid
 from .extract import cost, extract, fold_batchnorm, layer_macs
+from .metrics import record_kernels
 from .reconstruct import reconstruct_
 
 
@@ -254,6 +255,7 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
         reconstruct_(network, targets, out_index, parent.sample,
                      cache=parent._refits.setdefault(key, {}), cacheable=_common_layers(parent, own_spaces))
     network = fold_batchnorm(network)
+    kept_all = spaces.expand(keep_channels, parent.shapes)  # every layer's kept channels, derived spaces' too
     mine, full = cost(network, parent.input_shape), parent.cost()
     kept = sum(int(k.sum()) for k in keep_channels.values())
     total = sum(k.numel() for k in keep_channels.values())
@@ -263,7 +265,10 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     summary = {"channels_kept": kept, "channels_prunable": total, "share_kept": kept / max(1, total),
                "params_fraction": mine["params"] / full["params"], "macs_fraction": mine["macs"] / full["macs"],
                "spaces_kept_whole": dict(sorted(reasons.items())),
-               "parent_channels": (spaces.of, spaces.expand(keep_channels, parent.shapes))}  # build() takes it out
+               "parent_channels": (spaces.of, kept_all)}  # in memory only: build() takes it out
+    summary["kept_kernels"] = record_kernels({n.name: kept_all[spaces.of[n.name]] for n in parent.graph.nodes
+                                              if n.op == "conv" and spaces.of[n.name] in kept_all
+                                              and not bool(kept_all[spaces.of[n.name]].all())})
     return network, summary
 
 
