@@ -103,7 +103,8 @@ def test_the_command_line_distils_and_reports_the_share_of_the_parents_training(
     out = tmp_path / "mods"
     assert main(["decompose", str(parent), "--data", "digits", "--out", str(out), "--strategy", "channels",
                  "--keep", "0.5", "--positives", "30", "--distill", "0.5", "--distill-lr", "0.002",
-                 "--distill-composed", "2"]) == 0
+                 "--distill-composed", "2", "--distill-features", "0.5", "--distill-temperature", "3",
+                 "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "distilled: 2 steps over 256 images" in printed and "of what training the parent cost" in printed
     assert "statistics pass: " in printed and "calibration pass: " in printed
@@ -111,6 +112,8 @@ def test_the_command_line_distils_and_reports_the_share_of_the_parents_training(
     # two epochs of ~1,400 digits trained the parent; half a pass over 300 images is a small share of that
     assert load_module(out / "3.safetensors").meta["distillation"]["options"]["lr"] == 0.002
     assert load_module(out / "3.safetensors").meta["distillation"]["options"]["composed"] == 2.0
+    assert load_module(out / "3.safetensors").meta["distillation"]["options"]["features"] == 0.5
+    assert load_module(out / "3.safetensors").meta["distillation"]["options"]["temperature"] == 3.0
     assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "p"), "--distill", "1"]) == 2
     assert "expected the channels strategy to distil" in capsys.readouterr().err
     assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "p"), "--strategy", "channels",
@@ -118,6 +121,9 @@ def test_the_command_line_distils_and_reports_the_share_of_the_parents_training(
     assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "p"), "--strategy", "channels",
                  "--distill-composed", "1"]) == 2
     assert "expected --distill-composed only with --distill EPOCHS" in capsys.readouterr().err
+    assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "p"), "--strategy", "channels",
+                 "--distill-crop"]) == 2
+    assert "expected --distill-crop only with --distill EPOCHS" in capsys.readouterr().err
 
 
 def test_an_interrupted_distillation_resumes_to_the_same_tensors(parent, tmp_path):
