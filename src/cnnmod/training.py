@@ -22,7 +22,7 @@ from .data.inputspec import InputSpec, measure_spec
 from .data.sources import Dataset
 from .errors import CnnmodError
 from .evaluate import evaluate_model
-from .files import read_file, write_file
+from .files import check_replaceable, read_file, write_file
 from .loop import Order, run_steps
 from .models import create_model
 
@@ -78,6 +78,8 @@ def train(architecture: str, data: Dataset, out: str | os.PathLike, config: Trai
           progress: bool = True, device: str = "cpu") -> dict:
     """Train ``architecture`` on ``data`` and write the checkpoint ``out``; return its metadata."""
     out = Path(out)
+    check_replaceable(out, "cnnmod.checkpoint")  # before the training, not after it
+    check_replaceable(out.with_name(out.name + ".resume.safetensors"), "cnnmod.train_state")
     spec = measure_spec(data.images)
     arch_args = dict(arch_args or {}, num_classes=len(data.classes), in_channels=spec.channels)
     if architecture == "smallcnn":

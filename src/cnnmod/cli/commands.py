@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 from ..errors import CnnmodError
@@ -54,6 +55,8 @@ def cmd_train(args) -> int:
     val = load_data(args.data, args.val_split, size=_size(args)) if args.val_split else None
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          warmup=args.warmup, augment=args.augment)
+    if args.resume:
+        _nothing_to_resume([Path(args.out).with_name(Path(args.out).name + ".resume.safetensors")])
     meta = train(args.model, data, args.out, config, val=val, resume=args.resume,
                  arch_args={"bn": False} if args.no_bn else None, device=args.device)
     acc = meta["accuracy"]
@@ -69,7 +72,12 @@ def cmd_evaluate(args) -> int:
 
     device = resolve_device(args.device)
     wanted = _names(args.classes)
+    if wanted is not None and len(set(wanted)) != len(wanted):
+        raise CnnmodError(f"expected --classes to name each class once, found {args.classes!r}.")
     kind, clf = load_classifier(args.file)
+    if wanted is not None and len(wanted) < 2 and kind != "module":
+        raise CnnmodError(f"expected two or more classes for --classes (a classifier of one class is always right), "
+                          f"found {args.classes!r}.")
     if kind == "module":
         if args.confusion or args.plot:
             raise CnnmodError("expected a classifier for --confusion or --plot, found a single module (judged by "
@@ -199,8 +207,20 @@ def _distill_options(args) -> dict | None:
     return {"epochs": args.distill, "seed": args.seed, **given}
 
 
+def _nothing_to_resume(files: list[Path]) -> None:
+    """``--resume`` with no saved state beside the output: say so (the run starts from the beginning)."""
+    if not any(f.exists() for f in files):
+        print(f"cnnmod: nothing saved to resume ({files[0].name} does not exist): starting from the beginning.",
+              file=sys.stderr)
+
+
 def cmd_decompose(args) -> int:
     from ..modules.pipeline import decompose_to_directory
+
+    if args.resume:
+        out = Path(args.out).resolve()
+        _nothing_to_resume([out.with_name(out.name + suffix) for suffix in (".stats-progress.safetensors",
+                                                                            ".distill-progress.safetensors")])
 
     summary = decompose_to_directory(args.checkpoint, args.data, args.out, split=args.split,
                                      strategy=args.strategy, positives=args.positives,

@@ -144,6 +144,9 @@ def _focus(only: list[str] | None, classes: list[str]) -> list[int]:
     if unknown or not only:
         raise CnnmodError(f"expected --only to name classes of the model ({', '.join(classes[:10])}), "
                           f"found {', '.join(unknown) or 'none'}.")
+    twice = sorted({n for n in only if only.count(n) > 1})
+    if twice:
+        raise CnnmodError(f"expected --only to name each class once, found {', '.join(twice)} more than once.")
     return sorted({classes.index(n) for n in only})
 
 

@@ -1,0 +1,42 @@
+"""What a second new-user trial hit (issue #25): each finding, refused or said in one sentence."""
+
+import pytest
+
+from cnnmod.cli import main
+from cnnmod.training import TrainConfig, train
+from cnnmod import load_data
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory):
+    path = tmp_path_factory.mktemp("trial") / "m.safetensors"
+    train("smallcnn", load_data("digits", "train"), path, TrainConfig(epochs=1, lr=0.05, batch_size=64), progress=False)
+    return path
+
+
+def test_train_refuses_a_foreign_out_file_before_it_trains(tmp_path, capsys):
+    mine = tmp_path / "notes.safetensors"
+    mine.write_bytes(b"my own notes")
+    assert main(["train", "--model", "smallcnn", "--data", "digits", "--out", str(mine), "--epochs", "3"]) == 2
+    assert "is not a cnnmod file" in capsys.readouterr().err
+    # refused before training: no training state was ever saved beside it
+    assert mine.read_bytes() == b"my own notes" and sorted(p.name for p in tmp_path.iterdir()) == [mine.name]
+
+
+def test_resume_with_nothing_saved_says_so(parent, tmp_path, capsys):
+    assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "m"), "--positives", "20",
+                 "--resume"]) == 0
+    assert "nothing saved to resume" in capsys.readouterr().err
+    assert main(["train", "--model", "smallcnn", "--data", "digits", "--out", str(tmp_path / "t.safetensors"),
+                 "--epochs", "1", "--resume"]) == 0
+    assert "nothing saved to resume (t.safetensors.resume.safetensors does not exist)" in capsys.readouterr().err
+
+
+def test_a_class_named_twice_or_a_one_class_classifier_is_refused(parent, tmp_path, capsys):
+    assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "m"), "--only", "3,3"]) == 2
+    assert "expected --only to name each class once, found 3 more than once" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    assert main(["evaluate", str(parent), "--data", "digits", "--classes", "3"]) == 2
+    assert "expected two or more classes for --classes" in capsys.readouterr().err
+    assert main(["evaluate", str(parent), "--data", "digits", "--classes", "3,5,3"]) == 2
+    assert "expected --classes to name each class once" in capsys.readouterr().err
