@@ -40,3 +40,17 @@ def test_a_class_named_twice_or_a_one_class_classifier_is_refused(parent, tmp_pa
     assert "expected two or more classes for --classes" in capsys.readouterr().err
     assert main(["evaluate", str(parent), "--data", "digits", "--classes", "3,5,3"]) == 2
     assert "expected --classes to name each class once" in capsys.readouterr().err
+
+
+def test_evaluate_prints_what_it_wrote_top5_only_beyond_5_classes_and_aligned_columns(parent, tmp_path, capsys):
+    assert main(["evaluate", str(parent), "--data", "digits", "--classes", "3,8", "--confusion",
+                 "--plot", str(tmp_path / "e.png")]) == 0
+    out = capsys.readouterr().out
+    assert "top-5" not in out and f"wrote {tmp_path / 'e.png'}" in out and (tmp_path / "e.png").exists()
+    lines = out.splitlines()
+    header = lines[lines.index("confusion matrix (rows: true class, columns: answer)") + 1]
+    first = lines[lines.index("confusion matrix (rows: true class, columns: answer)") + 2]
+    # each column's label ends where its numbers end
+    assert len(header) == len(first) and header.rstrip()[-1] == "8"
+    assert main(["evaluate", str(parent), "--data", "digits"]) == 0
+    assert "top-5" in capsys.readouterr().out

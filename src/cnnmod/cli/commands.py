@@ -129,6 +129,7 @@ def cmd_evaluate(args) -> int:
         from ..plot import plot_evaluation
 
         plot_evaluation(result, args.plot, title=f"{' '.join(args.file)}: {what}")
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)  # --json: one object on stdout
     if not args.confusion:
         result.pop("confusion", None)
     if args.json:
@@ -151,7 +152,8 @@ def _check_known(wanted: list[str] | None, classes: list[str], whose: str) -> No
 
 def _print_result(result: dict, what: str) -> None:
     print(what)
-    print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  n={result['n']}"
+    top5 = f"  top-5 {result['top5']:.4f}" if len(result.get("classes", result["per_class"])) > 5 else ""  # 5 or fewer: 1
+    print(f"top-1 {result['top1']:.4f}{top5}  n={result['n']}"
           + (f"  unknown {result['unknown']:.4f}" if "unknown" in result else ""))
     if result.get("left_out"):
         print(f"({_plural(result['left_out'], 'image')} of classes no module knows left out)")
@@ -163,7 +165,7 @@ def _print_result(result: dict, what: str) -> None:
         print("confusion matrix (rows: true class, columns: answer)")
         cols = [max(len(p), *(len(str(row[j])) for row in c["matrix"])) for j, p in enumerate(c["predicted"])]
         rw = max(len(t) for t in c["true"])
-        print(" " * (rw + 2) + "  ".join(f"{p:>{w}}" for p, w in zip(c["predicted"], cols)))
+        print(" " * (rw + 2) + "".join(f"  {p:>{w}}" for p, w in zip(c["predicted"], cols)))  # over its column
         for t, row in zip(c["true"], c["matrix"]):
             print(f"  {t:<{rw}}" + "".join(f"  {v:>{w}}" for v, w in zip(row, cols)))
 

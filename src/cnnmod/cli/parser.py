@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None,
                    help="comma-separated classes: build only their modules; the data needs only their images "
                         "(other classes present serve as negatives)")
-    p.add_argument("--positives", type=COUNT, default=1000, help="images per class observed (paper: 1000)")
+    p.add_argument("--positives", type=COUNT, default=1000, help="images per class observed (the paper's number)")
     p.add_argument("--negatives-per-class", type=COUNT0, default=None,
                    help="negatives of each other class (default: positives // (classes - 1), 1:1)")
     _strategy_options(p)
