@@ -309,3 +309,31 @@ def test_one_module_is_singular_and_json_is_rounded(decomposed, tmp_path, capsys
     assert "macs_fraction" in summary["modules"]["4"] and "flops" not in text
     numbers = [v for m in summary["modules"].values() for v in m.values() if isinstance(v, float)]
     assert numbers and all(len(repr(v).lstrip("0.").replace(".", "")) <= 7 for v in numbers)
+
+
+def test_a_module_alone_is_also_judged_at_its_own_threshold(decomposed, capsys):
+    from cnnmod.modules.calibration import best_threshold
+
+    _, _, mods = decomposed
+    capsys.readouterr()
+    assert main(["evaluate", str(mods / "3.safetensors"), "--data", "digits", "--json"]) == 0
+    r = _json(capsys)
+    m, test = load_module(mods / "3.safetensors"), load_data("digits", "test")
+    t = m.meta["calibration"]["threshold"]
+    said, truth = m.margin(m.input_spec.prepare(test.images)) > t, test.labels == 3
+    assert r["at_threshold"]["threshold"] == t and r["at_threshold"]["counts"]["tp"] == int((said & truth).sum())
+    assert r["at_threshold"]["counts"]["fp"] == int((said & ~truth).sum())
+    assert main(["evaluate", str(mods / "3.safetensors"), "--data", "digits"]) == 0
+    assert "its own threshold" in capsys.readouterr().out
+    # oracle: the threshold is the best F1 over every cut between the margins
+    gen = torch.Generator().manual_seed(0)
+    margins, positive = torch.randn(200, generator=gen), torch.rand(200, generator=gen) < 0.2
+    margins[positive] += 1.0
+
+    def f1(cut):
+        said = margins > cut
+        tp = int((said & positive).sum())
+        return 2 * tp / (int(said.sum()) + int(positive.sum()))
+
+    best = max(f1(c) for c in margins.tolist() + [float(margins.min()) - 1])
+    assert f1(best_threshold(margins, positive)) == pytest.approx(best)

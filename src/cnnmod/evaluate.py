@@ -77,22 +77,32 @@ def _share(hits: torch.Tensor) -> float:
 def evaluate_module(module, data, *, batch_size: int = 500) -> dict:
     """Judge one module as the binary classifier it is: its class against every other image of ``data``.
 
-    Returns precision, recall, F1 and accuracy of "this class" (margin > 0), with the counts.
+    Returns precision, recall, F1 and accuracy of "this class" at margin > 0 (the module's vote in a
+    composition), with the counts; and, where its calibration chose one (``best_threshold``), the same
+    at its own threshold (``at_threshold``): the detector a user deploys alone.
     """
     if module.class_name not in data.classes:
         raise CnnmodError(f"expected images of class {module.class_name!r} (the module's) in the data, found only "
                           f"{', '.join(data.classes[:12])}.")
     positive = data.labels == data.classes.index(module.class_name)  # (N,)
     images = data.images_for(module.input_spec)
-    said = torch.cat([module.margin(module.input_spec.prepare(images[i:i + batch_size])) > 0
-                      for i in range(0, len(data), batch_size)])
+    margins = torch.cat([module.margin(module.input_spec.prepare(images[i:i + batch_size]))
+                         for i in range(0, len(data), batch_size)])
+    result = dict(_binary(margins > 0, positive), **{"class": module.class_name})
+    threshold = (module.meta.get("calibration") or {}).get("threshold")
+    if isinstance(threshold, (int, float)):
+        result["at_threshold"] = dict(_binary(margins > threshold, positive), threshold=threshold)
+    return result
+
+
+def _binary(said: torch.Tensor, positive: torch.Tensor) -> dict:
     tp, fp = int((said & positive).sum()), int((said & ~positive).sum())
     fn, tn = int((~said & positive).sum()), int((~said & ~positive).sum())
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
-    return {"class": module.class_name, "precision": precision, "recall": recall,
+    return {"precision": precision, "recall": recall,
             "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-            "accuracy": (tp + tn) / len(data), "n": len(data), "positives": tp + fn,
+            "accuracy": (tp + tn) / len(said), "n": len(said), "positives": tp + fn,
             "counts": {"tp": tp, "fp": fp, "fn": fn, "tn": tn}}
 
 

@@ -89,9 +89,16 @@ def cmd_evaluate(args) -> int:
         else:
             c = result["counts"]
             others = _plural(c["fp"] + c["tn"], "image")
-            print(f"module {result['class']!r} alone, its class against the other {others}:")
-            print(f"precision {result['precision']:.4f}  recall {result['recall']:.4f}  F1 {result['f1']:.4f}  "
-                  f"accuracy {result['accuracy']:.4f}  n={result['n']} ({result['positives']} of its class)")
+            print(f"module {result['class']!r} alone, its class against the other {others} "
+                  f"(n={result['n']}, {result['positives']} of its class):")
+            rows = [("margin > 0 (its vote in a composition)", result)]
+            if "at_threshold" in result:
+                t = result["at_threshold"]
+                rows.append((f"margin > {t['threshold']:.4g} (its own threshold, the best F1 on its calibration "
+                             "images)", t))
+            for what, r in rows:
+                print(f"  {what}: precision {r['precision']:.4f}  recall {r['recall']:.4f}  F1 {r['f1']:.4f}  "
+                      f"accuracy {r['accuracy']:.4f}")
         return 0
 
     confusion = args.confusion or args.plot is not None

@@ -74,8 +74,23 @@ def calibrate_(modules: list[Module], batches, *, source: str) -> None:
     labels = torch.cat(labels)
     for m, found in zip(modules, margins):
         a, b = fit_platt(torch.cat(found), labels == m.class_index)
+        threshold = best_threshold(torch.cat(found), labels == m.class_index)
         m.meta["calibration"] = {"a": float(f"{a:.6g}"), "b": float(f"{b:.6g}"), "images": int(len(labels)),
-                                 "source": source}
+                                 "source": source, "threshold": float(f"{threshold:.6g}")}
+
+
+def best_threshold(margins: torch.Tensor, positive: torch.Tensor) -> float:
+    """The margin above which the module, alone, says "its class" with the best F1 on these images
+    (halfway between two margins). A composition votes by comparing margins, so its modules need no
+    threshold; a module deployed alone as a detector does: margin > 0 says yes to most images of
+    classes that resemble its own (a paper module keeps the whole parent). The calibration images
+    hold every class alike, as a test set of the parent's classes does."""
+    order = margins.double().argsort(descending=True)
+    m, p = margins.double()[order], positive[order]
+    tp = p.long().cumsum(0)
+    f1 = 2 * tp / (torch.arange(1, len(m) + 1) + int(p.sum()))  # 2TP / (2TP + FP + FN): TP + FP = i + 1
+    i = int(f1.argmax())
+    return float((m[i] + m[i + 1]) / 2) if i + 1 < len(m) else float(m[i]) - 1.0
 
 
 @torch.no_grad()
