@@ -54,3 +54,13 @@ def test_evaluate_prints_what_it_wrote_top5_only_beyond_5_classes_and_aligned_co
     assert len(header) == len(first) and header.rstrip()[-1] == "8"
     assert main(["evaluate", str(parent), "--data", "digits"]) == 0
     assert "top-5" in capsys.readouterr().out
+
+
+def test_progress_lines_when_the_output_is_not_a_terminal(parent, tmp_path, capsys, monkeypatch):
+    from cnnmod.loop import Progress
+
+    monkeypatch.setattr(Progress, "EVERY", 0.0)  # a line after every batch, not once a minute
+    assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "m"), "--positives", "20",
+                 "--strategy", "channels", "--distill", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "statistics pass: " in err and "% (" in err and "left" in err and "distillation: 100% (" in err

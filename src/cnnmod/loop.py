@@ -74,11 +74,11 @@ class Progress:
 
     EVERY = 60.0  # seconds between plain lines
 
-    def __init__(self, total: int, desc: str, enabled: bool, done: int = 0):
+    def __init__(self, total: int, desc: str, enabled: bool, done: int = 0, unit: str = "step"):
         self.total, self.desc, self.done, self.first = total, desc, done, done
         self.enabled, self.start = enabled, time.monotonic()
         self.last = self.start
-        self.bar = tqdm(total=total, initial=done, desc=desc, unit="step", leave=False) \
+        self.bar = tqdm(total=total, initial=done, desc=desc, unit=unit, unit_scale=unit != "step", leave=False) \
             if enabled and sys.stderr.isatty() else None
 
     def update(self, n: int = 1) -> None:

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from ..errors import CnnmodError
+from ..loop import Progress
 from ..trace.graph import Graph
 from ..trace.network import GraphNetwork, weights_of
 from ..trace.ops import REGISTRY
@@ -270,9 +269,7 @@ def collect_statistics(model: nn.Module, graph: Graph, batches: list[Batch], num
             tables["channels"][name].index_add_(0, state["y"], per_channel)
 
     sizes = [size for _, size, _ in batches]
-    bar = tqdm(total=sum(sizes[rank::world]), initial=sum(sizes[rank:done:world]),
-               disable=not (progress and sys.stderr.isatty()),
-               unit="img", unit_scale=True, desc="statistics pass")
+    bar = Progress(sum(sizes[rank::world]), "statistics pass", progress, done=sum(sizes[rank:done:world]), unit="img")
     mine = [i for i in range(done, len(batches)) if i % world == rank]  # each rank counts every world-th batch
     try:
         for i, (x, y) in zip(mine, _loaded(batches, mine, workers)):
