@@ -61,8 +61,8 @@ def observe(model: nn.Module, dataset, *, positives: int = 1000, negatives_per_c
 
     ``sums``: also sum every observed value and keep ``sample_images`` prepared images of the sample,
     which the ``channels`` strategy needs (the ``paper`` strategy does not: without them the pass
-    is cheaper, and with ``only`` it skips the other classes' own images, which only the channels
-    strategy's scores read; their negatives stay).
+    is cheaper). With ``only``, the other classes' images are their negatives alone: what the
+    modules of ``only`` are built from.
     """
     start = time.perf_counter()
     meta = getattr(model, "cnnmod_meta", {})
@@ -88,7 +88,7 @@ def observe(model: nn.Module, dataset, *, positives: int = 1000, negatives_per_c
     labels, fetch = _adapt(dataset, classes, spec)
     sample = select_sample(labels, num_classes, positives=positives, negatives_per_class=negatives_per_class,
                            seed=seed, required=focus, names=classes)
-    if only is not None and not sums:  # other classes' own images would only feed the channels strategy's scores
+    if only is not None:  # the other classes' images: their negatives only (channel scores compare rates per class)
         sample = Sample(sample.negatives, sample.rest[torch.isin(labels[sample.rest], torch.tensor(focus))],
                         sample.positives, sample.negatives_per_class)
     batches = sample_batches(fetch, labels, sample, batch_size)
