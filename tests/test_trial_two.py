@@ -64,3 +64,32 @@ def test_progress_lines_when_the_output_is_not_a_terminal(parent, tmp_path, caps
                  "--strategy", "channels", "--distill", "1"]) == 0
     err = capsys.readouterr().err
     assert "statistics pass: " in err and "% (" in err and "left" in err and "distillation: 100% (" in err
+
+
+def test_a_pairs_shared_trunk_is_stored_once(parent, tmp_path, capsys):
+    import torch
+
+    from cnnmod import load_model, load_module, save_module
+    from cnnmod.compose import load_modules
+    from cnnmod.modules.shared import identity
+
+    out = tmp_path / "pair"
+    assert main(["decompose", str(parent), "--data", "digits", "--out", str(out), "--strategy", "channels",
+                 "--trunk", "1.0", "--keep", "0.5", "--only", "3,8", "--positives", "30"]) == 0
+    parts = sorted(p for p in out.iterdir() if not p.name.startswith("_parent-"))
+    shared = [p for p in out.iterdir() if p.name.startswith("_parent-")]
+    assert len(parts) == 2 and len(shared) == 1
+    alone = [tmp_path / "3.safetensors", tmp_path / "8.safetensors"]
+    for p, a in zip(parts, alone):
+        save_module(load_module(p), a)  # self-contained: what each file held before
+    on_disk = sum(p.stat().st_size for p in parts + shared)
+    assert on_disk < 0.75 * sum(a.stat().st_size for a in alone)
+    assert all(p.stat().st_size < 0.25 * a.stat().st_size for p, a in zip(parts, alone))
+    # the folder's modules compute what the self-contained ones do, and hold their trunk as one tensor
+    x = load_model(parent).input_spec.prepare(torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8))
+    modules = load_modules(out)
+    for m, a in zip(modules, alone):
+        assert torch.equal(m.network(x), load_module(a).network(x))
+    one = [k for k in modules[0].network.weight_names
+           if identity(modules[0].network.weight(k)) == identity(modules[1].network.weight(k))]
+    assert any(k.endswith(".weight") for k in one)

@@ -18,6 +18,7 @@ from .distill import DistillOptions, distill_
 from .extract import cost
 from .module import Module
 from .observe import Observation, _adapt, observe
+from .shared import share_equal_tensors
 from .strategies import STRATEGIES
 
 
@@ -133,6 +134,7 @@ def build(observation: Observation, strategy: str = "paper", options=None, **mor
         module.timing = dict(observation.timing, total_seconds=observation.timing.get("statistics_seconds", 0.0)
                              + time.perf_counter() - start)
         modules.append(module)
+    share_equal_tensors([m.network for m in modules])  # a shared trunk: one tensor per layer, not one per module
     return modules
 
 

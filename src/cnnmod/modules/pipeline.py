@@ -22,7 +22,8 @@ from .io import FORMAT as MODULE_FORMAT
 from .io import module_record
 from .module import Module
 from .distill import training_macs
-from .shared import PARENT_FORMAT, is_parent_file, module_files, part_record, shared_bytes, write_parent
+from .shared import (PARENT_FORMAT, is_parent_file, module_files, part_record, shared_bytes, with_common,
+                     write_parent)
 
 
 def module_filename(name: str) -> str:
@@ -53,6 +54,15 @@ def write_modules(modules: list[Module], out: str | os.PathLike, *, progress: bo
             raise CnnmodError(f"{out / (name + '.safetensors')}: expected class {module.class_name!r}'s module "
                               f"to replace, found class {held!r}'s; choose another folder.")
     out.mkdir(parents=True, exist_ok=True)  # with the user's umask
+    if shared:  # the tensors all modules of one parent hold as one (a pruned shared trunk) are stored once too
+        groups: dict[str, list[Module]] = {}
+        for m in modules:
+            if m.parent is not None:
+                groups.setdefault(m.parent.checksum, []).append(m)
+        for group in groups.values():
+            common = with_common(group[0].parent, [m.network for m in group])
+            for m in group:
+                m.parent = common
     parents = _worth_sharing(modules) if shared else set()
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".cnnmod-staging-"))
     try:

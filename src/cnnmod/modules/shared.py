@@ -197,3 +197,36 @@ def identity(t: torch.Tensor) -> tuple:
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return identity(a) == identity(b)
+
+
+def share_equal_tensors(networks: list[GraphNetwork]) -> None:
+    """Where every network holds an equal tensor under one name (a shared trunk's layers, built or
+    re-fitted alike for every module), make them hold one tensor: memory for one, and a folder that
+    stores it once (``with_common``)."""
+    if len(networks) < 2:
+        return
+    for key in networks[0].weight_names:
+        first = networks[0].weight(key)
+        others = [net.weight(key) for net in networks[1:]]
+        if all(t is not None and (_same_storage(t, first) or (t.shape == first.shape and t.dtype == first.dtype
+                                                             and torch.equal(t, first))) for t in others):
+            for net, t in zip(networks[1:], others):
+                if not _same_storage(t, first):  # the parent's own tensors are one already
+                    net.set_weight(key, first)
+
+
+def with_common(parent: ParentTensors, networks: list[GraphNetwork]) -> ParentTensors:
+    """``parent`` with the tensors that all of ``networks`` (two or more) hold as one and that are not
+    the parent's own put in its place under their names: what a folder's parent file then stores once
+    for all its modules (a shared trunk of pruned layers). ``parent`` itself when there are none."""
+    if len(networks) < 2:
+        return parent
+    common = {}
+    for key in networks[0].weight_names:
+        t = networks[0].weight(key)
+        if all(_same_storage(net.weight(key), t) for net in networks[1:] if key in net.weight_names) \
+                and all(key in net.weight_names for net in networks[1:]) \
+                and not (key in parent.tensors and _same_storage(parent.tensors[key], t)):
+            common[key] = t
+    return ParentTensors.of({**parent.tensors, **common}) if common else parent
+
