@@ -93,3 +93,21 @@ def test_a_pairs_shared_trunk_is_stored_once(parent, tmp_path, capsys):
     one = [k for k in modules[0].network.weight_names
            if identity(modules[0].network.weight(k)) == identity(modules[1].network.weight(k))]
     assert any(k.endswith(".weight") for k in one)
+
+
+def test_save_modules_writes_what_the_command_line_writes(parent, tmp_path, capsys):
+    from cnnmod import CnnmodError, decompose, load_model, load_modules, save_modules
+
+    assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "cli"), "--positives", "30"]) == 0
+    modules = decompose(load_model(parent), load_data("digits", "train"), positives=30)
+    written = save_modules(modules, tmp_path / "api")
+    assert len(written) == 10
+    cli = {p.name: p.read_bytes() for p in (tmp_path / "cli").iterdir()}
+    api = {p.name: p.read_bytes() for p in (tmp_path / "api").iterdir()}
+    assert cli == api and sum(n.startswith("_parent-") for n in api) == 1  # the parent once, byte for byte
+    assert [m.class_name for m in load_modules(tmp_path / "api")] == [m.class_name for m in modules]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(CnnmodError):
+        save_modules(modules, tmp_path / "mine")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]

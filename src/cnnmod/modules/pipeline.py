@@ -32,6 +32,18 @@ def module_filename(name: str) -> str:
     return "class" + name if is_parent_file(Path(name + ".safetensors")) else name
 
 
+def save_modules(modules: list[Module], folder: str | os.PathLike) -> list[Path]:
+    """Write ``modules`` into the module folder ``folder`` as ``cnnmod decompose --out`` does: one
+    small file per module and, where it saves bytes, one parent file holding the tensors they share
+    (the parent's, a shared trunk's), masks as compressed bits. The same rules as ``--out``: the
+    folder must be missing, empty or a module folder; a module of the same class is replaced, others
+    are kept. ``load_modules(folder)`` reads it back. Returns the module files written.
+
+    >>> save_modules(decompose(model, data), "modules/"); load_modules("modules/")
+    """
+    return write_modules(modules, folder)
+
+
 def write_modules(modules: list[Module], out: str | os.PathLike, *, progress: bool = False,
                   shared: bool = True) -> list[Path]:
     """Write ``out/<class>.safetensors`` for every module; other modules already in ``out`` are kept.
