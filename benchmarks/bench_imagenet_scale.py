@@ -7,7 +7,7 @@ GENERATED data and random weights (cost, not accuracy): torchvision ResNet-50 an
 with 1,000 outputs, 2 random 224x224 images per class (2,000 images, uint8 in memory), ImageNet
 input preparation. Each configuration runs in its own process, so that its peak resident memory
 (max RSS, generated images included) is its own. In that process: ``observe`` and ``build`` (what
-``decompose`` does: the statistics pass and every module) and ``write_modules`` (the folder
+``decompose`` does: the statistics pass and every module) and ``save_modules`` (the folder
 layout: the parent once, each module's part), timed together, then one plain inference pass over
 the images the statistics pass saw (the baseline); the
 bytes of all module files and of one self-contained module file, against the parent's tensors.
@@ -35,9 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import machine, write_section  # noqa: E402
 from zoo import create  # noqa: E402  (torchvision models, imported as the tests do)
 
-from cnnmod import Dataset, build, observe, save_module  # noqa: E402
+from cnnmod import Dataset, build, observe, save_module, save_modules  # noqa: E402
 from cnnmod.data.inputspec import InputSpec  # noqa: E402
-from cnnmod.modules.pipeline import write_modules  # noqa: E402
 from cnnmod.modules.strategies import STRATEGIES  # noqa: E402
 from cnnmod.statistics import plain_pass  # noqa: E402
 
@@ -70,7 +69,7 @@ def one(name: str) -> dict:
         obs = observe(model, data, input_spec=IMAGENET, classes=classes, positives=PER_CLASS, batch_size=BATCH,
                       only=only, sample_images=sample_images, sums=STRATEGIES[strategy].needs_sums)
         modules = build(obs, strategy, **options)
-        paths = write_modules(modules, Path(tmp) / "modules")
+        paths = save_modules(modules, Path(tmp) / "modules")  # the public folder API
         seconds = time.perf_counter() - start
         start = time.perf_counter()  # the baseline: one plain pass over the images the statistics pass saw
         plain_pass(model, IMAGENET, data, obs.sample, batch_size=BATCH)
