@@ -104,11 +104,14 @@ def kd_train(student, teacher, fetch, index: torch.Tensor, *, budget: float, par
                         log_target=True) * temperature ** 2
 
     student.train()
-    start = time.perf_counter()
+    start, losses = time.perf_counter(), []
     run_steps(optimizer, loss_of, index=index, batch_size=batch, steps=steps, gen=gen,
-              rate=warmup_cosine(lr, steps, max(1, steps // 20)), desc="tp distillation", progress=True)
+              rate=warmup_cosine(lr, steps, max(1, steps // 20)), desc="tp distillation", progress=True,
+              after=lambda order, rows, loss: losses.append(float(loss)))
     student.eval()
-    return {"steps": steps, "images": seen[0], "macs": seen[0] * per_image, "seconds": time.perf_counter() - start}
+    curve = [round(float(p.mean()), 4) for p in torch.tensor(losses).tensor_split(min(10, len(losses)))]
+    return {"steps": steps, "images": seen[0], "macs": seen[0] * per_image, "seconds": time.perf_counter() - start,
+            "loss_curve": curve}
 
 
 def part_a(args, rows: dict) -> None:
@@ -132,7 +135,8 @@ def part_a(args, rows: dict) -> None:
             "macs_fraction": share, "largest_module_macs": max(m.meta["macs_fraction"] for m in modules),
             "top1": evaluate_scores(composed.score_images, val, val.classes)["top1"], "model_top1": model_top1,
             "share_of_parent_training": report["macs"] / parent_training, "seconds": report["seconds"],
-            "images": len(index), "machine": machine()}
+            "images": len(index), "loss_curve": report.get("loss_curve"), "loss_before": report["loss_before"],
+            "loss_after": report["loss_after"], "machine": machine()}
     print(ours, flush=True)
     key = f"a: cnnmod keep {args.keep} trunk {args.trunk} {json.dumps(ours['options'], sort_keys=True)}"
     rows[key] = ours
@@ -145,7 +149,8 @@ def part_a(args, rows: dict) -> None:
     theirs = {"method": "torch-pruning + KD", "target_macs": share, "macs_fraction": got, "top1_untrained": before,
               "top1": evaluate_scores(lambda x: pruned(model.input_spec.prepare(x)), val, val.classes)["top1"],
               "model_top1": model_top1, "share_of_parent_training": spent["macs"] / parent_training,
-              "seconds": spent["seconds"], "images": len(index), "against": key, "machine": machine()}
+              "seconds": spent["seconds"], "images": len(index), "against": key, "loss_curve": spent["loss_curve"],
+              "machine": machine()}
     print(theirs, flush=True)
     rows[f"a: torch-pruning against {key}"] = theirs
     _save(rows)

@@ -51,6 +51,7 @@ def test_distillation_lowers_the_loss_within_its_budget_and_repeats_exactly(pare
     assert report["images"] == 400 + 4 * 64  # an epoch of 7 steps, then 4 of the next
     after = _distance(modules, teacher, x)
     assert after < 0.9 * before and report["loss_last"] < report["loss_first"] and report["kept"]
+    assert len(report["loss_curve"]) == 10 and report["loss_curve"][-1] < report["loss_curve"][0]
     assert report["macs"] == report["teacher_macs"] + report["student_macs"] > 0
     again, *_ = _setup(parent, keep=0.25)
     distill_(again, teacher, fetch, index, options)

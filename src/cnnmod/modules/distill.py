@@ -232,7 +232,10 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
               "teacher_macs": teacher_macs * (images + len(check) + (features.images if features else 0)),
               "student_macs": student * (3 * images + 2 * len(check)), "loss_first": sum(losses[:tenth]) / tenth,
               "loss_last": sum(losses[-tenth:]) / tenth, "loss_before": before, "loss_after": after_loss,
-              "kept": after_loss < before, "trunk_layers": len(trunk), "options": asdict(options)}
+              "kept": after_loss < before, "trunk_layers": len(trunk), "options": asdict(options),
+              # the training loss over each tenth of the steps: what the curve says (flat, still falling)
+              "loss_curve": [float(f"{float(part.mean()):.4g}") for part in
+                             torch.tensor(losses, dtype=torch.float64).tensor_split(min(10, len(losses)))]}
     report["macs"] = report["teacher_macs"] + report["student_macs"]
     for m in modules:
         m.meta["distillation"] = dict(report)
