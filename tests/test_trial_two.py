@@ -111,3 +111,31 @@ def test_save_modules_writes_what_the_command_line_writes(parent, tmp_path, caps
     with pytest.raises(CnnmodError):
         save_modules(modules, tmp_path / "mine")
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+
+def test_decompose_says_what_the_composition_loses_on_held_back_images(parent, tmp_path, capsys):
+    import json
+
+    import torch
+
+    from cnnmod import compose, decompose, load_model, observe
+    from cnnmod.modules.decompose import _calibration_index
+
+    assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "m"), "--strategy",
+                 "channels", "--keep", "0.3", "--positives", "30", "--json"]) == 0
+    held = json.loads(capsys.readouterr().out)["held_back"]
+    assert held["images"] == 500 and held["source"].startswith("held out")  # 30 a class observed: 50 held out
+    # oracle: the same modules and the model scored on the same images by the slow obvious path
+    model, data = load_model(parent), load_data("digits", "train")
+    modules = decompose(model, data, strategy="channels", keep=0.3, positives=30)
+    obs = observe(model, data, positives=30, sums=True)
+    index, _ = _calibration_index(data.labels, obs.sample, 50, 0)
+    images, labels = data.images[index], data.labels[index]
+    with torch.no_grad():
+        mine = compose(modules).score_images(images).argmax(1)
+        theirs = model(model.input_spec.prepare(images)).argmax(1)
+    assert abs(held["composed_top1"] - float((mine == labels).float().mean())) < 0.005
+    assert abs(held["model_top1"] - float((theirs == labels).float().mean())) < 0.005
+    assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "p"), "--strategy",
+                 "channels", "--keep", "0.3", "--positives", "30"]) == 0
+    assert "on 500 held-back images: the modules composed" in capsys.readouterr().out

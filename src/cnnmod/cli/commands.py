@@ -256,6 +256,15 @@ def cmd_decompose(args) -> int:
         if summary[f"{step}_macs"]:
             print(f"  {step} pass: {summary[f'{step}_macs']:.3g} multiply-accumulates (forward only)"
                   + (f", {share:.2%} of what training the parent cost" if share is not None else ""))
+    held = summary.get("held_back")
+    if held and held["images"]:
+        lost = 100 * (held["model_top1"] - held["composed_top1"])
+        where = (_plural(held["images"], "held-back image") if held["source"].startswith("held out") else
+                 f"{_plural(held['images'], 'image')} the statistics pass saw (none left to hold back)")
+        print(f"  on {where}: the modules composed {100 * held['composed_top1']:.1f}% top-1, the model "
+              f"{100 * held['model_top1']:.1f}%" + (" restricted to their classes" if args.only else "")
+              + f": {'loses' if lost >= 0 else 'gains'} {abs(lost):.1f} points"
+              + (" (a larger --keep or --retain loses less)" if lost > 5 and summary["strategy"] == "channels" else ""))
     if "distillation" in summary:
         d = summary["distillation"]
         share = (f", {d['share_of_parent_training']:.2%} of what training the parent cost"

@@ -55,7 +55,7 @@ def fit_platt(margins: torch.Tensor, positive: torch.Tensor, iterations: int = 1
 
 
 @torch.no_grad()
-def calibrate_(modules: list[Module], batches, *, source: str) -> None:
+def calibrate_(modules: list[Module], batches, *, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit each module's calibration on prepared (x, parent label) batches; store it in ``meta``.
 
     Module files must not depend on where they were built: float32 margins differ in their last
@@ -63,6 +63,7 @@ def calibrate_(modules: list[Module], batches, *, source: str) -> None:
     the margins are computed in float64 and (a, b) are stored to 6 significant digits. ``batches``
     may be a generator: each batch is loaded once and every module scores it, so memory holds one
     batch (and one float64 copy of the tensors the modules share), not every calibration image.
+    Returns the margins (images, modules; float64) and the images' labels.
     """
     wide = _float64(modules)
     margins, labels = [[] for _ in modules], []
@@ -77,6 +78,7 @@ def calibrate_(modules: list[Module], batches, *, source: str) -> None:
         threshold = best_threshold(torch.cat(found), labels == m.class_index)
         m.meta["calibration"] = {"a": float(f"{a:.6g}"), "b": float(f"{b:.6g}"), "images": int(len(labels)),
                                  "source": source, "threshold": float(f"{threshold:.6g}")}
+    return torch.stack([torch.cat(found) for found in margins], 1), labels
 
 
 def best_threshold(margins: torch.Tensor, positive: torch.Tensor) -> float:

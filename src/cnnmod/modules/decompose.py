@@ -83,13 +83,15 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
         distill_(modules, teacher, fetch, distill_index(obs, labels), distill, progress=progress,
                  progress_file=distill_progress_file if alone else None, resume=resume,
                  device=resolve_device(device))
-    built, macs = time.perf_counter(), 0
+    built, macs, held_back = time.perf_counter(), 0, None
     if calibration > 0:
         index, source = _calibration_index(labels, obs.sample, calibration, seed)
-        calibrate_(modules, ((fetch(i), labels[i]) for i in index.split(batch_size)), source=source)
+        margins, seen = calibrate_(modules, ((fetch(i), labels[i]) for i in index.split(batch_size)), source=source)
         macs = len(index) * sum(cost(m.network, obs.parent.input_shape)["macs"] for m in modules)  # forward only
+        held_back = _held_back(obs, modules, fetch, index, seen, margins, source, batch_size)
+        macs += len(index) * obs.parent.cost()["macs"]
     for m in modules:  # timings stay out of files (they would break byte-identical output)
-        m.timing.update(calibration_seconds=time.perf_counter() - built, calibration_macs=macs)
+        m.timing.update(calibration_seconds=time.perf_counter() - built, calibration_macs=macs, held_back=held_back)
     return modules
 
 
@@ -143,6 +145,23 @@ def distill_index(obs: Observation, labels: torch.Tensor) -> torch.Tensor:
     the classes modules are built for (``only``: a pair's, not every class's the channels scores saw)."""
     rest = obs.sample.rest[torch.isin(labels[obs.sample.rest], torch.tensor(obs.focus))]
     return torch.cat([obs.sample.negatives, rest])
+
+
+@torch.no_grad()
+def _held_back(obs: Observation, modules: list[Module], fetch, index: torch.Tensor, labels: torch.Tensor,
+               margins: torch.Tensor, source: str, batch_size: int) -> dict:
+    """What the decomposition cost in accuracy, on the calibration images (held out from the
+    statistics sample where the data has them): the modules composed (their vote, the argmax of the
+    margins) against the model restricted to the same classes, on those classes' images."""
+    classes = torch.tensor([m.class_index for m in modules])
+    mine = torch.isin(labels, classes)
+    parent = GraphNetwork(obs.parent.graph, {k: v.double() if v.is_floating_point() else v
+                                             for k, v in obs.parent.weights.items()})
+    logits = torch.cat([parent(fetch(i).double())[:, classes] for i in index.split(batch_size)])
+    truth = torch.searchsorted(classes, labels[mine])  # each image's position among the modules' classes
+    return {"images": int(mine.sum()), "source": source,
+            "model_top1": float((logits[mine].argmax(1) == truth).double().mean()),
+            "composed_top1": float((margins[mine].argmax(1) == truth).double().mean())}
 
 
 def _strategy(name: str):
