@@ -139,3 +139,27 @@ def test_decompose_says_what_the_composition_loses_on_held_back_images(parent, t
     assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "p"), "--strategy",
                  "channels", "--keep", "0.3", "--positives", "30"]) == 0
     assert "on 500 held-back images: the modules composed" in capsys.readouterr().out
+
+
+def test_max_loss_chooses_the_fewest_channels_within_the_loss(parent, tmp_path, capsys):
+    from cnnmod import CnnmodError, build, decompose, load_model, observe
+
+    model, data = load_model(parent), load_data("digits", "train")
+    modules = decompose(model, data, strategy="channels", positives=30)  # neither keep nor retain: max_loss 1.0
+    chosen = modules[0].meta["max_loss"]
+    assert chosen["points"] == 1.0 and chosen["lost"] <= 1.0 and chosen["images"] == 500
+    assert modules[0].meta["options"]["retain"] == chosen["retain"] or chosen["retain"] == 1.0
+    tried = {float(r): v for r, v in chosen["tried"].items()}
+    assert all(v > 1.0 for r, v in tried.items() if r < chosen["retain"])  # every smaller one tried lost more
+    loose = decompose(model, data, strategy="channels", positives=30, max_loss=20.0)
+    assert loose[0].meta["max_loss"]["retain"] <= chosen["retain"]
+    assert sum(m.meta["macs_fraction"] for m in loose) <= sum(m.meta["macs_fraction"] for m in modules)
+    with pytest.raises(CnnmodError, match="expected --max-loss or --keep/--retain, found both"):
+        decompose(model, data, strategy="channels", positives=30, keep=0.5, max_loss=1.0)
+    with pytest.raises(CnnmodError, match="expected max_loss only with decompose"):
+        build(observe(model, data, positives=30, sums=True), "channels", max_loss=1.0)
+    assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "m"), "--strategy",
+                 "channels", "--max-loss", "-1"]) == 2
+    assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "m"), "--strategy",
+                 "channels", "--max-loss", "2", "--positives", "30"]) == 0
+    assert "--max-loss 2: chose" in capsys.readouterr().out

@@ -256,6 +256,14 @@ def cmd_decompose(args) -> int:
         if summary[f"{step}_macs"]:
             print(f"  {step} pass: {summary[f'{step}_macs']:.3g} multiply-accumulates (forward only)"
                   + (f", {share:.2%} of what training the parent cost" if share is not None else ""))
+    if "max_loss" in summary:
+        chosen = summary["max_loss"]
+        what = "every channel" if chosen["retain"] >= 1 else f"--retain {chosen['retain']}"
+        where = (_plural(chosen["images"], "held-back image") if chosen["source"].startswith("held out") else
+                 f"{_plural(chosen['images'], 'image')} the statistics pass saw")
+        print(f"  --max-loss {chosen['points']:g}: chose {what}, the fewest channels that lose at most "
+              f"{chosen['points']:g} points on {where} (points lost: "
+              f"{', '.join(f'{r} {v:.1f}' for r, v in chosen['tried'].items())})")
     held = summary.get("held_back")
     if held and held["images"]:
         lost = 100 * (held["model_top1"] - held["composed_top1"])

@@ -79,7 +79,8 @@ def _data_args(p: argparse.ArgumentParser, *, size: bool = False) -> None:
                             "photos of mixed sizes)")
 
 
-KINDS = {"share": SHARE, "share0": SHARE0, "count": COUNT, "positive": POSITIVE, "choice": str}
+KINDS = {"share": SHARE, "share0": SHARE0, "count": COUNT, "positive": POSITIVE, "choice": str,
+         "points": NONNEGATIVE}
 
 
 def _strategy_options(p: argparse.ArgumentParser) -> None:

@@ -59,6 +59,13 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     """
     chosen = _strategy(strategy)
     chosen.check(options)  # bad options fail now, not after the long pass
+    max_loss = None
+    if strategy == "channels":  # the smallest modules within a loss, unless told how many channels to keep
+        if options.get("max_loss") is not None and {"keep", "retain"} & set(options):
+            raise CnnmodError("expected --max-loss or --keep/--retain, found both (--max-loss chooses --retain).")
+        max_loss = options.pop("max_loss", None)
+        if max_loss is None and not {"keep", "retain"} & set(options):
+            max_loss = DEFAULT_MAX_LOSS
     if isinstance(distill, dict):
         try:
             distill = DistillOptions(**{"seed": seed, **distill})  # the run's seed unless told otherwise
@@ -74,9 +81,15 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
                   batch_size=batch_size, classes=classes, input_spec=input_spec, progress=progress,
                   progress_file=progress_file, resume=resume, device=device, precision=precision, only=only,
                   sample_images=sample_images, workers=workers, sums=chosen.needs_sums)
-    modules = build(obs, strategy, options)  # recorded as given
-    if distill is not None or calibration > 0:  # both read images of the data again
+    if distill is not None or calibration > 0 or max_loss is not None:  # they read images of the data again
         labels, fetch = _adapt(dataset, obs.classes, input_spec or getattr(model, "input_spec", None))
+    if max_loss is None:
+        modules = build(obs, strategy, options)  # recorded as given
+    else:
+        index, source = _calibration_index(labels, obs.sample, calibration or 50, seed)
+        modules = smallest_within(obs, options, max_loss, fetch, index, labels[index], batch_size)
+        for m in modules:
+            m.meta["max_loss"]["source"] = source
     if distill is not None:  # on the statistics pass's device; every rank alike
         teacher = GraphNetwork(obs.parent.graph, obs.parent.weights)
         alone = rank_and_world()[1] == 1  # the ranks of a torchrun group would race for one progress file
@@ -145,6 +158,57 @@ def distill_index(obs: Observation, labels: torch.Tensor) -> torch.Tensor:
     the classes modules are built for (``only``: a pair's, not every class's the channels scores saw)."""
     rest = obs.sample.rest[torch.isin(labels[obs.sample.rest], torch.tensor(obs.focus))]
     return torch.cat([obs.sample.negatives, rest])
+
+
+DEFAULT_MAX_LOSS = 1.0  # points of top-1: the channels strategy's default
+RETAINS = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)  # --retain, fewest channels first
+
+
+@torch.no_grad()
+def smallest_within(obs: Observation, options: dict, max_loss: float, fetch, index: torch.Tensor,
+                    labels: torch.Tensor, batch_size: int = 256) -> list[Module]:
+    """The channels modules with the least ``retain`` (of ``RETAINS``, then every channel) whose vote
+    on the held-back images ``fetch(index)`` loses at most ``max_loss`` points of top-1 against the
+    model restricted to their classes. A bisection, on the assumption that keeping more channels does
+    not lose more (a larger retain keeps more of every space); about four builds from the one
+    observation. Records the search in each module's ``max_loss``."""
+    classes = torch.tensor(obs.focus)
+    mine = torch.isin(labels, classes)
+    if not bool(mine.any()):
+        raise CnnmodError("expected held-back images of the modules' classes to choose --retain on, found none.")
+    truth = torch.searchsorted(classes, labels[mine])
+    batches = [fetch(i) for i in index[mine].split(batch_size)]
+    parent = GraphNetwork(obs.parent.graph, obs.parent.weights)
+    model = float((torch.cat([parent(x)[:, classes] for x in batches]).argmax(1) == truth).double().mean())
+    tried: dict[float, float] = {}
+    built: dict[float, list[Module]] = {}  # only the smallest within the loss so far (memory for one set)
+
+    def lost(retain: float) -> float:
+        given = dict(options, retain=retain) if retain < 1 else dict(options, keep=1.0)
+        modules = build(obs, "channels", given)
+        margins = torch.cat([torch.stack([m.margin(x) for m in modules], 1) for x in batches])
+        tried[retain] = 100 * (model - float((margins.argmax(1) == truth).double().mean()))
+        if tried[retain] <= max_loss:
+            built.clear()
+            built[retain] = modules
+        return tried[retain]
+
+    candidates = list(RETAINS) + [1.0]
+    low, high = 0, len(candidates) - 1  # every channel kept: the model itself, nothing lost
+    while low < high:
+        middle = (low + high) // 2
+        if lost(candidates[middle]) <= max_loss:
+            high = middle
+        else:
+            low = middle + 1
+    best = candidates[low]
+    if best not in built:  # every channel kept, never measured: within any loss
+        lost(best)
+    for m in built[best]:
+        m.meta["max_loss"] = {"points": max_loss, "retain": best, "lost": round(tried[best], 4),
+                              "images": int(mine.sum()), "model_top1": round(model, 6),
+                              "tried": {str(r): round(v, 4) for r, v in sorted(tried.items())}}
+    return built[best]
 
 
 @torch.no_grad()

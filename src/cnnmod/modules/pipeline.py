@@ -202,6 +202,7 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
         "calibration_share_of_parent_training": _share(first.timing["calibration_macs"], model,
                                                        first.timing["statistics_macs"] // first.timing["images"]),
         "held_back": first.timing.get("held_back"),
+        **({"max_loss": first.meta["max_loss"]} if "max_loss" in first.meta else {}),
         "strategy": first.meta["strategy"],
         "modules": {m.class_name: dict({k: m.meta[k] for k in ("share_kept", "observed_images", "params_fraction",
                                                                "macs_fraction", "channels_prunable") if k in m.meta},

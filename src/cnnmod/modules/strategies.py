@@ -180,7 +180,8 @@ def paper_strategy(parent: Parent, c: int, *, delta: float = 0.5) -> tuple[Graph
 
 def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool = True, streams: bool = True,
                       trunk: float = 0.0, trunk_keep: float | None = None,
-                      score: str = "rate", retain: float | None = None, multiple: int = 1) -> tuple[GraphNetwork, dict]:
+                      score: str = "rate", retain: float | None = None, multiple: int = 1,
+                      max_loss: float | None = None) -> tuple[GraphNetwork, dict]:
     """Keep the ``keep`` share of each prunable channel space that best tells class c apart.
 
     A channel's score is how differently it fires on class c than on the other classes, from the
@@ -206,7 +207,10 @@ def channels_strategy(parent: Parent, c: int, *, keep: float = 0.5, refit: bool 
     count between two multiples saves MACs but no time.
     Finally each BatchNorm that follows a convolution is folded into it (``fold_batchnorm``).
     """
-    ChannelsOptions(keep, refit, streams, trunk, trunk_keep, score, retain, multiple)  # validates them
+    ChannelsOptions(keep, refit, streams, trunk, trunk_keep, score, retain, multiple, max_loss)  # validates them
+    if max_loss is not None:
+        raise CnnmodError("expected max_loss only with decompose (it chooses --retain on images held back from the "
+                          "statistics), found it with build; give build keep or retain.")
     trunk_retain = retain if trunk_keep is None else None  # --trunk-keep, when given, rules the trunk
     trunk_keep = keep if trunk_keep is None else trunk_keep
     spaces = parent.channel_spaces()
@@ -327,12 +331,19 @@ class ChannelsOptions:
                                          "of the space's total score", "share")
     multiple: int = _option(1, "round each space's kept channels to a multiple of this (8: the block size of CPU "
                                "convolution kernels, so that every removed channel saves time)", "count")
+    max_loss: float | None = _option(None, "instead of --keep or --retain: the smallest modules (the least --retain) "
+                                           "whose composition loses at most this many points of top-1 against the "
+                                           "model on images held back from the statistics (default when neither is "
+                                           "given: 1.0)", "points")
 
     def __post_init__(self):
         if isinstance(self.multiple, bool) or not (isinstance(self.multiple, int) and self.multiple >= 1):
             raise CnnmodError(f"expected --multiple to be a whole number >= 1, found {self.multiple!r}.")
         if self.score not in ("rate", "energy"):
             raise CnnmodError(f"expected --score rate or energy, found {self.score!r}.")
+        if self.max_loss is not None and (isinstance(self.max_loss, bool) or not isinstance(self.max_loss, (int, float))
+                                          or not 0 <= self.max_loss <= 100):
+            raise CnnmodError(f"expected --max-loss in [0, 100] points, found {self.max_loss!r}.")
         for name in ("keep", "retain", "trunk_keep"):
             if getattr(self, name) is not None:
                 _share(name.replace("_", "-"), getattr(self, name))
