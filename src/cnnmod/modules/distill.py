@@ -12,10 +12,18 @@ Modules of one parent that compute their first layers identically (a shared trun
 gradient sums every module's loss, and every module gets the same trained tensors back, so the
 trunk stays shared, bit for bit. Each module's own layers (its branch) train on its loss alone.
 
+The steps, in order: the strategy's closed-form re-fit is the block-by-block part (each layer that
+reads removed channels fitted, on its real inputs, to the parent's outputs); then end to end, the
+logits' terms and, with ``features``, the parent's own features at the channels each module kept
+(each block's output and the last feature map: where each kept channel should be), so that the
+modules follow the parent inside as well as at the end.
+
 Only the layers' weights and biases train (convolutions, linear layers, BatchNorm's affine pair);
 BatchNorm's running statistics, masks, fills and added constants stay as the strategy chose them.
-Deterministic: the seed fixes the order of the images (and which are mirrored, with ``flip``);
-Adam, warm-up then a cosine schedule.
+Deterministic: the seed fixes the order of the images (and which are mirrored or shifted, with
+``flip`` and ``crop``); Adam, warm-up then a cosine schedule, through the one training loop
+(``loop.py``). On ``device``, the modules run on device copies of their tensors, bound for the
+run: their own tensors (shared with the parent's) stay where they are.
 """
 
 from __future__ import annotations
