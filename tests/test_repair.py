@@ -187,6 +187,9 @@ def test_replace_repair_on_the_command_line(weak, tmp_path, capsys):
     assert "repaired (head) on 541 images; kept: head; on 892 held-out images: loss" in text
     assert "of what training the confused modules' parent cost" in text
     assert load_module(out / "5.safetensors").meta["repair"]["kept"] == ["head"]
+    assert main(["replace", str(mods), "--with", str(healthy_five), "--out", str(tmp_path / "t"), "--repair", "train",
+                 "--data", "digits", "--repair-per-class", "30", "--device", "cpu"]) == 0
+    assert "repaired (train)" in capsys.readouterr().out
     assert main(["replace", str(mods), "--with", str(healthy_five), "--out", str(tmp_path / "x"),
                  "--repair", "train"]) == 2
     assert "expected --data (labelled images of the composed classes) with --repair" in capsys.readouterr().err
