@@ -162,7 +162,8 @@ def test_an_interrupted_distillation_resumes_to_the_same_tensors(parent, tmp_pat
         assert all(torch.equal(m.network.weight(k), n.network.weight(k)) for k in m.network.weight_names)
 
 
-def test_flip_mirrors_a_seeded_half_of_each_batch_for_teacher_and_students(parent):
+def _first_batch_seen(parent, images: int, **options):
+    """The first batch a distillation fetched, and what its teacher was shown of it."""
     modules, teacher, fetch, index = _setup(parent, keep=0.5)
     fetched, shown = [], []
 
@@ -172,9 +173,13 @@ def test_flip_mirrors_a_seeded_half_of_each_batch_for_teacher_and_students(paren
             return super().forward(x, after)
 
     recording = Recording(teacher.graph, teacher.weights())
-    distill_(modules, recording, lambda idx: fetched.append(fetch(idx)) or fetched[-1], index[:128],
-             DistillOptions(epochs=1, batch_size=128, flip=True))
-    given, seen = fetched[0], shown[0]
+    distill_(modules, recording, lambda idx: fetched.append(fetch(idx)) or fetched[-1], index[:images],
+             DistillOptions(epochs=1, batch_size=images, **options))
+    return fetched[0], shown[0]
+
+
+def test_flip_mirrors_a_seeded_half_of_each_batch_for_teacher_and_students(parent):
+    given, seen = _first_batch_seen(parent, 128, flip=True)
     same = (seen == given).flatten(1).all(1)
     mirrored = (seen == given.flip(-1)).flatten(1).all(1)
     assert bool((same | mirrored).all()) and 30 < int((mirrored & ~same).sum()) < 98
@@ -258,18 +263,7 @@ def test_feature_distillation_trains_binds_on_the_device_and_refuses_modules_fro
 
 
 def test_crop_shifts_each_image_by_at_most_an_eighth_of_its_size(parent):
-    modules, teacher, fetch, index = _setup(parent, keep=0.5)
-    fetched, shown = [], []
-
-    class Recording(GraphNetwork):
-        def forward(self, x, after=None):
-            shown.append(x.clone())
-            return super().forward(x, after)
-
-    recording = Recording(teacher.graph, teacher.weights())
-    distill_(modules, recording, lambda idx: fetched.append(fetch(idx)) or fetched[-1], index[:64],
-             DistillOptions(epochs=1, batch_size=64, crop=True))
-    given, seen = fetched[0], shown[0]
+    given, seen = _first_batch_seen(parent, 64, crop=True)
     padded = torch.nn.functional.pad(given, (1, 1, 1, 1))  # 8x8 digits: up to one pixel
     h, w = given.shape[-2:]
     shifts = [[bool(torch.equal(padded[i, :, dy:dy + h, dx:dx + w], seen[i])) for dy in range(3) for dx in range(3)]
