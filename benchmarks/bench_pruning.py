@@ -204,11 +204,16 @@ def render(rows: dict) -> str:
     a = [r for k, r in rows.items() if k.startswith("a: cnnmod")]
     out = ["Command: `.venv/bin/python benchmarks/bench_pruning.py --part a|b ...` (x86_64, 2 CPU cores, torch "
            "2.13.0+cpu, torch-pruning 1.6.1). The reference ResNet-20, its validation split (5,000 images); training "
-           "on the 10,000 decomposition images (no labels), mirrored and shifted, Adam 1e-3 with warm-up + cosine, "
-           "batches of 128, for the same multiply-accumulates on both sides (teacher forward + 3x student forward "
-           "per image), as a share of the parent's training (3 x MACs x 45,000 images x 48 epochs).", "",
-           "| side | configuration | MACs / parent | training / parent's training | top-1 | points vs model |",
-           "|---|---|---|---|---|---|"]
+           "on the 10,000 decomposition images (no labels), Adam 1e-3 with warm-up + cosine (cnnmod's one training "
+           "loop on both sides), batches of 128, for the same multiply-accumulates on both sides (teacher forward + "
+           "3x student forward per image), as a share of the parent's training (3 x MACs x 45,000 images x 48 "
+           "epochs). Torch-Pruning's network sees mirrored and shifted images (flip + crop, as the peer run of the "
+           "issue) and learns the parent's logits by KL at temperature 4; cnnmod's modules see mirrored images "
+           "(and shifted ones where the row says crop) and learn as `decompose --distill` does (the squared error of "
+           "the channeled logits, plus the terms the row names).", "",
+           "| side | configuration | MACs / parent (all modules, composed) | largest module: MACs / parent | "
+           "training / parent's training | top-1 | points vs model | loss curve (mean of each tenth of the steps) |",
+           "|---|---|---|---|---|---|---|---|"]
     for key, r in rows.items():
         if not key.startswith("a: "):
             continue
@@ -220,8 +225,10 @@ def render(rows: dict) -> str:
         else:
             what = f"group magnitude, uniform ratio; untrained {100 * r['top1_untrained']:.2f}"
             side = "Torch-Pruning + KD"
-        out.append(f"| {side} | {what} | {r['macs_fraction']:.3f} | {r['share_of_parent_training']:.2%} | "
-                   f"{100 * r['top1']:.2f} | {100 * (r['top1'] - r['model_top1']):+.2f} |")
+        curve = ", ".join(f"{v:.3g}" for v in r["loss_curve"]) if r.get("loss_curve") else "-"
+        largest = f"{r['largest_module_macs']:.3f}" if "largest_module_macs" in r else "-"
+        out.append(f"| {side} | {what} | {r['macs_fraction']:.3f} | {largest} | {r['share_of_parent_training']:.2%} | "
+                   f"{100 * r['top1']:.2f} | {100 * (r['top1'] - r['model_top1']):+.2f} | {curve} |")
     if a:
         out += ["", f"Model top-1: {100 * a[0]['model_top1']:.2f}."]
     b = [r for k, r in rows.items() if k.startswith("b: ")]
