@@ -150,7 +150,7 @@ def test_interrupted_decompose_leaves_nothing_and_resumes_to_identical_files(tmp
 
     assert main(argv(tmp_path / "whole")) == 0
 
-    batches, real_update = [], collect.tqdm.update
+    batches, real_update = [], collect.Progress.update
 
     def count_and_interrupt(self, n=1):  # the bar advances once per counted batch
         batches.append(n)
@@ -164,7 +164,7 @@ def test_interrupted_decompose_leaves_nothing_and_resumes_to_identical_files(tmp
         real_init(self, *args, **kwargs)
         self.interval = 0.0
 
-    monkeypatch.setattr(collect.tqdm, "update", count_and_interrupt)
+    monkeypatch.setattr(collect.Progress, "update", count_and_interrupt)
     monkeypatch.setattr(collect.ProgressSaver, "__init__", save_every_batch)
     out = tmp_path / "cut"
     assert main(argv(out)) == 130
