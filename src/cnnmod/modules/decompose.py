@@ -38,7 +38,8 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     how raw uint8 images are prepared (default: the model's, as ``load_model`` sets it); the
     modules record it and prepare raw images themselves. Prepared pairs with no specification give
     modules that take prepared tensors only and refuse raw images (cnnmod cannot guess how they
-    were prepared). ``options`` go to the strategy (``paper``: ``delta``).
+    were prepared). ``options`` go to the strategy (``paper``: ``delta``; ``channels``: its options,
+    and ``max_loss``, the default when neither ``keep`` nor ``retain`` is given: see ``smallest_within``).
     With ``progress_file`` the statistics are saved there as they are collected, and with
     ``resume=True`` a saved state of the same run is continued. ``calibration`` images per
     class, held out from the statistics sample where the data has them, fit each module's

@@ -62,7 +62,7 @@ class DistillOptions:
     ``flip``: mirror a seeded half of each batch left to right (for photos; not for digits or text).
     ``composed``: weight of a term for the modules' composed answer (``_summed_loss``), its softmax
     taken at ``temperature``.
-    ``features``: weight of a term for the parent's features (``_feature_loss``): each block's output
+    ``features``: weight of a term for the parent's features (``_Features``): each block's output
     and the features before pooling, at the channels the module kept.
     ``crop``: shift each image by up to an eighth of its size (zero padding, seeded), as training does."""
 
