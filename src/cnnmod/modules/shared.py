@@ -28,6 +28,7 @@ from ..errors import CnnmodError
 from ..files import read_file, tensors_checksum, write_file
 from ..bits import pack, unpack
 from ..trace.network import GraphNetwork
+from ..trace.ops import weight_keys
 
 PARENT_FORMAT = "cnnmod.parent"
 PART_VERSION = 5  # a module file that names its parent (module format version 5; 4 still loads)
@@ -221,8 +222,10 @@ def with_common(parent: ParentTensors, networks: list[GraphNetwork]) -> ParentTe
     for all its modules (a shared trunk of pruned layers). ``parent`` itself when there are none."""
     if len(networks) < 2:
         return parent
+    # the layers' own tensors: masks and fills are stored as bits, apart
+    layers = {k for node in networks[0].graph.nodes for k in weight_keys(node, overlays=False).values()}
     common = {}
-    for key in networks[0].weight_names:
+    for key in sorted(layers & set(networks[0].weight_names)):
         t = networks[0].weight(key)
         if all(_same_storage(net.weight(key), t) for net in networks[1:] if key in net.weight_names) \
                 and all(key in net.weight_names for net in networks[1:]) \
