@@ -91,7 +91,7 @@ def cohesion_coupling(modules: list[Module], images: torch.Tensor, labels: torch
         rows = torch.nonzero(labels == c).flatten()
         for part in rows.split(batch_size):
             active[part] = _active(m, kept[c], images[part])
-    same, other, pairs = [], [], jaccard(active, active)
+    pairs = jaccard(active, active)
     upper = torch.triu(torch.ones_like(pairs, dtype=torch.bool), diagonal=1)
     same = pairs[upper & (labels[:, None] == labels[None, :])]
     other = pairs[upper & (labels[:, None] != labels[None, :])]
