@@ -305,7 +305,8 @@ def _train(modules, touched, index, labels, margins, batches, options, progress,
     if not everything:
         raise CnnmodError("expected confused modules with weights to train, found none (try --repair calibrate).")
     # each touched network runs on its trained tensors and its others moved to the device (bound, not moved)
-    bound = {k: {**{key: t.to(device) for key, t in nets[k].weights().items()}, **params[k]} for k in touched}
+    bound = {k: {**({} if device.type == "cpu" else {key: t.to(device) for key, t in nets[k].weights().items()}),
+                 **params[k]} for k in touched}
     scale = torch.tensor([(m.meta.get("calibration") or {"a": 1.0})["a"] for m in modules]).to(device)
     shift = torch.tensor([(m.meta.get("calibration") or {"b": 0.0})["b"] for m in modules]).to(device)
     fixed = margins.float().to(device) * scale + shift

@@ -165,7 +165,10 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
         raise CnnmodError("expected modules with weights to train, found none.")
     # What each module runs on while it trains: its trained tensors, and the others moved to the device
     # (bound, not moved: the modules' own tensors, shared with the parent's, stay where they are).
-    trained = [{**{k: t.to(device) for k, t in net.weights().items()}, **shared, **mine} for net, mine in zip(nets, own)]
+    def moved(net: GraphNetwork) -> dict:  # on the CPU the networks' own tensors are where they run
+        return {} if device.type == "cpu" else {k: t.to(device) for k, t in net.weights().items()}
+
+    trained = [{**moved(net), **shared, **mine} for net, mine in zip(nets, own)]
     teacher_on = teacher if device.type == "cpu" else \
         GraphNetwork(teacher.graph, {k: t.to(device) for k, t in teacher.weights().items()})
     steps = max(1, math.ceil(options.epochs * math.ceil(len(index) / options.batch_size)))
@@ -219,7 +222,7 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
     # The check: the loss on (up to) the first CHECK_IMAGES images, before and after. Weights that did
     # not lower it are not kept (few steps at a learning rate too high for a module already close).
     check = index[:CHECK_IMAGES]
-    on_device = [{k: t.to(device) for k, t in net.weights().items()} for net in nets]
+    on_device = [moved(net) for net in nets]
     before = _loss(nets, group, teacher_on, images_on, check, classes, options, on_device)
     after_loss = _loss(nets, group, teacher_on, images_on, check, classes, options, trained)
     if after_loss < before:
