@@ -182,3 +182,22 @@ def test_only_keeps_bits_for_the_named_classes():
     assert all(torch.equal(only.active(2)[n], full.active(2)[n]) for n in full.layers)
     with pytest.raises(CnnmodError, match="class 0, found them left out"):
         only.active(0)
+
+
+@pytest.mark.parametrize("lengths", [[256], [1, 255], [3, 1, 7, 2], [1] * 40 + [90], [5] * 12])
+def test_or_runs_folds_each_run_to_the_any_of_its_images(lengths):
+    """Oracle: per label, the OR of its images' elements (uneven runs split the batch; a -1 row is skipped)."""
+    from cnnmod.statistics.collect import _or_runs
+
+    gen = torch.Generator().manual_seed(len(lengths))
+    y = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    pos = torch.rand(len(y), 77, generator=gen) > 0.97  # sparse: a missed image shows
+    rows = torch.arange(len(lengths))
+    rows[1 % len(lengths)] = -1 if len(lengths) > 1 else 0
+    table = torch.zeros(len(lengths), 10, dtype=torch.uint8)
+    _or_runs(table, rows, pos, y)
+    for label, row in enumerate(rows.tolist()):
+        if row >= 0:
+            assert torch.equal(table[row], pack(pos[y == label].any(0)))
+    if len(lengths) > 1:  # label 1 has no row: table row 1, no label's, stays empty
+        assert not table[1].any()
