@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..bits import pack
 from ..trace.network import GraphNetwork
 from .module import Module
 from .shared import identity
@@ -55,7 +56,8 @@ def fit_platt(margins: torch.Tensor, positive: torch.Tensor, iterations: int = 1
 
 
 @torch.no_grad()
-def calibrate_(modules: list[Module], batches, *, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+def calibrate_(modules: list[Module], batches, *, source: str, parent: GraphNetwork | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Fit each module's calibration on prepared (x, parent label) batches; store it in ``meta``.
 
     Module files must not depend on where they were built: float32 margins differ in their last
@@ -63,22 +65,79 @@ def calibrate_(modules: list[Module], batches, *, source: str) -> tuple[torch.Te
     the margins are computed in float64 and (a, b) are stored to 6 significant digits. ``batches``
     may be a generator: each batch is loaded once and every module scores it, so memory holds one
     batch (and one float64 copy of the tensors the modules share), not every calibration image.
-    Returns the margins (images, modules; float64) and the images' labels.
+    ``parent``: the modules' parent network, also run on the images (its logits are returned);
+    modules that mask their parent's elements (the paper strategy's) are then scored from its one
+    run where that is exact (``_masked_margins``), not each by a run of its own.
+    Returns the margins (images, modules; float64), the images' labels and the parent's logits; each
+    module's ``timing`` says on how many images it ran whole (``calibration_module_images``).
     """
-    wide = _float64(modules)
-    margins, labels = [[] for _ in modules], []
+    wide, parent64 = _float64(modules, parent) if parent is not None else (_float64(modules), None)
+    margins, labels, logits, whole = [], [], [], torch.zeros(len(modules), dtype=torch.int64)
     for x, y in batches:
         labels.append(y)
-        for k, net in enumerate(wide):
-            z = net(x.double())
-            margins[k].append(z[:, 1] - z[:, 0])
-    labels = torch.cat(labels)
-    for m, found in zip(modules, margins):
-        a, b = fit_platt(torch.cat(found), labels == m.class_index)
-        threshold = best_threshold(torch.cat(found), labels == m.class_index)
+        found, z, ran = _masked_margins(wide, parent64, x.double()) if parent64 is not None else (None, None, None)
+        if found is None:
+            found = torch.stack([_margin(net(x.double())) for net in wide], 1)
+            z, ran = parent64(x.double()) if parent64 is not None else None, len(x)
+        margins.append(found)
+        logits.append(z)
+        whole += ran
+    for m, images in zip(modules, whole.tolist()):  # the images each module ran whole on (MACs; not saved)
+        m.timing["calibration_module_images"] = images
+    labels, margins = torch.cat(labels), torch.cat(margins)
+    for k, m in enumerate(modules):
+        a, b = fit_platt(margins[:, k], labels == m.class_index)
+        threshold = best_threshold(margins[:, k], labels == m.class_index)
         m.meta["calibration"] = {"a": float(f"{a:.6g}"), "b": float(f"{b:.6g}"), "images": int(len(labels)),
                                  "source": source, "threshold": float(f"{threshold:.6g}")}
-    return torch.stack([torch.cat(found) for found in margins], 1), labels
+    return margins, labels, torch.cat(logits) if parent64 is not None else None
+
+
+def _margin(z: torch.Tensor) -> torch.Tensor:
+    return z[:, 1] - z[:, 0]
+
+
+def _masked_margins(wide: list[GraphNetwork], parent: GraphNetwork, x: torch.Tensor):
+    """The margins of modules that are their parent with elements masked (the paper strategy's), and
+    the parent's logits, from one run of the parent, and on how many images each module ran whole;
+    Nones where the modules are of another kind.
+
+    Each module runs only the layers from the parent's last masked layer on (its pooling and head),
+    from the parent's values there, which are the module's own wherever the image lit no element
+    the module masks in an earlier layer (checked per image, on bits: masking a zero changes
+    nothing). The images that lit one are run through the whole module. So the answers are the
+    modules' own (tested against a run of each module: equal to float64 rounding, as the few images
+    run whole form a batch of their own, which rounds in its own order); on the images a module
+    observed no element it masks is lit, so most images need the one run (issue #25: calibrating
+    ten paper modules of the demo's CNN ran ten passes)."""
+    first = wide[0].graph
+    names, overlays = [n.name for n in first.nodes], [n.then for n in first.nodes]
+    masked = [n.name for n in first.nodes if n.then]
+    if not masked or any(then not in ([], ["bitmask"]) for then in overlays) \
+            or any([n.then for n in net.graph.nodes] != overlays for net in wide) \
+            or [n.name for n in parent.graph.nodes] != names or any(n.then for n in parent.graph.nodes):
+        return None, None, None
+    last = max(names.index(name) for name in masked)
+    tail = set(names[last:])
+    lit = {}
+
+    def record(name: str, out: torch.Tensor) -> None:
+        if name in masked and name not in tail:
+            lit[name] = pack((out != 0).flatten(1))
+
+    given = parent.run_all(x, keep=False, only=set(names[:last]), after=record)  # what the tail reads
+    margins, whole = [], []
+    for net in wide:
+        mine = torch.ones(len(x), dtype=torch.bool)
+        for name, bits in lit.items():
+            mine &= ((bits & ~net.weight(f"{name}.bits")) == 0).all(1)
+        found = _margin(net.run_all(x, keep=False, only=tail, given=given)[first.output])
+        if not bool(mine.all()):
+            found[~mine] = _margin(net(x[~mine]))
+        margins.append(found)
+        whole.append(int((~mine).sum()))
+    logits = parent.run_all(x, keep=False, only=tail, given=given)[parent.graph.output]
+    return torch.stack(margins, 1), logits, torch.tensor(whole)
 
 
 def best_threshold(margins: torch.Tensor, positive: torch.Tensor) -> float:
@@ -108,8 +167,9 @@ def margins64(module: Module, inputs) -> torch.Tensor:
     return torch.cat(margins)
 
 
-def _float64(modules: list[Module]) -> list[GraphNetwork]:
-    """float64 copies of the modules' networks; a tensor several modules share is converted once."""
+def _float64(modules: list[Module], parent: GraphNetwork | None = None):
+    """float64 copies of the modules' networks (and of ``parent``, when given: then a pair is returned);
+    a tensor several of them share is converted once."""
     done: dict[tuple, torch.Tensor] = {}
 
     def wide(t: torch.Tensor) -> torch.Tensor:
@@ -120,7 +180,10 @@ def _float64(modules: list[Module]) -> list[GraphNetwork]:
             done[key] = t.double()
         return done[key]
 
-    return [GraphNetwork(m.network.graph, {k: wide(v) for k, v in m.network.weights().items()}) for m in modules]
+    nets = [GraphNetwork(m.network.graph, {k: wide(v) for k, v in m.network.weights().items()}) for m in modules]
+    if parent is None:
+        return nets
+    return nets, GraphNetwork(parent.graph, {k: wide(v) for k, v in parent.weights().items()})
 
 
 def calibrated_logit(module: Module, margin: torch.Tensor) -> torch.Tensor:

@@ -100,10 +100,13 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     built, macs, held_back = time.perf_counter(), 0, None
     if calibration > 0:
         index, source = _calibration_index(labels, obs.sample, calibration, seed)
-        margins, seen = calibrate_(modules, ((fetch(i), labels[i]) for i in index.split(batch_size)), source=source)
-        macs = len(index) * sum(cost(m.network, obs.parent.input_shape)["macs"] for m in modules)  # forward only
-        held_back = _held_back(obs, modules, fetch, index, seen, margins, source, batch_size)
-        macs += len(index) * obs.parent.cost()["macs"]
+        parent = GraphNetwork(obs.parent.graph, obs.parent.weights)
+        margins, seen, logits = calibrate_(modules, ((fetch(i), labels[i]) for i in index.split(batch_size)),
+                                           source=source, parent=parent)
+        held_back = _held_back(modules, logits, seen, margins, source)
+        macs = len(index) * obs.parent.cost()["macs"]  # forward only: the parent's pass, the modules' whole runs
+        macs += sum(m.timing["calibration_module_images"] * cost(m.network, obs.parent.input_shape)["macs"]
+                    for m in modules)  # (a paper module's own pooling and head, on the other images: not counted)
     for m in modules:  # timings stay out of files (they would break byte-identical output)
         m.timing.update(calibration_seconds=time.perf_counter() - built, calibration_macs=macs, held_back=held_back)
     return modules
@@ -212,20 +215,16 @@ def smallest_within(obs: Observation, options: dict, max_loss: float, fetch, ind
     return built[best]
 
 
-@torch.no_grad()
-def _held_back(obs: Observation, modules: list[Module], fetch, index: torch.Tensor, labels: torch.Tensor,
-               margins: torch.Tensor, source: str, batch_size: int) -> dict:
+def _held_back(modules: list[Module], logits: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor,
+               source: str) -> dict:
     """What the decomposition cost in accuracy, on the calibration images (held out from the
     statistics sample where the data has them): the modules composed (their vote, the argmax of the
-    margins) against the model restricted to the same classes, on those classes' images."""
+    margins) against the model restricted to the same classes (its ``logits``), on those classes' images."""
     classes = torch.tensor([m.class_index for m in modules])
     mine = torch.isin(labels, classes)
-    parent = GraphNetwork(obs.parent.graph, {k: v.double() if v.is_floating_point() else v
-                                             for k, v in obs.parent.weights.items()})
-    logits = torch.cat([parent(fetch(i).double())[:, classes] for i in index.split(batch_size)])
     truth = torch.searchsorted(classes, labels[mine])  # each image's position among the modules' classes
     return {"images": int(mine.sum()), "source": source,
-            "model_top1": float((logits[mine].argmax(1) == truth).double().mean()),
+            "model_top1": float((logits[mine][:, classes].argmax(1) == truth).double().mean()),
             "composed_top1": float((margins[mine].argmax(1) == truth).double().mean())}
 
 

@@ -69,6 +69,7 @@ def observe(model: nn.Module, dataset, *, positives: int = 1000, negatives_per_c
     spec = input_spec or getattr(model, "input_spec", None)
     input_shape = _input_shape(dataset, spec)
     graph = trace_graph(model, input_shape)
+    captured = time.perf_counter() - start
     weights = {k: v.detach().cpu() for k, v in weights_of(model).items()}
     if not ends_in_linear(graph):  # SqueezeNet: conv, ReLU, pooling; its K logits get an identity Linear head
         shape = GraphNetwork(graph, weights).shapes(input_shape)[graph.output]
@@ -130,7 +131,7 @@ def observe(model: nn.Module, dataset, *, positives: int = 1000, negatives_per_c
     }
     present = torch.bincount(labels[sample.negatives], minlength=num_classes)
     images = len(sample.negatives) + len(sample.rest)
-    timing = {"statistics_seconds": time.perf_counter() - start, "images": images,
+    timing = {"statistics_seconds": time.perf_counter() - start, "capture_seconds": captured, "images": images,
               "statistics_bytes": stats.nbytes(), "statistics_macs": parent.cost()["macs"] * images,  # forward only
               "negatives_from": {classes[c]: int(present[c]) for c in range(num_classes) if present[c]}}
     return Observation(parent, spec or InputSpec.of_prepared(example), classes, shared, common, labels, sample, timing)
