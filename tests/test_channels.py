@@ -179,7 +179,7 @@ def test_cli_decompose_channels_reports_sizes_and_inspect_shows_them(tmp_path, c
     assert "multiply-accumulates" in capsys.readouterr().out
     assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "x"),
                  "--strategy", "channels", "--keep", "1.5"]) == 2
-    assert "argument --keep: expected a share > 0.0 and <= 1.0, found 1.5" in capsys.readouterr().err
+    assert "argument --keep: expected a share > 0 and <= 1, found 1.5" in capsys.readouterr().err
 
 
 def test_modules_with_a_trunk_share_it_and_compose_runs_it_once(tmp_path, monkeypatch):
@@ -228,7 +228,7 @@ def test_cli_compose_and_inspect_report_the_shared_trunk(tmp_path, capsys):
     assert cost["macs"] == cost["separate_macs"] - 9 * cost["trunk_macs"]
     assert main(["decompose", str(ckpt), "--data", "digits", "--out", str(tmp_path / "x"),
                  "--strategy", "channels", "--trunk", "2"]) == 2
-    assert "argument --trunk: expected a share >= 0.0 and <= 1.0, found 2" in capsys.readouterr().err
+    assert "argument --trunk: expected a share >= 0 and <= 1, found 2" in capsys.readouterr().err
 
 
 def test_shared_trunk_of_resnets_gives_each_network_its_own_output():

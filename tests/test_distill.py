@@ -83,7 +83,7 @@ def test_distillation_is_refused_for_paper_modules_before_the_pass():
     model = create_model("smallcnn", num_classes=10, image_size=8).eval()
     with pytest.raises(CnnmodError, match="expected the channels strategy to distil"):
         decompose(model, data, input_spec=measure_spec(data.images), distill={"epochs": 1})
-    with pytest.raises(CnnmodError, match="expected distillation epochs"):
+    with pytest.raises(CnnmodError, match="expected --distill to be a number > 0 and <= 1000"):
         DistillOptions(epochs=0)
 
 
@@ -212,7 +212,7 @@ def test_the_composed_term_is_the_divergence_of_the_margins_softmax():
     p, q = (theirs / 4).softmax(1), (mine / 4).softmax(1)  # at a temperature of 4, scaled by its square
     soft = float((p * (p.log() - q.log())).sum())
     assert float(_summed_loss(moved, targets, 0.5, 4.0)) == pytest.approx(mse + 0.5 * 16 * soft, rel=1e-5)
-    with pytest.raises(CnnmodError, match="expected a composed-answer weight >= 0"):
+    with pytest.raises(CnnmodError, match="expected --distill-composed to be a number >= 0"):
         DistillOptions(composed=-1.0)
 
 

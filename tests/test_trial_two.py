@@ -163,3 +163,90 @@ def test_max_loss_chooses_the_fewest_channels_within_the_loss(parent, tmp_path, 
     assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "m"), "--strategy",
                  "channels", "--max-loss", "2", "--positives", "30"]) == 0
     assert "--max-loss 2: chose" in capsys.readouterr().out
+
+
+def test_paper_calibration_from_one_parent_run_is_each_modules_own_answer():
+    """Issue #25 item 1: paper modules are scored from one parent run where that is exact; the oracle
+    runs every module whole. The same margins (to float64 rounding: a module run whole on a few images
+    of a batch rounds in its own order), the same stored calibration, far fewer runs."""
+    import copy
+
+    import torch
+
+    from cnnmod import decompose
+    from cnnmod.data.inputspec import measure_spec
+    from cnnmod.modules.calibration import calibrate_
+    from cnnmod.modules.observe import observe
+    from cnnmod.trace.network import GraphNetwork
+    from nets import train_unfamiliar
+
+    data = load_data("digits", "train")
+    spec = measure_spec(data.images)
+    model = train_unfamiliar(data, spec, epochs=2)
+    modules = decompose(model, data, input_spec=spec, classes=data.classes, calibration=0, positives=200)
+    held = torch.arange(0, len(data), 3)  # images the statistics pass saw and images it did not
+    batches = [(spec.prepare(data.images[i]), data.labels[i]) for i in held.split(100)]
+    fast, slow = copy.deepcopy(modules), copy.deepcopy(modules)
+    obs = observe(model, data, input_spec=spec, classes=data.classes, positives=200, sums=False)
+    parent = GraphNetwork(obs.parent.graph, obs.parent.weights)
+    margins, labels, logits = calibrate_(fast, batches, source="test", parent=parent)
+    oracle, _, none = calibrate_(slow, batches, source="test")
+    assert none is None and torch.allclose(margins, oracle, rtol=0, atol=1e-12)
+    assert [m.meta["calibration"] for m in fast] == [m.meta["calibration"] for m in slow]
+    with torch.no_grad():
+        wide = GraphNetwork(obs.parent.graph, {k: v.double() for k, v in obs.parent.weights.items()})
+        assert torch.equal(logits, torch.cat([wide(x.double()) for x, _ in batches]))
+    whole = [m.timing["calibration_module_images"] for m in fast]
+    assert [m.timing["calibration_module_images"] for m in slow] == [len(held)] * len(slow)
+    assert 0 < sum(whole) < len(held) * len(fast) / 2  # the fallback ran, and most answers came from one run
+
+
+def test_a_strategy_is_one_registration_its_options_flags_and_lines_follow(parent, tmp_path, capsys, monkeypatch):
+    """Issue #25 item 3: a new strategy registered once gets its flags (with their defaults in the help),
+    its refusals, and its lines in decompose and inspect; nothing else is edited."""
+    from dataclasses import dataclass
+
+    import torch
+
+    from cnnmod.modules.strategies import STRATEGIES, Strategy
+    from cnnmod.options import check, option
+    from cnnmod.trace.network import GraphNetwork
+    from cnnmod.errors import CnnmodError
+
+    @dataclass(frozen=True)
+    class WholeOptions:
+        scale: float = option(2.0, "multiply the module's head by this", "positive")
+
+        def __post_init__(self):
+            check(self)
+
+    def whole(p, c, *, scale=2.0):
+        w, b = p.channel_head(c)
+        weights = dict(p.weights, **{f"{p.head}.weight": w * scale, f"{p.head}.bias": b * scale})
+        return GraphNetwork(p.graph, weights), {"scale_used": scale}
+
+    def kept(meta):
+        return f"keeps everything, head x{meta['scale_used']:g}"
+
+    monkeypatch.setitem(STRATEGIES, "whole", Strategy(whole, WholeOptions, needs_sums=False, kept=kept,
+                                                      description="the whole parent, its head scaled"))
+    assert main(["decompose", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "whole strategy: multiply the module's head by this (default: 2)" in shown
+    assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "p"), "--scale", "3"]) == 2
+    assert "expected --scale only with --strategy whole, found it with --strategy paper" in capsys.readouterr().err
+    assert main(["decompose", str(parent), "--data", "digits", "--out", str(tmp_path / "w"), "--strategy", "whole",
+                 "--scale", "3", "--only", "3,5"]) == 0
+    assert "keeps everything, head x3" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "w" / "3.safetensors")]) == 0
+    assert "keeps everything, head x3" in capsys.readouterr().out
+    with pytest.raises(CnnmodError, match="expected --scale to be a number > 0, found -1"):
+        WholeOptions(scale=-1)
+    from cnnmod import load_model, load_module
+
+    module, model = load_module(tmp_path / "w" / "3.safetensors"), load_model(parent)
+    x = model.input_spec.prepare(load_data("digits", "test").images[:16])
+    with torch.no_grad():
+        z = model(x)
+    expected = 3 * (z[:, 3] - (z.sum(1) - z[:, 3]) / 9)  # the channeled head's margin, scaled
+    assert torch.allclose(module.margin(x), expected, atol=1e-4)

@@ -11,6 +11,8 @@ from .modules.shared import is_parent_file, module_files
 
 def describe(path: str) -> tuple[str, dict]:
     """Return (readable text, metadata without the layer graph) of a cnnmod file or module folder."""
+    from .modules.strategies import STRATEGIES
+
     if Path(path).is_dir():
         return describe_folder(path)
     tensors, meta = read_file(path)
@@ -34,10 +36,7 @@ def describe(path: str) -> tuple[str, dict]:
         lines += [f"  class {meta['class_name']!r} (index {meta['class_index']} of {len(meta['parent_classes'])} "
                   f"in parent {meta['parent_fingerprint']}, {meta.get('parent_architecture')})",
                   f"  strategy {meta['strategy']} {meta['options']}",
-                  (f"  observed {meta['observed_images']} images; keeps {meta['share_kept']:.4f} of "
-                   f"{meta['elements_total']:,} observed elements" if "elements_total" in meta else
-                   f"  observed {meta['observed_images']} images; keeps {meta['channels_kept']} of "
-                   f"{meta['channels_prunable']} prunable channels"),
+                  f"  observed {meta['observed_images']} images; {STRATEGIES[meta['strategy']].kept(meta)}",
                   f"  input {meta['input']}",
                   *(["  channel spaces kept whole: " + "; ".join(f"{n} ({r})" for r, n in
                                                                   meta["spaces_kept_whole"].items())]

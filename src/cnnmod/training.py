@@ -21,6 +21,7 @@ from .checkpoint import save_checkpoint
 from .data.inputspec import InputSpec, measure_spec
 from .data.sources import Dataset
 from .errors import CnnmodError
+from .options import check, option
 from .evaluate import evaluate_model
 from .files import check_replaceable, read_file, write_file
 from .loop import Order, run_steps
@@ -29,25 +30,18 @@ from .models import create_model
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    augment: str = "auto"  # "crop-flip", "crop", "none"; auto: crop-flip for colour, none for grey
-    warmup: int = 0  # epochs of linear learning-rate warm-up before the cosine schedule
+    epochs: int = option(10, "passes over the training images", "count")
+    batch_size: int = option(128, "images per step", "count")
+    lr: float = option(0.1, "peak learning rate (SGD, cosine schedule)", "positive")
+    momentum: float = option(0.9, None, "fraction")
+    weight_decay: float = option(5e-4, None, "nonnegative")
+    seed: int = option(0, "fixes weights, batch order and augmentation", "integer")
+    augment: str = option("auto", "auto: crop-flip for colour images, none for grey", "choice",
+                          choices=("auto", "crop-flip", "crop", "none"))
+    warmup: int = option(0, "epochs of linear learning-rate warm-up before the cosine schedule", "count0")
 
     def __post_init__(self):
-        for name, low in (("epochs", 1), ("batch_size", 1), ("warmup", 0)):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= low):
-                raise CnnmodError(f"expected {name} to be a whole number >= {low}, found {value!r}.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise CnnmodError(f"expected a learning rate lr > 0, found {self.lr}.")
-        if not (0 <= self.momentum < 1 and self.weight_decay >= 0):
-            raise CnnmodError(f"expected momentum in [0, 1) and weight_decay >= 0, found {self.momentum} and "
-                              f"{self.weight_decay}.")
+        check(self)
 
 
 def augment_batch(x: torch.Tensor, gen: torch.Generator, mode: str, pad: int = 4) -> torch.Tensor:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 
 from ..errors import CnnmodError
+from ..options import flag, given
 
 RULES = {"vote": "the paper's vote: argmax of the module margins",
          "calibrated": "calibrated scores: argmax of each module's calibrated log-odds"}
@@ -53,8 +53,7 @@ def cmd_train(args) -> int:
 
     data = load_data(args.data, args.split, default_split="train", size=_size(args))
     val = load_data(args.data, args.val_split, size=_size(args)) if args.val_split else None
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         warmup=args.warmup, augment=args.augment)
+    config = TrainConfig(**given(TrainConfig, args))
     if args.resume:
         _nothing_to_resume([Path(args.out).with_name(Path(args.out).name + ".resume.safetensors")])
     meta = train(args.model, data, args.out, config, val=val, resume=args.resume,
@@ -177,43 +176,36 @@ def _print_result(result: dict, what: str) -> None:
             print(f"  {t:<{rw}}" + "".join(f"  {v:>{w}}" for v, w in zip(row, cols)))
 
 
-WHAT = {"paper": "which keeps whole layers and masks elements", "channels": "which removes whole channels"}
-
-
 def _strategy_options(args) -> dict:
     """The options of the chosen strategy given on the command line; an option of another strategy
     is an error, not ignored (the options are the fields of each strategy's dataclass)."""
     from ..modules.strategies import STRATEGIES
 
-    options = {}
+    chosen, options = STRATEGIES[args.strategy], {}
     for name, strategy in STRATEGIES.items():
-        for f in dataclasses.fields(strategy.options):
-            value = getattr(args, f.name, None)
-            if value is None:
-                continue
+        for field_name, value in given(strategy.options, args).items():
             if name != args.strategy:
-                flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-                raise CnnmodError(f"expected {flag} only with --strategy {name}, found it with --strategy "
-                                  f"{args.strategy} ({WHAT[args.strategy]}).")
-            options[f.name] = value
+                raise CnnmodError(f"expected {flag(strategy.options, field_name)} only with --strategy {name}, found "
+                                  f"it with --strategy {args.strategy} ({chosen.description}).")
+            options[field_name] = value
     if args.sample_images is not None:
-        if args.strategy != "channels":
+        if not chosen.needs_sums:
             raise CnnmodError(f"expected --sample-images only with --strategy channels, found it with --strategy "
-                              f"{args.strategy} ({WHAT[args.strategy]}).")
+                              f"{args.strategy} ({chosen.description}).")
         options["sample_images"] = args.sample_images
     return options
 
 
 def _distill_options(args) -> dict | None:
-    given = {"lr": args.distill_lr, "composed": args.distill_composed, "features": args.distill_features,
-             "temperature": args.distill_temperature, "flip": args.distill_flip or None,
-             "crop": args.distill_crop or None}
-    given = {k: v for k, v in given.items() if v is not None}
-    if args.distill is None:
-        if given:
-            raise CnnmodError(f"expected --distill-{next(iter(given))} only with --distill EPOCHS, found it alone.")
+    from ..modules.distill import DistillOptions
+
+    options = given(DistillOptions, args)
+    if "epochs" not in options:
+        if options:
+            raise CnnmodError(f"expected {flag(DistillOptions, next(iter(options)))} only with --distill EPOCHS, "
+                              "found it alone.")
         return None
-    return {"epochs": args.distill, "seed": args.seed, **given}
+    return {"seed": args.seed, **options}
 
 
 def _nothing_to_resume(files: list[Path]) -> None:
@@ -281,16 +273,9 @@ def cmd_decompose(args) -> int:
               f"{d['macs']:.3g} multiply-accumulates{share}; loss {d['loss_before']:.4g} -> {d['loss_after']:.4g}"
               + ("" if d["kept"] else ": not lower, so the modules are kept as built (try a smaller --distill-lr)"))
     for name, m in summary["modules"].items():
-        if m.get("channels_prunable") == 0:  # the channels strategy, with nothing it may prune
-            print(f"  {name:<12} keeps every channel: no channel space can be pruned (cnnmod inspect says why), "
-                  f"{m['file_bytes']:,} bytes on disk")
-        elif "params_fraction" in m:  # the channels strategy
-            print(f"  {name:<12} keeps {m['share_kept']:.4f} of the prunable channels: "
-                  f"{m['params_fraction']:.3f} of the parameters, {m['macs_fraction']:.3f} of the MACs, "
-                  f"{m['file_bytes']:,} bytes on disk")
-        else:
-            print(f"  {name:<12} keeps {m['share_kept']:.4f} of the observed elements, "
-                  f"{m['file_bytes']:,} bytes on disk")
+        smaller = (f": {m['params_fraction']:.3f} of the parameters, {m['macs_fraction']:.3f} of the MACs"
+                   if "params_fraction" in m and m.get("channels_prunable") != 0 else "")
+        print(f"  {name:<12} {m['kept']}{smaller}, {m['file_bytes']:,} bytes on disk")
     return 0
 
 
@@ -401,21 +386,21 @@ def cmd_replace(args) -> int:
 
 
 def _repair_options(args) -> dict | None:
-    given = [flag for flag, value in (("--data", args.data), ("--split", args.split),
-                                      ("--repair-epochs", args.repair_epochs), ("--repair-lr", args.repair_lr),
-                                      ("--repair-per-class", args.repair_per_class)) if value is not None]
-    if args.repair is None:
-        if given:
-            raise CnnmodError(f"expected {given[0]} only with --repair METHOD, found it alone.")
+    from ..compose.repair import RepairOptions
+
+    options = given(RepairOptions, args)
+    stray = [f for f, v in (("--data", args.data), ("--split", args.split)) if v is not None]
+    stray += [flag(RepairOptions, name) for name in options if name != "method"]
+    if "method" not in options:
+        if stray:
+            raise CnnmodError(f"expected {stray[0]} only with --repair METHOD, found it alone.")
         return None
     if args.data is None:
         raise CnnmodError("expected --data (labelled images of the composed classes) with --repair, found none.")
-    if args.repair != "train" and (args.repair_epochs is not None or args.repair_lr is not None):
+    if options["method"] != "train" and {"epochs", "lr"} & set(options):
         raise CnnmodError(f"expected --repair-epochs and --repair-lr only with --repair train, found --repair "
-                          f"{args.repair}.")
-    return {"method": args.repair, **({"epochs": args.repair_epochs} if args.repair_epochs else {}),
-            **({"lr": args.repair_lr} if args.repair_lr else {}),
-            **({"per_class": args.repair_per_class} if args.repair_per_class else {})}
+                          f"{options['method']}.")
+    return options
 
 
 def _print_repair(report: dict) -> None:

@@ -7,10 +7,10 @@ option, exit code 2, before anything is loaded or written.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import textwrap
 
 from .. import __version__
+from ..options import KINDS, Kind, add_flags
 
 DESCRIPTION = (
     "Decompose a trained CNN image classifier into one module per class (a small binary classifier: "
@@ -39,31 +39,9 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
         return super()._get_help_string(action)
 
 
-def _number(kind, *, low=None, high=None, low_open=False, high_open=False, what="a number"):
-    """An argparse type: ``kind`` (int or float) within [low, high] (open ends where asked)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, found {text!r}") from None
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high or value != value:  # value != value: NaN
-            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-            raise argparse.ArgumentTypeError(f"expected {what} {' and '.join(x for x in (lo, hi) if x)}, found {text}")
-        return value
-    return parse
-
-
-COUNT = _number(int, low=1, what="a whole number")
-COUNT0 = _number(int, low=0, what="a whole number")
-SHARE = _number(float, low=0.0, high=1.0, low_open=True, what="a share")
-SHARE0 = _number(float, low=0.0, high=1.0, what="a share")
-POSITIVE = _number(float, low=0.0, low_open=True, what="a number")
-NONNEGATIVE = _number(float, low=0.0, what="a number")
-RATE = _number(float, low=0.0, high=1.0, low_open=True, high_open=True, what="a learning rate")
-PROBABILITY = _number(float, low=0.0, high=1.0, low_open=True, high_open=True, what="a probability")
+COUNT, COUNT0 = KINDS["count"].parse, KINDS["count0"].parse
+POSITIVE = KINDS["positive"].parse
+PROBABILITY = Kind("a probability", low=0.0, high=1.0, low_open=True, high_open=True).parse
 
 
 def _data_args(p: argparse.ArgumentParser, *, size: bool = False) -> None:
@@ -79,31 +57,20 @@ def _data_args(p: argparse.ArgumentParser, *, size: bool = False) -> None:
                             "photos of mixed sizes)")
 
 
-KINDS = {"share": SHARE, "share0": SHARE0, "count": COUNT, "positive": POSITIVE, "choice": str,
-         "points": NONNEGATIVE}
-
-
 def _strategy_options(p: argparse.ArgumentParser) -> None:
     """One option per field of each strategy's options dataclass (modules/strategies.py)."""
     from ..modules.strategies import STRATEGIES
 
     for name, strategy in STRATEGIES.items():
-        for f in dataclasses.fields(strategy.options):
-            md = f.metadata
-            if md.get("help") is None:
-                continue  # a Python-only option
-            flag, help_text = md.get("flag", "--" + f.name.replace("_", "-")), f"{name} strategy: {md['help']}"
-            if md["kind"] == "switch":
-                p.add_argument(flag, dest=f.name, action="store_const", const=md["const"], default=None,
-                               help=help_text)
-                continue
-            default = "" if f.default is None else f" (default: {f.default})"
-            p.add_argument(flag, dest=f.name, type=KINDS[md["kind"]], choices=md.get("choices"), default=None,
-                           help=help_text + default)
+        add_flags(p, strategy.options, label=f"{name} strategy: ")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..compose.repair import RepairOptions
     from ..models import list_models
+    from ..modules.distill import DistillOptions
+    from ..modules.strategies import STRATEGIES
+    from ..training import TrainConfig
 
     parser = _Parser(prog="cnnmod", description=textwrap.fill(DESCRIPTION, 78), epilog=EPILOG, formatter_class=_Help)
     parser.add_argument("--version", action="version", version=f"cnnmod {__version__}")
@@ -118,13 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p, size=True)
     p.add_argument("--val-split", default=None, help="also report accuracy on this split after each epoch")
     p.add_argument("--out", required=True, help="the checkpoint file to write (.safetensors)")
-    p.add_argument("--epochs", type=COUNT, default=10, help="passes over the training images")
-    p.add_argument("--batch-size", type=COUNT, default=128, help="images per step")
-    p.add_argument("--lr", type=POSITIVE, default=0.1, help="peak learning rate (SGD, cosine schedule)")
-    p.add_argument("--warmup", type=COUNT0, default=0, help="epochs of linear learning-rate warm-up")
-    p.add_argument("--seed", type=int, default=0, help="fixes weights, batch order and augmentation")
-    p.add_argument("--augment", default="auto", choices=["auto", "crop-flip", "crop", "none"],
-                   help="auto: crop-flip for colour images, none for grey")
+    add_flags(p, TrainConfig)
     p.add_argument("--no-bn", action="store_true", help="the BatchNorm-free variant (ResNets)")
     p.add_argument("--resume", action="store_true", help="continue from the last saved epoch")
     p.add_argument("--device", default="auto", help="where to train: auto, cpu, cuda or cuda:N")
@@ -149,9 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True,
                    help="folder for <class>.safetensors files: new, empty, or a module folder (modules of other "
                         "classes in it are kept, those of this run's classes replaced)")
-    p.add_argument("--strategy", default="paper", choices=["paper", "channels"],
-                   help="paper: Pan & Rajan's masks on the whole model; channels: whole channels removed, "
-                        "physically smaller modules")
+    p.add_argument("--strategy", default="paper", choices=list(STRATEGIES),
+                   help="; ".join(f"{name}: {strategy.description}" for name, strategy in STRATEGIES.items()))
     p.add_argument("--only", default=None,
                    help="comma-separated classes: build only their modules; the data needs only their images "
                         "(other classes present serve as negatives)")
@@ -162,22 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-images", type=COUNT, default=None,
                    help="channels strategy: images of the observed sample that channels are scored and layers "
                         "re-fitted on (more: closer re-fits, slower; default: 256)")
-    p.add_argument("--distill", type=POSITIVE, default=None, metavar="EPOCHS",
-                   help="channels strategy: fine-tune the modules for EPOCHS passes over the observed images to "
-                        "reproduce the parent's logits (no labels needed; default: no training)")
-    p.add_argument("--distill-lr", type=RATE, default=None, help="the distillation's learning rate (Adam; 1e-3)")
-    p.add_argument("--distill-flip", action="store_true",
-                   help="distil on left-right mirrored images too (photos; not digits or text)")
-    p.add_argument("--distill-composed", type=NONNEGATIVE, default=None, metavar="WEIGHT",
-                   help="also distil the modules' composed answer: WEIGHT x the divergence of the softmax of their "
-                        "margins from the parent's (default 0)")
-    p.add_argument("--distill-features", type=NONNEGATIVE, default=None, metavar="WEIGHT",
-                   help="also distil the parent's features: WEIGHT x the squared error of each block's output at the "
-                        "channels a module kept, over the parent's mean square there (default 0)")
-    p.add_argument("--distill-crop", action="store_true",
-                   help="distil on images shifted by up to an eighth of their size too (photos)")
-    p.add_argument("--distill-temperature", type=POSITIVE, default=None, metavar="T",
-                   help="the composed-answer term's softmax temperature (default 1)")
+    add_flags(p, DistillOptions)
     p.add_argument("--seed", type=int, default=0, help="fixes which images are observed")
     p.add_argument("--batch-size", type=COUNT, default=256, help="images per batch of the statistics pass")
     p.add_argument("--workers", type=COUNT0, default=None,
@@ -234,21 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with", dest="new", required=True, help="the new module file (same class, any parent)")
     p.add_argument("--out", required=True,
                    help="the module folder to write (new, empty, a module folder, or the input folder itself)")
-    p.add_argument("--repair", choices=["head", "calibrate", "continuous", "train"], default=None,
-                   help="then adapt to the classes the new module confuses (read off --data's confusion matrix), "
-                        "every other module left as it is: re-fit the new module's head against them (head), fit "
-                        "their calibrations and the new one's (calibrate), or before that calibration the paper's "
-                        "continuous learning (continuous) or a few training steps of their modules (train)")
     p.add_argument("--data", default=None, help="labelled images of the composed classes, for --repair")
     p.add_argument("--split", choices=["train", "test", "val", "all"], default=None,
                    help="which part of --data (default: its train split; all of a folder without splits)")
-    p.add_argument("--repair-epochs", type=POSITIVE, default=None,
-                   help="--repair train: passes over the fitting images (default 1)")
-    p.add_argument("--repair-lr", type=RATE, default=None,
-                   help="--repair train: Adam's learning rate, in (0, 1) (1e-4)")
-    p.add_argument("--repair-per-class", type=COUNT, default=None,
-                   help="images per class to fit on (default 200; 100 more per class check the result; a class "
-                        "with fewer images than both is shared between them in proportion)")
+    add_flags(p, RepairOptions)
     p.add_argument("--device", default="auto", help="--repair train: where to train: auto, cpu, cuda or cuda:N")
 
     p = command("import", "turn a .pt/.pth state dict into a checkpoint (any architecture cnnmod can trace)")

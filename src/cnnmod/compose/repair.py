@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import CnnmodError
+from ..options import check, option
 from ..modules.adapt import adapt_
 from ..modules.calibration import calibrated_logit
 from ..loop import run_steps, warmup_cosine
@@ -54,7 +55,11 @@ from ..statistics.collect import head_layer
 from .fit import draw_per_class, fit_composition, minimise
 from .trunk import group_modules
 
-METHODS = ("head", "calibrate", "continuous", "train")
+# The repair methods, registered once: each name and what it does (``replace --repair``'s help).
+METHODS = {"head": "re-fit the new module's head against the classes it confuses",
+           "calibrate": "fit their calibrations and the new one's",
+           "continuous": "the paper's continuous learning, then that calibration",
+           "train": "a few training steps of their modules, then that calibration"}
 # The pull of a re-fitted head towards the new module's own, on standardised features. On the weak
 # CIFAR-10 ResNet-20 (BENCHMARKS.md), the loss on the held-out images after the re-fit was 0.591 at
 # 1e-3, 0.601 at 1e-2 and 0.612 at 1e-1 (0.622 before).
@@ -68,28 +73,22 @@ class RepairOptions:
     the new class, or of the new class's images to it. ``epochs``, ``lr``, ``batch_size``: the
     ``train`` method's budget (passes over the fitting images), Adam's learning rate, its batch."""
 
-    method: str = "head"
-    per_class: int = 200
-    check_per_class: int = 100
-    min_share: float = 0.02
-    epochs: float = 1.0
-    lr: float = 1e-4
-    batch_size: int = 64
-    seed: int = 0
+    PREFIX = "repair-"  # its flags: --repair METHOD, --repair-per-class, ... (options.py)
+    method: str = option("head", "then adapt to the classes the new module confuses (read off --data's confusion "
+                                 "matrix), every other module left as it is: " +
+                         "; ".join(f"{name}: {what}" for name, what in METHODS.items()), "choice",
+                         choices=tuple(METHODS), flag="--repair", shown=False)
+    per_class: int = option(200, "images per class to fit on (100 more per class check the result; a class with "
+                                 "fewer images than both is shared between them in proportion)", "count")
+    check_per_class: int = option(100, None, "count")
+    min_share: float = option(0.02, None, "rate")
+    epochs: float = option(1.0, "--repair train: passes over the fitting images", "positive", high=100)
+    lr: float = option(1e-4, "--repair train: Adam's learning rate", "rate")
+    batch_size: int = option(64, None, "count")
+    seed: int = option(0, None, "integer")
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise CnnmodError(f"expected a repair method among {', '.join(METHODS)}, found {self.method!r}.")
-        for name in ("per_class", "check_per_class", "batch_size"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise CnnmodError(f"expected a whole number >= 1 as the repair's {name}, found {value!r}.")
-        if not (isinstance(self.min_share, (int, float)) and 0 < self.min_share < 1):
-            raise CnnmodError(f"expected a confusion share in (0, 1), found {self.min_share!r}.")
-        if not (isinstance(self.epochs, (int, float)) and 0 < self.epochs <= 100 and math.isfinite(self.epochs)):
-            raise CnnmodError(f"expected repair epochs between 0 and 100 (0 excluded), found {self.epochs!r}.")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
-            raise CnnmodError(f"expected a repair learning rate in (0, 1), found {self.lr!r}.")
+        check(self)
 
 
 def confused_classes(scores: torch.Tensor, labels: torch.Tensor, new: int, names: list[str],

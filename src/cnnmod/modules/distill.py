@@ -44,6 +44,7 @@ import torch
 from ..compose.trunk import Group, run_group, shared_layers
 from ..errors import CnnmodError
 from ..files import tensors_checksum, write_file
+from ..options import check, option
 from ..statistics.progress import read_progress
 from ..trace.network import GraphNetwork
 from ..trace.ops import REGISTRY, weight_keys
@@ -66,36 +67,25 @@ class DistillOptions:
     and the features before pooling, at the channels the module kept.
     ``crop``: shift each image by up to an eighth of its size (zero padding, seeded), as training does."""
 
-    epochs: float = 1.0
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    flip: bool = False
-    composed: float = 0.0
-    features: float = 0.0
-    crop: bool = False
-    temperature: float = 1.0
+    PREFIX = "distill-"  # its flags: --distill EPOCHS, --distill-lr, ... (options.py)
+    epochs: float = option(1.0, "channels strategy: fine-tune the modules for EPOCHS passes over the observed "
+                                "images to reproduce the parent's logits (no labels needed; no --distill: no "
+                                "training)", "positive", high=1000, flag="--distill", metavar="EPOCHS", shown=False)
+    batch_size: int = option(128, None, "count")
+    lr: float = option(1e-3, "the distillation's learning rate (Adam)", "rate")
+    seed: int = option(0, None, "integer")  # the command line's: --seed
+    flip: bool = option(False, "distil on left-right mirrored images too (photos; not digits or text)", "switch")
+    composed: float = option(0.0, "also distil the modules' composed answer: WEIGHT x the divergence of the softmax "
+                                  "of their margins from the parent's", "nonnegative", metavar="WEIGHT")
+    features: float = option(0.0, "also distil the parent's features: WEIGHT x the squared error of each block's "
+                                  "output at the channels a module kept, over the parent's mean square there",
+                             "nonnegative", metavar="WEIGHT")
+    crop: bool = option(False, "distil on images shifted by up to an eighth of their size too (photos)", "switch")
+    temperature: float = option(1.0, "the composed-answer term's softmax temperature", "positive", high=100,
+                                metavar="T")
 
     def __post_init__(self):
-        if not (isinstance(self.epochs, (int, float)) and 0 < self.epochs <= 1000 and math.isfinite(self.epochs)):
-            raise CnnmodError(f"expected distillation epochs between 0 and 1000 (0 excluded), found {self.epochs!r}.")
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise CnnmodError(f"expected a distillation batch size >= 1, found {self.batch_size!r}.")
-        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)):
-            raise CnnmodError(f"expected a whole number as the distillation seed, found {self.seed!r}.")
-        if not isinstance(self.flip, bool):
-            raise CnnmodError(f"expected flip to be true or false, found {self.flip!r}.")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
-            raise CnnmodError(f"expected a distillation learning rate in (0, 1), found {self.lr!r}.")
-        for name, what in (("composed", "composed-answer"), ("features", "feature")):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0 <= value and math.isfinite(value)):
-                raise CnnmodError(f"expected a {what} weight >= 0, found {value!r}.")
-        if not isinstance(self.crop, bool):
-            raise CnnmodError(f"expected crop to be true or false, found {self.crop!r}.")
-        if isinstance(self.temperature, bool) or not (isinstance(self.temperature, (int, float))
-                                                      and 0 < self.temperature <= 100):
-            raise CnnmodError(f"expected a temperature in (0, 100], found {self.temperature!r}.")
+        check(self)
 
 
 def channeled_targets(logits: torch.Tensor, classes: list[int]) -> torch.Tensor:

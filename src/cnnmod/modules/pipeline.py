@@ -22,6 +22,7 @@ from .io import FORMAT as MODULE_FORMAT
 from .io import module_record
 from .module import Module
 from .distill import training_macs
+from .strategies import STRATEGIES
 from .shared import (PARENT_FORMAT, is_parent_file, module_files, part_record, shared_bytes, with_common,
                      write_parent)
 
@@ -205,7 +206,9 @@ def decompose_to_directory(checkpoint: str, data: str, out: str, *, split: str |
         **({"max_loss": first.meta["max_loss"]} if "max_loss" in first.meta else {}),
         "strategy": first.meta["strategy"],
         "modules": {m.class_name: dict({k: m.meta[k] for k in ("share_kept", "observed_images", "params_fraction",
-                                                               "macs_fraction", "channels_prunable") if k in m.meta},
+                                                               "macs_fraction", "channels_prunable", "channels_kept",
+                                                               "elements_total") if k in m.meta},
+                                       kept=STRATEGIES[m.meta["strategy"]].kept(m.meta),  # one phrase, as inspect's
                                        **({"file_bytes": p.stat().st_size} if paths else {}))
                     for m, p in zip(modules, paths or [None] * len(modules))},
         "files": {str(p): p.stat().st_size for p in paths},

@@ -18,6 +18,7 @@ from ..bits import count, pack, unpack
 from ..concerns import active_masks, backtrack_removed, channel_head, channel_scores, head_totals, mc_bln_features
 from ..concerns.channeling import LOGITS_HEAD
 from ..errors import CnnmodError
+from ..options import check, option
 from ..statistics import ActivationStats
 from ..trace.channels import Spaces, channel_spaces, index_map
 from ..trace.graph import Graph
@@ -292,69 +293,60 @@ def _kept_index(k: torch.Tensor | None) -> torch.Tensor | None:
     return None if k is None or bool(k.all()) else k.nonzero().flatten()
 
 
-def _share(name: str, value, *, zero: bool = False) -> None:
-    low_ok = value >= 0.0 if zero else value > 0.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value <= 1.0):
-        raise CnnmodError(f"expected --{name} in {'[0' if zero else '(0'}, 1], found {value!r}.")
-
-
-# Each strategy's options: a small validated dataclass. The command line is generated from the
-# fields (cli/parser.py): ``help`` and ``kind`` (the argparse type: share, share0, count, positive,
-# choice) in each field's metadata; ``flag`` and ``const`` for a switch that sets another value.
-def _option(default, help_text: str, kind: str, **more):
-    return field(default=default, metadata=dict(help=help_text, kind=kind, **more))
-
-
+# Each strategy's options: a validated dataclass whose fields make the command line's flags (options.py).
 @dataclass(frozen=True)
 class PaperOptions:
-    delta: float = _option(0.5, "MC-BLN threshold: a head feature is removed when its weight to "
-                                "not-this-class is >= delta and to this class below delta in size", "positive")
+    delta: float = option(0.5, "MC-BLN threshold: a head feature is removed when its weight to "
+                               "not-this-class is >= delta and to this class below delta in size", "positive")
 
     def __post_init__(self):
-        if isinstance(self.delta, bool) or not isinstance(self.delta, (int, float)) or not self.delta > 0:
-            raise CnnmodError(f"expected --delta > 0, found {self.delta!r}.")
+        check(self)
 
 
 @dataclass(frozen=True)
 class ChannelsOptions:
-    keep: float = _option(0.5, "share of each channel space a module keeps", "share")
-    refit: bool = field(default=True, metadata=dict(help=None))  # Python only: the ablation without re-fits
-    streams: bool = _option(True, "keep residual streams whole, prune only inside blocks", "switch",
-                            flag="--keep-streams", const=False)
-    trunk: float = _option(0.0, "share of the parent's MACs, from the input, pruned alike for every class, so "
-                                "that composed modules run it once (0: none)", "share0")
-    trunk_keep: float | None = _option(None, "share of each trunk channel space kept (default: --keep, or "
-                                             "--retain)", "share")
-    score: str = _option("rate", "rank channels by firing rate per class or by the error removing them causes",
-                         "choice", choices=("rate", "energy"))
-    retain: float | None = _option(None, "instead of --keep, keep per space the best channels holding this share "
-                                         "of the space's total score", "share")
-    multiple: int = _option(1, "round each space's kept channels to a multiple of this (8: the block size of CPU "
-                               "convolution kernels, so that every removed channel saves time)", "count")
-    max_loss: float | None = _option(None, "instead of --keep or --retain: the smallest modules (the least --retain) "
-                                           "whose composition loses at most this many points of top-1 against the "
-                                           "model on images held back from the statistics (default when neither is "
-                                           "given: 1.0)", "points")
+    keep: float = option(0.5, "share of each channel space a module keeps", "share")
+    refit: bool = option(True, None, "switch")  # Python only: the ablation without re-fits
+    streams: bool = option(True, "keep residual streams whole, prune only inside blocks", "switch",
+                           flag="--keep-streams", const=False)
+    trunk: float = option(0.0, "share of the parent's MACs, from the input, pruned alike for every class, so "
+                               "that composed modules run it once (0: none)", "share0")
+    trunk_keep: float | None = option(None, "share of each trunk channel space kept (default: --keep, or "
+                                            "--retain)", "share")
+    score: str = option("rate", "rank channels by firing rate per class or by the error removing them causes",
+                        "choice", choices=("rate", "energy"))
+    retain: float | None = option(None, "instead of --keep, keep per space the best channels holding this share "
+                                        "of the space's total score", "share")
+    multiple: int = option(1, "round each space's kept channels to a multiple of this (8: the block size of CPU "
+                              "convolution kernels, so that every removed channel saves time)", "count")
+    max_loss: float | None = option(None, "instead of --keep or --retain: the smallest modules (the least --retain) "
+                                          "whose composition loses at most this many points of top-1 against the "
+                                          "model on images held back from the statistics (default when neither is "
+                                          "given: 1.0)", "points")
 
     def __post_init__(self):
-        if isinstance(self.multiple, bool) or not (isinstance(self.multiple, int) and self.multiple >= 1):
-            raise CnnmodError(f"expected --multiple to be a whole number >= 1, found {self.multiple!r}.")
-        if self.score not in ("rate", "energy"):
-            raise CnnmodError(f"expected --score rate or energy, found {self.score!r}.")
-        if self.max_loss is not None and (isinstance(self.max_loss, bool) or not isinstance(self.max_loss, (int, float))
-                                          or not 0 <= self.max_loss <= 100):
-            raise CnnmodError(f"expected --max-loss in [0, 100] points, found {self.max_loss!r}.")
-        for name in ("keep", "retain", "trunk_keep"):
-            if getattr(self, name) is not None:
-                _share(name.replace("_", "-"), getattr(self, name))
-        _share("trunk", self.trunk, zero=True)
+        check(self)
+
+
+def _paper_kept(meta: dict) -> str:
+    return f"keeps {meta['share_kept']:.4f} of {meta['elements_total']:,} observed elements"
+
+
+def _channels_kept(meta: dict) -> str:
+    if meta["channels_prunable"] == 0:
+        return "keeps every channel: no channel space can be pruned (cnnmod inspect says why)"
+    return f"keeps {meta['channels_kept']:,} of {meta['channels_prunable']:,} prunable channels"
 
 
 @dataclass(frozen=True)
 class Strategy:
+    """A strategy, as the library and the command line see it: registered once, in ``STRATEGIES``."""
+
     build: Callable[..., tuple[GraphNetwork, dict]]  # (parent, class index, **options) -> (network, summary)
-    options: type  # its options dataclass
+    options: type  # its options dataclass (its fields are the flags of ``decompose --strategy NAME``)
     needs_sums: bool  # the statistics pass must also sum values and keep a sample of images
+    description: str  # what it does, for ``--strategy``'s help and for refusals ("which ...")
+    kept: Callable[[dict], str]  # what one module keeps, from its meta ("keeps ... of ..."): decompose, inspect
 
     def check(self, options) -> object:
         """``options`` (a dict of keyword options, or the dataclass itself) as the validated dataclass."""
@@ -367,5 +359,9 @@ class Strategy:
         return self.options(**options)
 
 
-STRATEGIES: dict[str, Strategy] = {"paper": Strategy(paper_strategy, PaperOptions, needs_sums=False),
-                                   "channels": Strategy(channels_strategy, ChannelsOptions, needs_sums=True)}
+STRATEGIES: dict[str, Strategy] = {
+    "paper": Strategy(paper_strategy, PaperOptions, needs_sums=False, kept=_paper_kept,
+                      description="Pan & Rajan's masks on the whole model: keeps whole layers and masks elements"),
+    "channels": Strategy(channels_strategy, ChannelsOptions, needs_sums=True, kept=_channels_kept,
+                         description="whole channels removed: physically smaller modules"),
+}
