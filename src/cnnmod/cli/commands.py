@@ -188,11 +188,9 @@ def _strategy_options(args) -> dict:
                 raise CnnmodError(f"expected {flag(strategy.options, field_name)} only with --strategy {name}, found "
                                   f"it with --strategy {args.strategy} ({chosen.description}).")
             options[field_name] = value
-    if args.sample_images is not None:
-        if not chosen.needs_sums:
-            raise CnnmodError(f"expected --sample-images only with --strategy channels, found it with --strategy "
-                              f"{args.strategy} ({chosen.description}).")
-        options["sample_images"] = args.sample_images
+    if args.sample_images is not None and not chosen.needs_sums:  # an observation option (ObserveOptions)
+        raise CnnmodError(f"expected --sample-images only with --strategy channels, found it with --strategy "
+                          f"{args.strategy} ({chosen.description}).")
     return options
 
 
@@ -205,7 +203,7 @@ def _distill_options(args) -> dict | None:
             raise CnnmodError(f"expected {flag(DistillOptions, next(iter(options)))} only with --distill EPOCHS, "
                               "found it alone.")
         return None
-    return {"seed": args.seed, **options}
+    return options  # its seed: the run's (decompose's)
 
 
 def _nothing_to_resume(files: list[Path]) -> None:
@@ -216,6 +214,7 @@ def _nothing_to_resume(files: list[Path]) -> None:
 
 
 def cmd_decompose(args) -> int:
+    from ..modules.observe import ObserveOptions
     from ..modules.pipeline import decompose_to_directory
 
     if args.resume:
@@ -223,12 +222,10 @@ def cmd_decompose(args) -> int:
         _nothing_to_resume([out.with_name(out.name + suffix) for suffix in (".stats-progress.safetensors",
                                                                             ".distill-progress.safetensors")])
 
-    summary = decompose_to_directory(args.checkpoint, args.data, args.out, split=args.split,
-                                     strategy=args.strategy, positives=args.positives,
-                                     negatives_per_class=args.negatives_per_class, seed=args.seed,
-                                     batch_size=args.batch_size, progress=not args.json, only=_names(args.only),
-                                     resume=args.resume, device=args.device, precision=args.precision,
-                                     workers=args.workers, distill=_distill_options(args), **_strategy_options(args))
+    summary = decompose_to_directory(args.checkpoint, args.data, args.out, split=args.split, strategy=args.strategy,
+                                     progress=not args.json, only=_names(args.only), resume=args.resume,
+                                     device=args.device, distill=_distill_options(args),
+                                     **given(ObserveOptions, args), **_strategy_options(args))
     if summary["rank"] != 0:
         return 0  # rank 0 reports for the group
     if args.json:

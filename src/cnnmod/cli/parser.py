@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..compose.repair import RepairOptions
     from ..models import list_models
     from ..modules.distill import DistillOptions
+    from ..modules.observe import ObserveOptions
     from ..modules.strategies import STRATEGIES
     from ..training import TrainConfig
 
@@ -115,25 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None,
                    help="comma-separated classes: build only their modules; the data needs only their images "
                         "(other classes present serve as negatives)")
-    p.add_argument("--positives", type=COUNT, default=1000, help="images per class observed (the paper's number)")
-    p.add_argument("--negatives-per-class", type=COUNT0, default=None,
-                   help="negatives of each other class (default: positives // (classes - 1), 1:1)")
+    add_flags(p, ObserveOptions)
     _strategy_options(p)
-    p.add_argument("--sample-images", type=COUNT, default=None,
-                   help="channels strategy: images of the observed sample that channels are scored and layers "
-                        "re-fitted on (more: closer re-fits, slower; default: 256)")
     add_flags(p, DistillOptions)
-    p.add_argument("--seed", type=int, default=0, help="fixes which images are observed")
-    p.add_argument("--batch-size", type=COUNT, default=256, help="images per batch of the statistics pass")
-    p.add_argument("--workers", type=COUNT0, default=None,
-                   help="processes decoding an image folder's batches ahead of the statistics pass "
-                        "(default: up to 4; 0: decode in the main process)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run's statistics and distillation")
     p.add_argument("--device", default="auto",
                    help="where to run the statistics pass and the distillation: auto, cpu, cuda or cuda:N "
                         "(torchrun: one process per device)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: autocast statistics pass (faster on GPUs; may change masks, see BENCHMARKS.md)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("export", "write a module, composed classifier or checkpoint as ONNX, or a module of a "

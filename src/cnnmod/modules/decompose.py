@@ -17,18 +17,18 @@ from .calibration import calibrate_
 from .distill import DistillOptions, distill_
 from .extract import cost
 from .module import Module
-from .observe import Observation, _adapt, observe
+from .observe import Observation, ObserveOptions, _adapt, observe
 from .shared import share_equal_tensors
 from .strategies import STRATEGIES
 
+OBSERVED = {f.name for f in fields(ObserveOptions)}  # decompose's keyword options that go to ``observe``
 
-def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: int = 1000,
-              negatives_per_class: int | None = None, seed: int = 0, batch_size: int = 256,
-              classes: list[str] | None = None, input_spec: InputSpec | None = None,
-              progress: bool = False, progress_file: str | None = None, resume: bool = False,
-              calibration: int = 50, device: str = "cpu", precision: str = "fp32", only: list[str] | None = None,
-              sample_images: int = 256, workers: int | None = None, distill: "DistillOptions | dict | None" = None,
-              distill_progress_file: str | None = None, **options) -> list[Module]:
+
+def decompose(model: nn.Module, dataset, *, strategy: str = "paper", classes: list[str] | None = None,
+              input_spec: InputSpec | None = None, progress: bool = False, progress_file: str | None = None,
+              resume: bool = False, calibration: int = 50, device: str = "cpu", only: list[str] | None = None,
+              distill: "DistillOptions | dict | None" = None, distill_progress_file: str | None = None,
+              **options) -> list[Module]:
     """Decompose ``model`` into one module per class (``only``: per class named), in the model's class order.
 
     ``dataset`` is a ``cnnmod.Dataset`` (raw images, prepared by the model's input
@@ -38,7 +38,8 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     how raw uint8 images are prepared (default: the model's, as ``load_model`` sets it); the
     modules record it and prepare raw images themselves. Prepared pairs with no specification give
     modules that take prepared tensors only and refuse raw images (cnnmod cannot guess how they
-    were prepared). ``options`` go to the strategy (``paper``: ``delta``; ``channels``: its options,
+    were prepared). ``options``: the observation's (``ObserveOptions``: ``positives``, ``seed``,
+    ``batch_size``, ...; observe.py) and the strategy's (``paper``: ``delta``; ``channels``: its options,
     and ``max_loss``, the default when neither ``keep`` nor ``retain`` is given: see ``smallest_within``).
     With ``progress_file`` the statistics are saved there as they are collected, and with
     ``resume=True`` a saved state of the same run is continued. ``calibration`` images per
@@ -59,6 +60,8 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     ('3', torch.Size([B, 2]))
     """
     chosen = _strategy(strategy)
+    seen = ObserveOptions.of(**{k: options.pop(k) for k in list(options) if k in OBSERVED})
+    seed, batch_size = seen.seed, seen.batch_size
     chosen.check(options)  # bad options fail now, not after the long pass
     max_loss = None
     if strategy == "channels":  # the smallest modules within a loss, unless told how many channels to keep
@@ -78,10 +81,8 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", positives: 
     if distill is not None and strategy != "channels":
         raise CnnmodError(f"expected the channels strategy to distil its modules, found {strategy!r} (a paper "
                           "module is the whole parent, exact on its images: nothing to distil).")
-    obs = observe(model, dataset, positives=positives, negatives_per_class=negatives_per_class, seed=seed,
-                  batch_size=batch_size, classes=classes, input_spec=input_spec, progress=progress,
-                  progress_file=progress_file, resume=resume, device=device, precision=precision, only=only,
-                  sample_images=sample_images, workers=workers, sums=chosen.needs_sums)
+    obs = observe(model, dataset, options=seen, classes=classes, input_spec=input_spec, progress=progress,
+                  progress_file=progress_file, resume=resume, device=device, only=only, sums=chosen.needs_sums)
     if distill is not None or calibration > 0 or max_loss is not None:  # they read images of the data again
         labels, fetch = _adapt(dataset, obs.classes, input_spec or getattr(model, "input_spec", None))
     if max_loss is None:

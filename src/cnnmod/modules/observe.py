@@ -9,6 +9,7 @@ loaded (``save_observation``, ``load_observation``). ``build(observation, strate
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -24,6 +25,7 @@ from ..data.sources import Dataset
 from ..data.stream import ImageFiles
 from ..distributed import check_resume_alone, rank_and_world, resolve_device
 from ..errors import CnnmodError
+from ..options import check, option
 from ..statistics import Sample, collect_statistics, select_sample
 from ..statistics.collect import ends_in_linear, head_layer
 from ..statistics.progress import ProgressSaver
@@ -52,18 +54,53 @@ class Observation:
         return self.parent.focus if self.parent.focus is not None else list(range(len(self.classes)))
 
 
-def observe(model: nn.Module, dataset, *, positives: int = 1000, negatives_per_class: int | None = None,
-            seed: int = 0, batch_size: int = 256, classes: list[str] | None = None,
+@dataclass(frozen=True)
+class ObserveOptions:
+    """How the statistics pass observes: which images, in what batches, how they are read (the
+    flags of ``decompose``; ``decompose``'s keyword arguments of these names come here)."""
+
+    positives: int = option(1000, "images per class observed (the paper's number)", "count")
+    negatives_per_class: int | None = option(None, "negatives of each other class (default: positives // "
+                                                   "(classes - 1), 1:1)", "count0")
+    seed: int = option(0, "fixes which images are observed", "integer")
+    batch_size: int = option(256, "images per batch of the statistics pass", "count")
+    sample_images: int = option(256, "channels strategy: images of the observed sample that channels are scored "
+                                     "and layers re-fitted on (more: closer re-fits, slower)", "count")
+    workers: int | None = option(None, "processes decoding an image folder's batches ahead of the statistics pass "
+                                       "(default: up to 4; 0: decode in the main process)", "count0")
+    precision: str = option("fp32", "bf16: autocast statistics pass (faster on GPUs; may change masks, see "
+                                    "BENCHMARKS.md)", "choice", choices=("fp32", "bf16"))
+
+    def __post_init__(self):
+        check(self)
+
+    @classmethod
+    def of(cls, options: "ObserveOptions | None" = None, **given) -> "ObserveOptions":
+        """``options``, or the dataclass of keyword options ``given`` (an unknown one refused)."""
+        if options is not None:
+            return dataclasses.replace(options, **given) if given else options
+        unknown = set(given) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise CnnmodError(f"expected observation options among {', '.join(f.name for f in dataclasses.fields(cls))},"
+                              f" found {', '.join(sorted(unknown))}.")
+        return cls(**given)
+
+
+def observe(model: nn.Module, dataset, *, options: ObserveOptions | None = None, classes: list[str] | None = None,
             input_spec: InputSpec | None = None, progress: bool = False, progress_file: str | None = None,
-            resume: bool = False, device: str = "cpu", precision: str = "fp32", only: list[str] | None = None,
-            sample_images: int = 256, workers: int | None = None, sums: bool = True) -> Observation:
+            resume: bool = False, device: str = "cpu", only: list[str] | None = None, sums: bool = True,
+            **given) -> Observation:
     """Observe ``model`` on ``dataset`` once (see ``decompose`` for the arguments).
 
-    ``sums``: also sum every observed value and keep ``sample_images`` prepared images of the sample,
-    which the ``channels`` strategy needs (the ``paper`` strategy does not: without them the pass
-    is cheaper). With ``only``, the other classes' images are their negatives alone: what the
-    modules of ``only`` are built from.
+    ``options`` (``ObserveOptions``), or its fields as keyword arguments (``positives=100``): which
+    images are observed, in what batches. ``sums``: also sum every observed value and keep
+    ``sample_images`` prepared images of the sample, which the ``channels`` strategy needs (the
+    ``paper`` strategy does not: without them the pass is cheaper). With ``only``, the other
+    classes' images are their negatives alone: what the modules of ``only`` are built from.
     """
+    o = ObserveOptions.of(options, **given)
+    positives, negatives_per_class, seed, batch_size = o.positives, o.negatives_per_class, o.seed, o.batch_size
+    sample_images, workers, precision = o.sample_images, o.workers, o.precision
     start = time.perf_counter()
     meta = getattr(model, "cnnmod_meta", {})
     spec = input_spec or getattr(model, "input_spec", None)
@@ -83,9 +120,6 @@ def observe(model: nn.Module, dataset, *, positives: int = 1000, negatives_per_c
         raise CnnmodError(f"expected {num_classes} class names (the model's outputs), found {len(classes)}.")
 
     focus = _focus(only, classes)
-    for option, value in (("sample_images", sample_images), ("batch_size", batch_size)):
-        if not (isinstance(value, int) and value >= 1):
-            raise CnnmodError(f"expected {option} to be a whole number >= 1, found {value}.")
     labels, fetch = _adapt(dataset, classes, spec)
     sample = select_sample(labels, num_classes, positives=positives, negatives_per_class=negatives_per_class,
                            seed=seed, required=focus, names=classes)
