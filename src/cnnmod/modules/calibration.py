@@ -68,11 +68,13 @@ def calibrate_(modules: list[Module], batches, *, source: str, parent: GraphNetw
     ``parent``: the modules' parent network, also run on the images (its logits are returned);
     modules that mask their parent's elements (the paper strategy's) are then scored from its one
     run where that is exact (``_masked_margins``), not each by a run of its own.
-    Returns the margins (images, modules; float64), the images' labels and the parent's logits; each
+    Returns the margins (images, modules; float64), the images' labels and the parent's logits of the
+    modules' classes (images, modules; None without ``parent``); each
     module's ``timing`` says on how many images it ran whole (``calibration_module_images``).
     """
     wide, parent64 = _float64(modules, parent) if parent is not None else (_float64(modules), None)
     margins, labels, logits, whole = [], [], [], torch.zeros(len(modules), dtype=torch.int64)
+    classes = [m.class_index for m in modules]  # the parent's logits kept: those of the modules' classes
     for x, y in batches:
         labels.append(y)
         found, z, ran = _masked_margins(wide, parent64, x.double()) if parent64 is not None else (None, None, None)
@@ -80,7 +82,7 @@ def calibrate_(modules: list[Module], batches, *, source: str, parent: GraphNetw
             found = torch.stack([_margin(net(x.double())) for net in wide], 1)
             z, ran = parent64(x.double()) if parent64 is not None else None, len(x)
         margins.append(found)
-        logits.append(z)
+        logits.append(z[:, classes] if z is not None else None)
         whole += ran
     for m, images in zip(modules, whole.tolist()):  # the images each module ran whole on (MACs; not saved)
         m.timing["calibration_module_images"] = images

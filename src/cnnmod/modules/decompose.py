@@ -220,12 +220,12 @@ def _held_back(modules: list[Module], logits: torch.Tensor, labels: torch.Tensor
                source: str) -> dict:
     """What the decomposition cost in accuracy, on the calibration images (held out from the
     statistics sample where the data has them): the modules composed (their vote, the argmax of the
-    margins) against the model restricted to the same classes (its ``logits``), on those classes' images."""
+    margins) against the model restricted to the same classes (its ``logits`` of them), on those classes' images."""
     classes = torch.tensor([m.class_index for m in modules])
     mine = torch.isin(labels, classes)
     truth = torch.searchsorted(classes, labels[mine])  # each image's position among the modules' classes
     return {"images": int(mine.sum()), "source": source,
-            "model_top1": float((logits[mine][:, classes].argmax(1) == truth).double().mean()),
+            "model_top1": float((logits[mine].argmax(1) == truth).double().mean()),
             "composed_top1": float((margins[mine].argmax(1) == truth).double().mean())}
 
 
