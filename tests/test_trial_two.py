@@ -151,6 +151,10 @@ def test_max_loss_chooses_the_fewest_channels_within_the_loss(parent, tmp_path, 
     assert modules[0].meta["options"]["retain"] == chosen["retain"] or chosen["retain"] == 1.0
     tried = {float(r): v for r, v in chosen["tried"].items()}
     assert all(v > 1.0 for r, v in tried.items() if r < chosen["retain"])  # every smaller one tried lost more
+    # a mean of per-image differences in {-1, 0, 1}: its standard error, in points, is at most 100 / sqrt(n),
+    # and 0 only where the modules and the model agree on every image (then nothing is lost)
+    assert 0 <= chosen["standard_error"] <= 100 / chosen["images"] ** 0.5
+    assert chosen["standard_error"] > 0 or chosen["lost"] == 0
     loose = decompose(model, data, strategy="channels", positives=30, max_loss=20.0)
     assert loose[0].meta["max_loss"]["retain"] <= chosen["retain"]
     assert sum(m.meta["macs_fraction"] for m in loose) <= sum(m.meta["macs_fraction"] for m in modules)

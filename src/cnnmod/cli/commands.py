@@ -252,7 +252,8 @@ def cmd_decompose(args) -> int:
                  f"{_plural(chosen['images'], 'image')} the statistics pass saw")
         print(f"  --max-loss {chosen['points']:g}: chose {what}, the fewest channels that lose at most "
               f"{chosen['points']:g} points on {where} (points lost: "
-              f"{', '.join(f'{r} {v:.1f}' for r, v in chosen['tried'].items())})")
+              f"{', '.join(f'{r} {v:.1f}' for r, v in chosen['tried'].items())}; the chosen one's standard "
+              f"error on these images: {chosen['standard_error']:.1f} points)")
     held = summary.get("held_back")
     if held and held["images"]:
         lost = 100 * (held["model_top1"] - held["composed_top1"])
