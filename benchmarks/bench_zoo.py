@@ -10,8 +10,11 @@ each class by file name, 5,000 images): model top-1; the paper strategy's 10 mod
 (vote); the channels strategy with a shared trunk (``--trunk 1.0 --multiple 8``, ``--retain`` 0.9
 and 0.97, and 0.97 with ``--score energy``) composed, with its multiply-accumulates per image against the model's; and the decomposition time
 of each strategy against one plain inference pass over the same images, in the same run.
-Targets (issue #15): paper within 0.5 points of the model, channels within 1.5 points at <= 1.0x
-the model's MACs.
+Decomposition reads the whole training split (45,000 images: the statistics sample, and images
+held back from it for calibration and ``--max-loss``'s choice). The channels strategy runs at its
+default, ``--max-loss 1.0`` (issue #25), with rate and with energy scores.
+Targets: paper within 0.5 points of the model (issue #15); channels within its budget, 1.0 point,
+on the validation split (issue #25).
 """
 
 from __future__ import annotations
@@ -44,10 +47,10 @@ ARCHS = [("torchvision", "resnet18"), ("torchvision", "mobilenet_v2"), ("torchvi
          ("torchvision", "googlenet"), ("torchvision", "mnasnet0_5"), ("timm", "resnet18d"),
          ("torchvision", "shufflenet_v2_x1_0")]
 PER_CLASS, EPOCHS, BATCH, LR = 1000, 6, 128, 0.05
-# the channels strategy with a shared trunk, at two retain shares (label, options)
-CHANNELS = [("retain 0.9", dict(trunk=1.0, retain=0.9, multiple=8)),
-            ("retain 0.97", dict(trunk=1.0, retain=0.97, multiple=8)),
-            ("retain 0.97 energy", dict(trunk=1.0, retain=0.97, multiple=8, score="energy"))]
+# the channels strategy with a shared trunk at its default, --max-loss 1.0 (label, options); issue #25
+CHANNELS = [("max-loss 1", dict(trunk=1.0, multiple=8)),
+            ("max-loss 1 energy", dict(trunk=1.0, multiple=8, score="energy"))]
+MAX_LOSS = 1.0
 
 
 def first_per_class(data, n: int):
@@ -76,6 +79,7 @@ def trained(library: str, name: str):
 
 
 def measure(library: str, name: str, train_set, val, spec) -> dict:
+    """``train_set``: the images decomposition reads (not only those the model was trained on)."""
     model = trained(library, name)
     classes = train_set.classes
     row = {"arch": f"{library}:{name}", "model_top1": evaluate_model(model, val, spec, classes)["top1"]}
@@ -99,6 +103,8 @@ def measure(library: str, name: str, train_set, val, spec) -> dict:
         row[f"{strategy}_macs_fraction"] = clf.cost()["macs"] / model_macs
         if strategy == "paper":
             row["paper_share_kept"] = sum(m.meta["share_kept"] for m in modules) / len(modules)
+        else:  # what --max-loss chose, and what it measured on the held-back images
+            row[f"{strategy}_max_loss"] = modules[0].meta["max_loss"]
         print(row, flush=True)
     return row
 
@@ -124,7 +130,7 @@ def main(argv=None) -> int:
     if args.train:
         return 0
     for library, name in archs:  # each row cached, so that architectures can be measured in several runs
-        row = measure(library, name, train_set, val, spec)
+        row = measure(library, name, train_all, val, spec)
         (CACHE / f"{library}_{name}.json").write_text(json.dumps(dict(row, machine=machine()), sort_keys=True))
     return _write()
 
@@ -137,40 +143,49 @@ def _write() -> int:
 
 
 def _targets(r: dict, strategies: list[str]) -> str:
-    """Issue #15's targets: paper within 0.5 points; channels within 1.5 points at <= 1.0x the MACs."""
+    """Paper within 0.5 points (issue #15); each channels column within its --max-loss on validation (issue #25)."""
     paper = "paper met" if "paper_error" not in r and r["model_top1"] - r["paper_top1"] <= 0.005 else "paper MISSED"
-    met = [s for s in strategies[1:] if f"{s}_error" not in r and r["model_top1"] - r[f"{s}_top1"] <= 0.015
-           and r[f"{s}_macs_fraction"] <= 1.0]
-    return f"{paper}; channels {'met (' + met[0].removeprefix('channels ') + ')' if met else 'MISSED'}"
+    within = [f"{'met' if f'{s}_error' not in r and 100 * (r['model_top1'] - r[f'{s}_top1']) <= MAX_LOSS else 'MISSED'}"
+              f" ({s.removeprefix('channels max-loss 1').strip() or 'rate'})" for s in strategies[1:]]
+    return f"{paper}; within 1 point: {', '.join(within)}"
 
 
 # What the table cannot say, written after reading it (the numbers above are the run's).
 NOTES = {
-    "torchvision:mobilenet_v3_small": "rate scores lose 4.70 points at 0.80x the MACs with retain 0.97; energy "
-                                      "scores (what removing a channel costs its readers) keep it within 1 point at "
-                                      "0.88x (its depthwise and squeeze-excitation spaces are pruned).",
-    "torchvision:shufflenet_v2_x1_0": "pruned through its channel splits and shuffles (index maps between spaces, "
-                                      "issue #15); within 0.2 points at 0.84x with energy scores.",
-    "torchvision:googlenet": "its Inception branches are pruned through the concatenations (derived spaces).",
-    "torchvision:mnasnet0_5": "weakly trained by this recipe (19% top-1): the differences are within a few dozen "
-                              "images of 5,000.",
-    "torchvision:efficientnet_b0": "not trained by this recipe (13% top-1, chance is 10%): its row shows the "
-                                   "pipeline running, not accuracy kept. Its paper modules mask nothing (SiLU is "
-                                   "never exactly 0), so 10 of them share everything but their heads (1.00x MACs).",
+    "torchvision:regnet_y_400mf": "`--max-loss` chose retain 0.8 (rate) and 0.95 (energy) on losses of 0.8 and "
+                                  "-0.4 points on the 500 held-back images; on the 5,000 validation images they "
+                                  "lose 1.86 and 2.04. The held-back estimate is a paired difference on 500 images: "
+                                  "its standard error is about sqrt(q / 500), 1.4 points where the modules and the "
+                                  "model disagree on q = 10% of the images (`decompose` now prints it for each "
+                                  "run), so a 1-point budget is kept on average, not on every model: missed here.",
+    "torchvision:mobilenet_v3_small": "with rate scores no retain below every channel stayed within the budget "
+                                      "(retain 0.999 lost 1.4 points held back), so its modules keep every channel "
+                                      "(1.00x); energy scores keep it within budget at 0.96x.",
+    "torchvision:mobilenet_v2": "the search met a non-monotone loss (energy: retain 0.95 lost 1.2 points held back, "
+                                "0.99 lost 2.0): the bisection's assumption that more channels never lose more "
+                                "holds only up to the estimate's noise.",
 }
 
 
 def _cells(r: dict, s: str) -> list[str]:
-    """top-1, points against the model, MACs against the model, time against one inference pass."""
+    """top-1, points against the model, MACs against the model, time against one inference pass; for
+    --max-loss, the retain it chose."""
     if f"{s}_error" in r:
         return ["refused", "-", "-", "-"]
-    return [f"{r[f'{s}_top1']:.4f}", f"{100 * (r[f'{s}_top1'] - r['model_top1']):+.2f}",
-            f"{r[f'{s}_macs_fraction']:.2f}x", f"{r[f'{s}_seconds'] / r['inference_seconds']:.1f}x"]
+    cells = [f"{r[f'{s}_top1']:.4f}", f"{100 * (r[f'{s}_top1'] - r['model_top1']):+.2f}",
+             f"{r[f'{s}_macs_fraction']:.2f}x", f"{r[f'{s}_seconds'] / r['inference_seconds']:.1f}x"]
+    if f"{s}_max_loss" in r:
+        chosen = r[f"{s}_max_loss"]["retain"]
+        cells.append("all channels" if chosen >= 1 else f"retain {chosen}")
+    return cells
 
 
-TIMING_NOTE = ("- Timing: this run shared the 2 cores with another benchmark for most architectures, so the "
-               "decomposition-time ratios (each against a plain pass in the same process) are noisy; the "
-               "accuracy and MACs columns are not affected.")
+TIMING_NOTE = ("- Not re-measured this time (CPU budget of the session): densenet121, googlenet, mnasnet0_5, "
+               "efficientnet_b0 and timm's resnet18d; their earlier rows (fixed retain shares) are in git history. "
+               "The time column of every row but ShuffleNet's is not a measure: those four ran while another "
+               "process trained a model on the same 2 cores (ResNet-18's plain pass: 39.7 s, against 11.2 s alone); "
+               "BENCHMARKS \"One pass\" times these architectures' decompositions alone. The accuracy and MACs "
+               "columns are not affected.")
 
 
 def render(rows: list[dict]) -> str:
@@ -183,10 +198,13 @@ def render(rows: list[dict]) -> str:
         f"random weights on the first {PER_CLASS:,} CIFAR-10 training images of each class (32x32, {EPOCHS} epochs, "
         "SGD one-cycle, crop and flip, BatchNorm momentum 0.1): a CPU budget, so the models are far from their papers' accuracy; what "
         "matters is the modules against their own model. Validation: the last 10% of each class (5,000 images). "
-        "Channels: `--trunk 1.0 --multiple 8` with `--retain 0.9` or `0.97`, and `0.97` with `--score energy`. "
-        "Each cell: composed top-1 (vote), "
+        "Decomposition reads the whole training split (45,000 images; the statistics sample, and 50 images per "
+        "class held back from it). Channels: `--trunk 1.0 --multiple 8` at the default `--max-loss 1.0` (the "
+        "least `--retain` whose composition loses at most 1 point on the held-back images), with rate and "
+        "with energy scores (`--score energy`). Each cell: composed top-1 (vote) on the validation split, "
         "points against the model, composed MACs per image against the model's, decomposition time (statistics "
-        "pass, modules, calibration) against one plain inference pass over the statistics sample, same run. "
+        "pass, modules (channels: the `--max-loss` search's builds included), calibration) against one plain "
+        "inference pass over the statistics sample, same run; for channels, the `--retain` chosen. "
         "Paper-strategy modules are the whole model with masks, so 10 of them cost about 10x its MACs.",
         "",
         "| architecture | model top-1 | " + " | ".join(strategies) + " | targets |",
