@@ -56,6 +56,9 @@ def test_options_are_validated_and_a_paper_observation_cannot_build_channels(set
     obs = observe(model, data, input_spec=spec, positives=20, sums=False)
     with pytest.raises(CnnmodError, match="expected options of this strategy"):
         build(obs, "paper", keep=0.5)
+    with pytest.raises(CnnmodError, match=r"of the observation \(batch_size, .*\) or of the paper strategy "
+                                          r"\(delta\), found positves"):
+        decompose(model, data, input_spec=spec, positves=20)  # refused before the pass
     with pytest.raises(CnnmodError, match="observation made with sums=True"):
         build(obs, "channels")
     assert len(build(obs, "paper", PaperOptions(delta=0.4))) == 10

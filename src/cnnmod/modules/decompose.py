@@ -60,6 +60,11 @@ def decompose(model: nn.Module, dataset, *, strategy: str = "paper", classes: li
     ('3', torch.Size([B, 2]))
     """
     chosen = _strategy(strategy)
+    unknown = set(options) - OBSERVED - {f.name for f in fields(chosen.options)}
+    if unknown:  # a misspelt name: say every name it could have been
+        raise CnnmodError(f"expected options of the observation ({', '.join(sorted(OBSERVED))}) or of the {strategy} "
+                          f"strategy ({', '.join(f.name for f in fields(chosen.options))}), found "
+                          f"{', '.join(sorted(unknown))}.")
     seen = ObserveOptions.of(**{k: options.pop(k) for k in list(options) if k in OBSERVED})
     seed, batch_size = seen.seed, seen.batch_size
     chosen.check(options)  # bad options fail now, not after the long pass
