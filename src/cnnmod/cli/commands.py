@@ -250,8 +250,9 @@ def cmd_decompose(args) -> int:
         what = "every channel" if chosen["retain"] >= 1 else f"--retain {chosen['retain']}"
         where = (_plural(chosen["images"], "held-back image") if chosen["source"].startswith("held out") else
                  f"{_plural(chosen['images'], 'image')} the statistics pass saw")
+        points = f"{chosen['points']:g} point{'' if chosen['points'] == 1 else 's'}"
         print(f"  --max-loss {chosen['points']:g}: chose {what}, the fewest channels that lose at most "
-              f"{chosen['points']:g} points on {where} (points lost: "
+              f"{points} on {where} (points lost: "
               f"{', '.join(f'{r} {v:.1f}' for r, v in chosen['tried'].items())}; the chosen one's standard "
               f"error on these images: {chosen['standard_error']:.1f} points)")
     held = summary.get("held_back")
