@@ -19,6 +19,13 @@ import torch
 from tqdm import tqdm
 
 
+def device_copies(weights: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors a network binds to run on ``device`` (bound, not moved: its own tensors, which it may
+    share with a parent and sibling modules, stay where they are): copies off the CPU, none on it,
+    where its own tensors are where it runs (a copy of every tensor at every step cost the CPU runs)."""
+    return {} if device.type == "cpu" else {k: t.to(device) for k, t in weights.items()}
+
+
 def warmup_cosine(lr: float, steps: int, warmup: int) -> Callable[[int], float]:
     """A linear warm-up over ``warmup`` steps, then a cosine decay from ``lr`` towards 0 at ``steps``."""
     return lambda step: lr * min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * step / steps))

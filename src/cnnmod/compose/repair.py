@@ -47,7 +47,7 @@ from ..errors import CnnmodError
 from ..options import check, option
 from ..modules.adapt import adapt_
 from ..modules.calibration import calibrated_logit
-from ..loop import run_steps, warmup_cosine
+from ..loop import device_copies, run_steps, warmup_cosine
 from ..modules.distill import trainable_weights
 from ..modules.extract import cost
 from ..modules.module import Module
@@ -303,9 +303,8 @@ def _train(modules, touched, index, labels, margins, batches, options, progress,
     everything = [p for mine in params.values() for p in mine.values()]
     if not everything:
         raise CnnmodError("expected confused modules with weights to train, found none (try --repair calibrate).")
-    # each touched network runs on its trained tensors and its others moved to the device (bound, not moved)
-    bound = {k: {**({} if device.type == "cpu" else {key: t.to(device) for key, t in nets[k].weights().items()}),
-                 **params[k]} for k in touched}
+    # each touched network runs on its trained tensors and its others on the device
+    bound = {k: {**device_copies(nets[k].weights(), device), **params[k]} for k in touched}
     scale = torch.tensor([(m.meta.get("calibration") or {"a": 1.0})["a"] for m in modules]).to(device)
     shift = torch.tensor([(m.meta.get("calibration") or {"b": 0.0})["b"] for m in modules]).to(device)
     fixed = margins.float().to(device) * scale + shift

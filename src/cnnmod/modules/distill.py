@@ -48,7 +48,7 @@ from ..options import check, option
 from ..statistics.progress import read_progress
 from ..trace.network import GraphNetwork
 from ..trace.ops import REGISTRY, weight_keys
-from ..loop import Order, run_steps, warmup_cosine
+from ..loop import Order, device_copies, run_steps, warmup_cosine
 from ..training import augment_batch
 from .extract import cost
 from .module import Module
@@ -153,12 +153,8 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
     params = list(shared.values()) + [p for mine in own for p in mine.values()]
     if not params:
         raise CnnmodError("expected modules with weights to train, found none.")
-    # What each module runs on while it trains: its trained tensors, and the others moved to the device
-    # (bound, not moved: the modules' own tensors, shared with the parent's, stay where they are).
-    def moved(net: GraphNetwork) -> dict:  # on the CPU the networks' own tensors are where they run
-        return {} if device.type == "cpu" else {k: t.to(device) for k, t in net.weights().items()}
-
-    trained = [{**moved(net), **shared, **mine} for net, mine in zip(nets, own)]
+    # What each module runs on while it trains: its trained tensors, and the others on the device
+    trained = [{**device_copies(net.weights(), device), **shared, **mine} for net, mine in zip(nets, own)]
     teacher_on = teacher if device.type == "cpu" else \
         GraphNetwork(teacher.graph, {k: t.to(device) for k, t in teacher.weights().items()})
     steps = max(1, math.ceil(options.epochs * math.ceil(len(index) / options.batch_size)))
@@ -212,7 +208,7 @@ def distill_(modules: list[Module], teacher: GraphNetwork, fetch: Callable[[torc
     # The check: the loss on (up to) the first CHECK_IMAGES images, before and after. Weights that did
     # not lower it are not kept (few steps at a learning rate too high for a module already close).
     check = index[:CHECK_IMAGES]
-    on_device = [moved(net) for net in nets]
+    on_device = [device_copies(net.weights(), device) for net in nets]
     before = _loss(nets, group, teacher_on, images_on, check, classes, options, on_device)
     after_loss = _loss(nets, group, teacher_on, images_on, check, classes, options, trained)
     if after_loss < before:
