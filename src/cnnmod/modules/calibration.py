@@ -75,10 +75,12 @@ def calibrate_(modules: list[Module], batches, *, source: str, parent: GraphNetw
     wide, parent64 = _float64(modules, parent) if parent is not None else (_float64(modules), None)
     margins, labels, logits, whole = [], [], [], torch.zeros(len(modules), dtype=torch.int64)
     classes = [m.class_index for m in modules]  # the parent's logits kept: those of the modules' classes
+    split = _split(wide, parent64) if parent64 is not None else None  # decided once, not per batch
     for x, y in batches:
         labels.append(y)
-        found, z, ran = _masked_margins(wide, parent64, x.double()) if parent64 is not None else (None, None, None)
-        if found is None:
+        if split is not None:
+            found, z, ran = _masked_margins(wide, parent64, x.double(), split)
+        else:
             found = torch.stack([_margin(net(x.double())) for net in wide], 1)
             z, ran = parent64(x.double()) if parent64 is not None else None, len(x)
         margins.append(found)
@@ -99,41 +101,46 @@ def _margin(z: torch.Tensor) -> torch.Tensor:
     return z[:, 1] - z[:, 0]
 
 
-def _masked_margins(wide: list[GraphNetwork], parent: GraphNetwork, x: torch.Tensor):
-    """The margins of modules that are their parent with elements masked (the paper strategy's), and
-    the parent's logits, from one run of the parent, and on how many images each module ran whole;
-    Nones where the modules are of another kind.
+def _split(wide: list[GraphNetwork], parent: GraphNetwork) -> int | None:
+    """Where the modules' tails start (``_masked_margins``: the parent's last masked layer), when every
+    module is its parent with elements masked (bitmasks only: the paper strategy's); None otherwise."""
+    names, overlays = [n.name for n in parent.graph.nodes], [n.then for n in wide[0].graph.nodes]
+    if any(n.then for n in parent.graph.nodes) or any(then not in ([], ["bitmask"]) for then in overlays) \
+            or any([n.name for n in net.graph.nodes] != names or [n.then for n in net.graph.nodes] != overlays
+                   for net in wide):
+        return None
+    masked = [i for i, then in enumerate(overlays) if then]
+    return max(masked) if masked else None
 
-    Each module runs only the layers from the parent's last masked layer on (its pooling and head),
-    from the parent's values there, which are the module's own wherever the image lit no element
-    the module masks in an earlier layer (checked per image, on bits: masking a zero changes
+
+def _masked_margins(wide: list[GraphNetwork], parent: GraphNetwork, x: torch.Tensor, split: int):
+    """The margins of modules that are their parent with elements masked (the paper strategy's), and
+    the parent's logits, from one run of the parent, and on how many images each module ran whole.
+
+    Each module runs only the layers from the parent's last masked layer on (``split``: its pooling
+    and head), from the parent's values there, which are the module's own wherever the image lit no
+    element the module masks in an earlier layer (checked per image, on bits: masking a zero changes
     nothing). The images that lit one are run through the whole module. So the answers are the
     modules' own (tested against a run of each module: equal to float64 rounding, as the few images
     run whole form a batch of their own, which rounds in its own order); on the images a module
     observed no element it masks is lit, so most images need the one run (issue #25: calibrating
     ten paper modules of the demo's CNN ran ten passes)."""
-    first = wide[0].graph
-    names, overlays = [n.name for n in first.nodes], [n.then for n in first.nodes]
-    masked = [n.name for n in first.nodes if n.then]
-    if not masked or any(then not in ([], ["bitmask"]) for then in overlays) \
-            or any([n.then for n in net.graph.nodes] != overlays for net in wide) \
-            or [n.name for n in parent.graph.nodes] != names or any(n.then for n in parent.graph.nodes):
-        return None, None, None
-    last = max(names.index(name) for name in masked)
-    tail = set(names[last:])
+    nodes = wide[0].graph.nodes
+    tail = {n.name for n in nodes[split:]}
+    masked = {n.name for n in nodes[:split] if n.then}
     lit = {}
 
     def record(name: str, out: torch.Tensor) -> None:
-        if name in masked and name not in tail:
+        if name in masked:
             lit[name] = pack((out != 0).flatten(1))
 
-    given = parent.run_all(x, keep=False, only=set(names[:last]), after=record)  # what the tail reads
+    given = parent.run_all(x, keep=False, only={n.name for n in nodes[:split]}, after=record)  # what the tail reads
     margins, whole = [], []
     for net in wide:
         mine = torch.ones(len(x), dtype=torch.bool)
         for name, bits in lit.items():
             mine &= ((bits & ~net.weight(f"{name}.bits")) == 0).all(1)
-        found = _margin(net.run_all(x, keep=False, only=tail, given=given)[first.output])
+        found = _margin(net.run_all(x, keep=False, only=tail, given=given)[net.graph.output])
         if not bool(mine.all()):
             found[~mine] = _margin(net(x[~mine]))
         margins.append(found)
